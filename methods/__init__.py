@@ -1,0 +1,1 @@
+"""Compression and acceleration methods: one file each, declaring a module-level ``METHOD``."""

@@ -1,0 +1,1 @@
+"""Quantization methods and the grid they share."""

@@ -1,0 +1,71 @@
+"""Frozen, typed, validated configs: the identity of every method, task and model.
+
+A config is hashed into the run id and stored in every record, so two runs with the same
+config are the same experiment. Unknown keys are rejected, not ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from slimbench.errors import SuiteError
+
+
+class Config(BaseModel):
+    """Base for every method/task/model config: frozen, strict about unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def canonical_json(obj: Any) -> str:
+    """Key-sorted, whitespace-free JSON: the form that is hashed."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: `field: what is wrong (got value)`."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(config)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown parameter"
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{loc}: {msg}{got_s}")
+    return "; ".join(lines)
+
+
+def build_config(cls: type[Config], params: dict[str, Any], *, source: str, field: str) -> Config:
+    """Validate `params` against `cls`, turning pydantic's error into a SuiteError."""
+    try:
+        return cls(**params)
+    except ValidationError as err:
+        allowed = ", ".join(cls.model_fields) or "(no parameters)"
+        raise SuiteError(
+            f"{format_validation_error(err)}. Parameters of this entry: {allowed}",
+            source=source,
+            field=field,
+        ) from None
+
+
+def describe_fields(cls: type[Config]) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, description) for each field, for `benchmark.py list`."""
+    rows = []
+    for name, f in cls.model_fields.items():
+        ann = f.annotation
+        type_s = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        default = "required" if f.is_required() else repr(f.default)
+        rows.append((name, type_s, default, f.description or ""))
+    return rows

@@ -1,0 +1,34 @@
+"""`benchmark.py list`: each registered entry with its parameters, defaults and description."""
+
+from __future__ import annotations
+
+from slimbench.config import describe_fields
+from slimbench.registry import CORPORA, METHODS, MODELS, TASKS
+
+
+def render_config(cls) -> list[str]:
+    rows = describe_fields(cls)
+    if not rows:
+        return ["    (no parameters)"]
+    w = max(len(r[0]) for r in rows)
+    return [f"    {n:<{w}}  {t} = {d}" + (f"  -- {desc}" if desc else "") for n, t, d, desc in rows]
+
+
+def render(what: str) -> str:
+    lines: list[str] = []
+    if what == "methods":
+        for m in METHODS:
+            lines += [f"{m.name}  [{m.family}]  {m.description}", *render_config(m.config), ""]
+    elif what == "tasks":
+        for t in TASKS:
+            lines += [f"{t.name}  (version {t.version})  {t.description}", *render_config(t.config), ""]
+    elif what == "models":
+        for m in MODELS:
+            lines.append(f"{m.name}  {m.description}")
+        lines.append("(any Hugging Face hub id `org/name` or local folder also works)")
+    elif what == "corpora":
+        for c in CORPORA:
+            lines.append(f"{c.name}  {c.description}")
+            for split in ("calibration", "validation", "test"):
+                lines.append(f"    {split}: {', '.join(c.manifest(split)['documents'])}")
+    return "\n".join(lines).rstrip()

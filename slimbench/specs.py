@@ -1,0 +1,94 @@
+"""Typed specs for the cross-product: hardware, model, method steps, task, and a cell."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from slimbench.config import Config, stable_hash
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HardwareSpec(Config):
+    """Where and how a cell runs. `dtype` is the dtype the model is loaded in."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads: int = Field(2, ge=1, le=512, description="torch intra-op threads (CPU)")
+
+    @field_validator("device")
+    @classmethod
+    def _device_available(cls, v: str) -> str:
+        if v == "cuda" and not torch.cuda.is_available():
+            raise ValueError("CUDA is not available on this machine; use device: cpu")
+        return v
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+class ModelSpec(Config):
+    """A registered model name, a Hugging Face hub id, or a local folder."""
+
+    name: str
+    revision: str | None = Field(None, description="hub revision (commit/tag) to pin")
+    trust_remote_code: bool = Field(False, description="run code shipped with the model")
+
+
+class StepSpec(Config):
+    """One method application: its registered name and validated params."""
+
+    name: str
+    params: dict[str, Any]
+
+    def label(self) -> str:
+        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.name}({inner})" if inner else self.name
+
+
+class MethodSpec(Config):
+    """A method config: one step, or several applied in order (e.g. prune then quantize)."""
+
+    steps: tuple[StepSpec, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(s.name for s in self.steps)
+
+    def label(self) -> str:
+        return " + ".join(s.label() for s in self.steps)
+
+    def to_record(self) -> dict[str, Any]:
+        params = self.steps[0].params if len(self.steps) == 1 else {}
+        return {
+            "name": self.name,
+            "label": self.label(),
+            "params": params,
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+
+class TaskSpec(Config):
+    name: str
+    version: str
+    params: dict[str, Any]
+
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class CellSpec(Config):
+    """One point of the cross-product. Its hash is the run id."""
+
+    model: ModelSpec
+    method: MethodSpec
+    task: TaskSpec
+    hardware: HardwareSpec
+
+    @property
+    def run_id(self) -> str:
+        return stable_hash(self.to_dict())

@@ -1,0 +1,48 @@
+"""What a task is: a named, versioned protocol with a frozen config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from slimbench.config import Config
+from slimbench.lm import LanguageModel
+from slimbench.specs import HardwareSpec
+
+
+@dataclass
+class Metric:
+    value: float
+    unit: str
+    higher_is_better: bool
+    samples: list[float] | None = None  # raw samples (latency), kept for spread
+    spread: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class TaskResult:
+    metrics: dict[str, Metric]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskContext:
+    hardware: HardwareSpec
+    # The harness' report of the method applied to this model (size, bytes, execution).
+    method_report: dict[str, Any] = field(default_factory=dict)
+    progress: Callable[..., Any] | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    version: str  # bump when a change changes numbers
+    description: str
+    config: type[Config]
+    evaluate: Callable[[LanguageModel, Any, TaskContext], TaskResult]
+    # The metric that stands for quality in leaderboards and Pareto plots (None: no quality).
+    quality_metric: str | None = None

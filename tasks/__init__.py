@@ -1,0 +1,1 @@
+"""Evaluation tasks: one file each, declaring a module-level ``TASK`` (named and versioned)."""
