@@ -46,7 +46,12 @@ class StepSpec(Config):
     params: dict[str, Any]
 
     def label(self) -> str:
-        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        """Short display name: only the parameters that differ from the method's defaults."""
+        from slimbench.registry import METHODS  # lazy: specs must not import the method registry
+
+        fields = METHODS.entries[self.name].config.model_fields if self.name in METHODS else {}
+        shown = {k: v for k, v in sorted(self.params.items()) if k not in fields or fields[k].default != v}
+        inner = ",".join(f"{k}={v}" for k, v in shown.items())
         return f"{self.name}({inner})" if inner else self.name
 
 

@@ -1,51 +1,66 @@
-"""`magnitude`: unstructured magnitude pruning, per layer.
+"""`magnitude`: prune the weights of smallest absolute value (no data needed).
 
-In every linear layer (lm_head and embeddings dense by default) the ``round(sparsity * n)``
-weights of smallest absolute value are set to zero. The mask lives in a dense matrix, so
-execution is ``simulated``: no time or memory is saved, and the model is stored dense.
+Ranking ``scope``: ``layer`` (default: the ``round(sparsity * numel)`` smallest of each linear
+layer), ``row`` (per output row, like Wanda's comparison group), or ``global`` (one ranking over
+every pruned layer; the total is exact, layers differ). ``pattern: "2:4"`` / ``"4:8"`` keeps the
+N largest of every M consecutive input weights. lm_head and embeddings stay dense by default.
 """
 
 from __future__ import annotations
 
-import torch
-from pydantic import Field
+from typing import Literal
 
-from slimbench.config import Config
+import torch
+from pydantic import Field, model_validator
+
+from methods.pruning.common import pruning_report
+from methods.pruning.masks import SparsityConfig, build_mask, check_nm_shapes, global_masks, layer_stats
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight, iter_linears, set_weight
 
 
-class MagnitudeConfig(Config):
-    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of weights zeroed in each layer")
-    include_lm_head: bool = Field(False, description="prune the output layer too")
+class MagnitudeConfig(SparsityConfig):
+    scope: Literal["layer", "row", "global"] = Field("layer", description="where weights are ranked")
+
+    @model_validator(mode="after")
+    def _global_is_unstructured(self):
+        if self.scope == "global" and self.nm is not None:
+            raise ValueError("scope 'global' ranks weights across layers; N:M patterns are per group: use scope 'layer'")
+        return self
 
 
 def prune_smallest(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Copy of ``w`` with exactly ``round(sparsity * numel)`` smallest-|w| entries zeroed."""
-    k = round(sparsity * w.numel())
-    out = w.clone(memory_format=torch.contiguous_format)
-    if k:
-        idx = torch.topk(w.abs().flatten(), k, largest=False).indices
-        out.view(-1)[idx] = 0
-    return out
+    return w * build_mask(w.abs(), sparsity, None, "layer")
 
 
+def magnitude_masks(lm, cfg: MagnitudeConfig) -> dict[str, torch.Tensor]:
+    layers = dict(iter_linears(lm.model, include_lm_head=cfg.include_lm_head))
+    scores = {n: get_weight(m).abs() for n, m in layers.items()}
+    if cfg.scope == "global":
+        return global_masks(scores, cfg.sparsity)
+    return {n: build_mask(s, cfg.sparsity, cfg.nm, cfg.scope) for n, s in scores.items()}
+
+
+@torch.no_grad()
 def apply(lm, cfg: MagnitudeConfig, ctx) -> MethodReport:
-    layers = 0
-    for _, mod in iter_linears(lm.model, include_lm_head=cfg.include_lm_head):
-        set_weight(mod, prune_smallest(get_weight(mod), cfg.sparsity))
-        layers += 1
-    return MethodReport(
-        execution="simulated",
-        details={"target_sparsity": cfg.sparsity, "pattern": "unstructured", "layers": layers},
-        notes=["mask in a dense model; stored dense"],
-    )
+    layers = dict(iter_linears(lm.model, include_lm_head=cfg.include_lm_head))
+    stats = {}
+    for name, keep in magnitude_masks(lm, cfg).items():
+        set_weight(layers[name], get_weight(layers[name]) * keep)
+        stats[name] = layer_stats(keep)
+    return pruning_report(lm, cfg, stats, {"scope": cfg.scope})
+
+
+def check(lm, cfg: MagnitudeConfig) -> None:
+    check_nm_shapes(lm.model, cfg)
 
 
 METHOD = Method(
     name="magnitude",
     family="pruning",
-    description="unstructured magnitude pruning per layer (simulated: masks in a dense model)",
+    description="magnitude pruning: per layer, row or global ranking, unstructured or N:M (simulated on CPU)",
     config=MagnitudeConfig,
     apply=apply,
+    check=check,
 )

@@ -1,0 +1,1 @@
+"""Low-rank factorization methods (svd, asvd, svd-llm) and the helpers they share."""

@@ -1,0 +1,1 @@
+"""Recovery: short, bounded training after compression (pruning's last step)."""

@@ -1,0 +1,119 @@
+"""The sweep: a record per cell, failures become records, reruns skip finished cells."""
+
+import json
+
+import pytest
+
+from slimbench.config import Config
+from slimbench.registry import TASKS
+from slimbench.report import write_report
+from slimbench.runner import run_cells
+from slimbench.store import ResultStore
+from slimbench.suite import load_suite
+from slimbench.task import Task
+
+SUITE = """
+models: [tiny-llama]
+methods:
+  - baseline
+  - {name: rtn, bits: 4, group_size: 32}
+  - {name: rtn, bits: 4, group_size: 128}   # 128 does not divide the 64-wide layers: fails at check
+  - {name: magnitude, sparsity: 0.5}
+tasks:
+  - {name: perplexity, seqlen: 64, max_windows: 3}
+  - {name: efficiency, prompt_len: 8, new_tokens: 2, repeats: 2, warmup: 0}
+  - boom
+hardware: {threads: 1}
+"""
+
+
+class BoomConfig(Config):
+    pass
+
+
+def boom(lm, cfg, ctx):
+    raise RuntimeError("task exploded")
+
+
+@pytest.fixture
+def boom_task(monkeypatch):
+    monkeypatch.setitem(TASKS.entries, "boom", Task("boom", "1", "always fails", BoomConfig, boom))
+
+
+@pytest.fixture
+def swept(tmp_path, boom_task):
+    path = tmp_path / "suite.yaml"
+    path.write_text(SUITE)
+    suite = load_suite(path)
+    store = ResultStore(tmp_path / "results")
+    summary = run_cells(suite.cells(), store, suite_source=str(path), show_progress=False, log=lambda s: None)
+    return suite, store, summary
+
+
+def test_every_cell_has_a_record(swept):
+    suite, store, summary = swept
+    cells = suite.cells()
+    assert len(cells) == 12
+    # rtn g128: its 3 cells fail at compress; the boom task fails on the 3 other methods
+    assert len(summary.ok) == 6 and len(summary.failed) == 6
+    recs = {r["run_id"]: r for r in store.records(include_failed=True)}
+    assert set(recs) == {c.run_id for c in cells}
+    stages = sorted((r["error"] or {}).get("stage", "") for r in recs.values() if r["status"] == "failed")
+    assert stages == ["compress"] * 3 + ["evaluate"] * 3
+    failed_compress = next(r for r in recs.values() if (r["error"] or {}).get("stage") == "compress")
+    assert "does not divide" in failed_compress["error"]["message"]
+
+
+def test_record_schema(swept):
+    _, store, _ = swept
+    rec = next(r for r in store.records() if r["method"]["name"] == "rtn" and r["task"]["name"] == "perplexity")
+    for key in ("run_id", "status", "model", "method", "task", "hardware", "metrics", "method_report",
+                "environment", "started_at", "finished_at"):
+        assert key in rec
+    assert rec["task"]["version"] == "concat-windows/1"
+    assert rec["metrics"]["perplexity"]["higher_is_better"] is False
+    assert rec["method_report"]["execution"] == "simulated"
+    assert rec["method_report"]["effective_bits"] == pytest.approx(4.625)
+    env = rec["environment"]
+    assert {"python", "torch", "transformers", "cpu", "git"} <= set(env)
+    assert rec["model"]["provenance"]["weights"] == "random"
+
+
+def test_rerun_skips_ok_cells_and_keeps_failures(swept, tmp_path):
+    suite, store, _ = swept
+    before = {p.name: p.read_text() for p in store.runs.glob("*.json")}
+    again = run_cells(suite.cells(), store, show_progress=False, log=lambda s: None)
+    assert len(again.skipped) == 6 and not again.ok
+    after = {p.name: p.read_text() for p in store.runs.glob("*.json")}
+    assert all(after[name] == text for name, text in before.items())  # nothing overwritten
+    assert len(after) == len(before) + 6  # the failed cells were retried, each a new record
+
+
+def test_store_never_overwrites(tmp_path):
+    store = ResultStore(tmp_path)
+    rec = {"run_id": "abc", "status": "ok", "x": 1}
+    store.write(rec)
+    with pytest.raises(FileExistsError):
+        store.write({**rec, "x": 2})
+    assert json.loads(store.ok_path("abc").read_text())["x"] == 1
+    assert not [p for p in store.runs.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_report_from_sweep(swept, tmp_path):
+    _, store, _ = swept
+    out = write_report(store, tmp_path / "report")
+    md = (tmp_path / "report" / "leaderboard.md").read_text()
+    csv = (tmp_path / "report" / "leaderboard.csv").read_text()
+    ppl = {r["method"]["label"]: r["metrics"]["perplexity"]["value"] for r in store.records() if r["task"]["name"] == "perplexity"}
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "report" / "leaderboard.csv")
+    col = "perplexity@concat-windows/1"
+    for _, row in df.iterrows():
+        assert row[col] == pytest.approx(ppl[row["method"]])
+        assert row[f"Δ {col}"] == pytest.approx(ppl[row["method"]] - ppl["baseline"])
+    assert "simulated" in md and "Failed cells" in md and "task exploded" in md
+    pngs = [f for f in out.files if f.suffix == ".png"]
+    assert len(pngs) == 4  # quality vs size, decode latency, prefill latency, memory
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert "rtn(group_size=32)" in csv
