@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """SlimBench command line: run suites, list the registry, write reports.
 
-    python benchmark.py run configs/quickstart.yaml            # run every cell (resumes)
-    python benchmark.py run SUITE --set tasks.0.max_windows=8  # override a suite field
-    python benchmark.py validate SUITE                         # check a suite, run nothing
-    python benchmark.py list methods|tasks|models|corpora      # what is registered
-    python benchmark.py report --results results               # leaderboard + Pareto plots
-    python benchmark.py speed                                  # harness vs bare-loop throughput
+python benchmark.py run configs/quickstart.yaml            # run every cell (resumes)
+python benchmark.py run SUITE --set tasks.0.max_windows=8  # override a suite field
+python benchmark.py validate SUITE                         # check a suite, run nothing
+python benchmark.py list methods|tasks|models|corpora      # what is registered
+python benchmark.py report --results results               # leaderboard + Pareto plots
+python benchmark.py speed                                  # harness vs bare-loop throughput
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from slimbench.errors import SuiteError  # noqa: E402
+from slimbench.errors import SuiteError
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -37,17 +37,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     cells = suite.cells()
     store = ResultStore(args.results)
     done = sum(store.has_ok(c.run_id) for c in cells)
-    print(f"suite {suite.name}: {len(cells)} cells "
-          f"({len(suite.models)} models x {len(suite.methods)} method configs x {len(suite.tasks)} tasks)"
-          + (f"; {done} already have an ok record and will be skipped" if done else ""))
+    print(
+        f"suite {suite.name}: {len(cells)} cells "
+        f"({len(suite.models)} models x {len(suite.methods)} method configs x {len(suite.tasks)} tasks)"
+        + (f"; {done} already have an ok record and will be skipped" if done else "")
+    )
     if args.dry_run:
         for c in cells:
             state = "done" if store.has_ok(c.run_id) else "todo"
             print(f"  {c.run_id}  {state}  {c.model.name} | {c.method.label()} | {c.task.label()}")
         return 0
     summary = run_cells(cells, store, suite_source=suite.source, show_progress=not args.no_progress)
-    print(f"ok {len(summary.ok)}, failed {len(summary.failed)}, skipped (already ok) {len(summary.skipped)}"
-          f" -> {store.runs}")
+    print(
+        f"ok {len(summary.ok)}, failed {len(summary.failed)}, skipped (already ok) {len(summary.skipped)}"
+        f" -> {store.runs}"
+    )
     if not args.no_report:
         from slimbench.report import write_report
 
@@ -91,14 +95,21 @@ def cmd_speed(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run every cell of a suite (skips cells that already have an ok record)")
     r.add_argument("suite", help="suite YAML file, e.g. configs/quickstart.yaml")
     r.add_argument("--results", default="results", help="results folder (default: results)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a suite field, value as YAML: hardware.threads=1, tasks.0.max_windows=8")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a suite field, value as YAML: hardware.threads=1, tasks.0.max_windows=8",
+    )
     r.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done, run nothing")
     r.add_argument("--no-report", action="store_true", help="do not write the leaderboard after the run")
     r.add_argument("--report-dir", help="where the report goes (default: RESULTS/report)")

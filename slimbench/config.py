@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -65,7 +66,10 @@ def describe_fields(cls: type[Config]) -> list[tuple[str, str, str, str]]:
     rows = []
     for name, f in cls.model_fields.items():
         ann = f.annotation
-        type_s = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        if typing.get_origin(ann) is typing.Literal:
+            type_s = " | ".join(map(str, typing.get_args(ann)))
+        else:
+            type_s = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
         default = "required" if f.is_required() else repr(f.default)
         rows.append((name, type_s, default, f.description or ""))
     return rows

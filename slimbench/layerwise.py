@@ -19,6 +19,7 @@ A method provides a factory ``make(name, module) -> LayerCompressor`` with ``add
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -53,24 +54,32 @@ LLAMA_LIKE = dict(
 
 ADAPTERS = (
     ArchAdapter(
-        "llama", ("llama", "mistral", "qwen2", "qwen3"), **LLAMA_LIKE,
+        "llama",
+        ("llama", "mistral", "qwen2", "qwen3"),
+        **LLAMA_LIKE,
         norm_linear_pairs=(
             ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ),
     ),
     ArchAdapter(
-        "gemma", ("gemma", "gemma2", "gemma3_text", "gemma3"), **LLAMA_LIKE,
+        "gemma",
+        ("gemma", "gemma2", "gemma3_text", "gemma3"),
+        **LLAMA_LIKE,
         norm_linear_pairs=(
             ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ),
     ),
     ArchAdapter(
-        "opt", ("opt",), layers_path="model.decoder.layers",
+        "opt",
+        ("opt",),
+        layers_path="model.decoder.layers",
         groups=(
             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            ("self_attn.out_proj",), ("fc1",), ("fc2",),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
         ),
         norm_linear_pairs=(
             ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -78,7 +87,9 @@ ADAPTERS = (
         ),
     ),
     ArchAdapter(
-        "gpt2", ("gpt2",), layers_path="transformer.h",
+        "gpt2",
+        ("gpt2",),
+        layers_path="transformer.h",
         groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         norm_linear_pairs=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
     ),
@@ -125,7 +136,9 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, device) -> tuple[list[torch.Tensor], dict]:
+def capture_first_layer_inputs(
+    model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, device
+) -> tuple[list[torch.Tensor], dict]:
     """Hidden states entering layer 0 for each calibration sample, and the layer kwargs."""
     inps: list[torch.Tensor] = []
     kwargs: dict[str, Any] = {}
@@ -139,10 +152,8 @@ def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: t
     handle = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         for sample in calib:
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=sample.unsqueeze(0).to(device), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     kwargs.pop("past_key_values", None)

@@ -15,7 +15,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 
-
 class CompressedLinear(nn.Module):
     """Base for linear layers held in a compressed form that a real kernel executes.
 

@@ -61,10 +61,8 @@ def package_dir(package: str) -> Path:
     """A data package's folder, found without importing it (some have broken __init__s)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {package!r} is not installed; run `make setup` (requirements-nodeps.txt)"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
+        raise FileNotFoundError(f"package {package!r} is not installed; run `make setup` (requirements-nodeps.txt)")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 # -- the generic path --------------------------------------------------------------------
@@ -145,20 +143,33 @@ def tiny_config(arch: str) -> Any:
     t = TINY
     if arch == "llama":  # grouped-query attention: 4 query heads over 2 KV heads
         return LlamaConfig(
-            vocab_size=t["vocab"], hidden_size=t["hidden"], intermediate_size=t["ffn"],
-            num_hidden_layers=t["layers"], num_attention_heads=t["heads"], num_key_value_heads=2,
-            max_position_embeddings=t["positions"], tie_word_embeddings=True,
+            vocab_size=t["vocab"],
+            hidden_size=t["hidden"],
+            intermediate_size=t["ffn"],
+            num_hidden_layers=t["layers"],
+            num_attention_heads=t["heads"],
+            num_key_value_heads=2,
+            max_position_embeddings=t["positions"],
+            tie_word_embeddings=True,
         )
     if arch == "gpt2":  # Conv1D layers, not nn.Linear
         return GPT2Config(
-            vocab_size=t["vocab"], n_embd=t["hidden"], n_layer=t["layers"], n_head=t["heads"],
-            n_inner=t["ffn"], n_positions=t["positions"],
+            vocab_size=t["vocab"],
+            n_embd=t["hidden"],
+            n_layer=t["layers"],
+            n_head=t["heads"],
+            n_inner=t["ffn"],
+            n_positions=t["positions"],
         )
     if arch == "opt":
         return OPTConfig(
-            vocab_size=t["vocab"], hidden_size=t["hidden"], ffn_dim=t["ffn"],
-            num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
-            max_position_embeddings=t["positions"], word_embed_proj_dim=t["hidden"],
+            vocab_size=t["vocab"],
+            hidden_size=t["hidden"],
+            ffn_dim=t["ffn"],
+            num_hidden_layers=t["layers"],
+            num_attention_heads=t["heads"],
+            max_position_embeddings=t["positions"],
+            word_embed_proj_dim=t["hidden"],
         )
     raise ValueError(arch)
 

@@ -23,8 +23,9 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, attr: str, packages: tuple[str, ...]):
+    def __init__(self, kind: str, attr: str, packages: tuple[str, ...], plural: str | None = None):
         self.kind = kind  # "method", "task", ...
+        self.group = f"slimbench.{plural or kind + 's'}"  # entry-point group for plugins
         self.attr = attr  # module attribute that declares entries, e.g. "METHOD"
         self.packages = packages
         self._entries: dict[str, T] | None = None
@@ -45,7 +46,7 @@ class Registry(Generic[T]):
             for mod_name in sorted(modules):
                 mod = importlib.import_module(mod_name)
                 self._add_declared(getattr(mod, self.attr, None), mod_name)
-        for ep in entry_points(group=f"slimbench.{self.kind}s"):
+        for ep in entry_points(group=self.group):
             self._add_declared(ep.load(), f"plugin {ep.value}")
         return self._entries
 
@@ -60,9 +61,7 @@ class Registry(Generic[T]):
         entries = self._entries if self._entries is not None else self._discover()
         name = entry.name  # type: ignore[attr-defined]
         if name in entries:
-            raise ValueError(
-                f"duplicate {self.kind} name {name!r}: declared in {self._origins[name]} and {origin}"
-            )
+            raise ValueError(f"duplicate {self.kind} name {name!r}: declared in {self._origins[name]} and {origin}")
         entries[name] = entry
         self._origins[name] = origin
         return entry
@@ -97,4 +96,4 @@ class Registry(Generic[T]):
 METHODS: Registry = Registry("method", "METHOD", ("methods",))
 TASKS: Registry = Registry("task", "TASK", ("tasks",))
 MODELS: Registry = Registry("model", "MODELS", ("slimbench.models",))
-CORPORA: Registry = Registry("corpus", "CORPUS", ("slimbench.corpora",))
+CORPORA: Registry = Registry("corpus", "CORPUS", ("slimbench.corpora",), plural="corpora")

@@ -179,8 +179,22 @@ def plot_pareto(df: pd.DataFrame, qcol: str, higher_better: bool, xcol: str, pat
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     for i, (_, r) in enumerate(sub.iterrows()):
         sim = r["execution"] == "simulated"
-        ax.scatter(xs[i], ys[i], s=60, facecolors="none" if sim else "C0", edgecolors="C3" if sim else "C0", linewidths=1.5, zorder=3)
-        ax.annotate(r["method"] + (" (simulated)" if sim else ""), (xs[i], ys[i]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.scatter(
+            xs[i],
+            ys[i],
+            s=60,
+            facecolors="none" if sim else "C0",
+            edgecolors="C3" if sim else "C0",
+            linewidths=1.5,
+            zorder=3,
+        )
+        ax.annotate(
+            r["method"] + (" (simulated)" if sim else ""),
+            (xs[i], ys[i]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     front = pareto_front(xs, ys, higher_better)
     ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="C2", label="Pareto frontier", zorder=2)
     ax.scatter([], [], facecolors="C0", edgecolors="C0", label="native")
@@ -223,15 +237,32 @@ def write_report(store: ResultStore, out: Path) -> ReportOutput:
     cols = ["model", "method", "execution"]
     for q in qcols:
         cols += [q, f"Δ {q}"]
-    cols += [c for c in ("stored MB", "eff. bits", "params M", "sparsity", "prefill ms", "decode tok/s", "peak mem MiB", "compress s") if c in df]
+    cols += [
+        c
+        for c in (
+            "stored MB",
+            "eff. bits",
+            "params M",
+            "sparsity",
+            "prefill ms",
+            "decode tok/s",
+            "peak mem MiB",
+            "compress s",
+        )
+        if c in df
+    ]
     files = []
     csv_path = out / "leaderboard.csv"
     atomic_write_text(csv_path, df.to_csv(index=False))
     files.append(csv_path)
-    md = ["# SlimBench leaderboard", "",
-          "Δ = value minus the same model's `baseline` on the same hardware and task protocol. "
-          "`simulated` rows hold masks or fake-quant values in a dense model: their latency and memory "
-          "are the dense model's, and they claim no speed-up.", ""]
+    md = [
+        "# SlimBench leaderboard",
+        "",
+        "Δ = value minus the same model's `baseline` on the same hardware and task protocol. "
+        "`simulated` rows hold masks or fake-quant values in a dense model: their latency and memory "
+        "are the dense model's, and they claim no speed-up.",
+        "",
+    ]
     for hw, sec in df.groupby("hardware", sort=False):
         md += [f"## {hw}", "", markdown_table(sec, cols), ""]
         for model, msec in sec.groupby("model", sort=False):
@@ -247,12 +278,18 @@ def write_report(store: ResultStore, out: Path) -> ReportOutput:
         for r in failed:
             e = r.get("error") or {}
             msg = html.escape(f"{e.get('type')}: {e.get('message', '')}"[:200]).replace("|", "\\|").replace("\n", " ")
-            md.append(f"| {html.escape(r['model']['name'])} | {html.escape(r['method']['label'])} | "
-                      f"{html.escape(r['task']['name'])} | {e.get('stage')} | {msg} |")
+            md.append(
+                f"| {html.escape(r['model']['name'])} | {html.escape(r['method']['label'])} | "
+                f"{html.escape(r['task']['name'])} | {e.get('stage')} | {msg} |"
+            )
     md_path = out / "leaderboard.md"
     atomic_write_text(md_path, "\n".join(md) + "\n")
     files.insert(0, md_path)
-    summary_cols = [c for c in cols if c in ("model", "method", "execution", "stored MB", "decode tok/s") or c in qcols or c.startswith("Δ ")]
+    summary_cols = [
+        c
+        for c in cols
+        if c in ("model", "method", "execution", "stored MB", "decode tok/s") or c in qcols or c.startswith("Δ ")
+    ]
     summary = df[summary_cols].to_string(index=False, float_format=lambda v: fmt(float(v)))
     summary += f"\n\nreport: {md_path} ({len(files) - 2} plots)"
     if failed:

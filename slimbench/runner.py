@@ -185,7 +185,7 @@ def run_cells(
             lm = load_model(head)
             stage = "compress"
             method_report = apply_method(lm, head.method, head.hardware, inner)
-        except Exception as exc:  # noqa: BLE001 - a failing cell becomes a record
+        except Exception as exc:
             err = failure(exc, stage)
             log(f"FAILED {head.model.name} | {head.method.label()} ({stage}): {type(exc).__name__}: {exc}")
             for c in pending:
@@ -202,10 +202,19 @@ def run_cells(
                 metrics, details = evaluate_cell(lm, c, method_report, inner)
                 write_record(store, c, suite_source, env, lm, "ok", started, metrics, details, method_report)
                 summary.ok.append(c.run_id)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log(f"FAILED {c.model.name} | {c.method.label()} | {c.task.name}: {type(exc).__name__}: {exc}")
-                write_record(store, c, suite_source, env, lm, "failed", started, report=method_report,
-                             error=failure(exc, "evaluate"))
+                write_record(
+                    store,
+                    c,
+                    suite_source,
+                    env,
+                    lm,
+                    "failed",
+                    started,
+                    report=method_report,
+                    error=failure(exc, "evaluate"),
+                )
                 summary.failed.append(c.run_id)
             bar.update(1)
         del lm
@@ -214,7 +223,9 @@ def run_cells(
     return summary
 
 
-def write_record(store, cell, suite_source, env, lm, status, started, metrics=None, details=None, report=None, error=None):
+def write_record(
+    store, cell, suite_source, env, lm, status, started, metrics=None, details=None, report=None, error=None
+):
     rec = base_record(cell, suite_source, env, lm)
     rec.update(
         status=status,

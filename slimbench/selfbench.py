@@ -36,7 +36,8 @@ def perplexity_overhead(model: str = "smollm2-135m", windows: int = 8, seqlen: i
     torch.set_num_threads(hw.threads)
     task = TASKS.get("perplexity")
     cfg = task.config(seqlen=seqlen, max_windows=windows)
-    from tasks.perplexity import JOIN, windows as make_windows
+    from tasks.perplexity import JOIN
+    from tasks.perplexity import windows as make_windows
 
     win = make_windows(lm.encode(JOIN.join(CORPORA.get(cfg.corpus).texts(cfg.split))), seqlen, windows)
     bare_loop(lm.model, win[:1])  # warm-up
@@ -55,6 +56,8 @@ def perplexity_overhead(model: str = "smollm2-135m", windows: int = 8, seqlen: i
         "harness_tokens_per_s": statistics.median(harness),
     }
     out["ratio"] = out["harness_tokens_per_s"] / out["bare_tokens_per_s"]
-    print(f"perplexity task keeps {out['ratio']:.1%} of the bare loop's throughput "
-          f"(median of {rounds} alternating rounds, {windows} windows x {seqlen} tokens, {model}, {hw.threads} threads)")
+    print(
+        f"perplexity task keeps {out['ratio']:.1%} of the bare loop's throughput "
+        f"(median of {rounds} alternating rounds, {windows} windows x {seqlen} tokens, {model}, {hw.threads} threads)"
+    )
     return out

@@ -182,7 +182,9 @@ def check_corpora(tasks: list[TaskSpec], source: str) -> None:
             CORPORA.get(t.params["corpus"], source=source, field=f"tasks[{i}].corpus")
         if "split" in t.params and t.params["split"] not in SPLITS:
             raise SuiteError(
-                f"unknown split {t.params['split']!r}; allowed: {', '.join(SPLITS)}", source=source, field=f"tasks[{i}].split"
+                f"unknown split {t.params['split']!r}; allowed: {', '.join(SPLITS)}",
+                source=source,
+                field=f"tasks[{i}].split",
             )
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from slimbench.models import package_dir
-from slimbench.task import TaskContext
 from slimbench.specs import HardwareSpec
+from slimbench.task import TaskContext
 from tasks.perplexity import TASK, PerplexityConfig, windows
 
 
@@ -58,7 +58,7 @@ def test_batching_does_not_change_the_value(tiny_llama):
 
 @pytest.mark.slow
 def test_smollm2_matches_independent_computation(smollm2):
-    ours, res = task_perplexity(smollm2, seqlen=256, max_windows=4)
+    ours, _ = task_perplexity(smollm2, seqlen=256, max_windows=4)
     ref = independent_perplexity(smollm2.model, smollm2.tokenizer, 256, 4)
     assert ours == pytest.approx(ref, rel=1e-4)
     assert 5 < ours < 200  # a trained model on English text, not a random one (vocab 49152)

@@ -164,7 +164,10 @@ def test_wanda_scores_by_activation_norm():
 def correlated_problem(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(64, 64, generator=g) / 8 + torch.eye(64)
-    x = torch.randn(1024, 64, generator=g) @ mix * torch.linspace(0.2, 3, 64)  # correlated, uneven scales
+    # Correlated channels of uneven scale, the scales in random order: SparseGPT picks its mask
+    # per block of columns, so scales sorted by column would force 50% into the loudest block.
+    scales = torch.linspace(0.2, 3, 64)[torch.randperm(64, generator=g)]
+    x = torch.randn(1024, 64, generator=g) @ mix * scales
     w = torch.randn(48, 64, generator=g)
     return w, x
 
@@ -223,7 +226,10 @@ def test_sparse_format_quantized_round_trip():
     w, x = correlated_problem(2)
     quant = find_params(w, 3, False)
     w_new, _, _ = fasterprune(w, 2 * x.t() @ x / len(x), 0.5, (2, 4), 16, 0.01, quant)
-    for parts in (sparse_format.encode_unstructured(w_new, quant=quant), sparse_format.encode_nm(w_new, 2, 4, quant=quant)):
+    for parts in (
+        sparse_format.encode_unstructured(w_new, quant=quant),
+        sparse_format.encode_nm(w_new, 2, 4, quant=quant),
+    ):
         assert torch.equal(sparse_format.decode(parts), w_new)
 
 
@@ -330,7 +336,17 @@ def test_pruned_weights_stay_zero_after_finetuning(tiny_llama, mode):
     shared_tokenizer(tiny_llama)
     run(tiny_llama, "magnitude", pattern="2:4")
     before = weights(tiny_llama)
-    rep = run(tiny_llama, "finetune", mode=mode, steps=3, batch_size=2, lr=1e-2, calib_samples=8, calib_seqlen=32, eval_samples=2)
+    rep = run(
+        tiny_llama,
+        "finetune",
+        mode=mode,
+        steps=3,
+        batch_size=2,
+        lr=1e-2,
+        calib_samples=8,
+        calib_seqlen=32,
+        eval_samples=2,
+    )
     after = weights(tiny_llama)
     for name, w in after.items():
         assert torch.equal(w == 0, before[name] == 0), name  # same zeros, no more, no less
@@ -348,11 +364,22 @@ def test_pruned_weights_stay_zero_after_finetuning(tiny_llama, mode):
 
 def test_finetune_respects_the_token_budget_and_composes(tiny_llama):
     shared_tokenizer(tiny_llama)
-    spec = MethodSpec(steps=(
-        StepSpec(name="wanda", params={"sparsity": 0.5, **CALIB}),
-        StepSpec(name="finetune", params={"steps": 50, "max_tokens": 100, "batch_size": 1, "calib_samples": 6,
-                                          "calib_seqlen": 32, "eval_samples": 2}),
-    ))
+    spec = MethodSpec(
+        steps=(
+            StepSpec(name="wanda", params={"sparsity": 0.5, **CALIB}),
+            StepSpec(
+                name="finetune",
+                params={
+                    "steps": 50,
+                    "max_tokens": 100,
+                    "batch_size": 1,
+                    "calib_samples": 6,
+                    "calib_seqlen": 32,
+                    "eval_samples": 2,
+                },
+            ),
+        )
+    )
     report = apply_method(tiny_llama, spec, CTX.hardware)
     ft = report["steps"][1]["details"]
     assert ft["tokens"] == 128 and ft["steps"] == 4  # stops at the first step past 100 tokens

@@ -2,11 +2,11 @@
 
 import pytest
 
+from methods.baseline import BaselineConfig
 from slimbench.errors import UnknownNameError
 from slimbench.listing import render
 from slimbench.method import Method
 from slimbench.registry import CORPORA, METHODS, MODELS, TASKS, Registry
-from methods.baseline import BaselineConfig
 
 
 def test_spine_entries_are_discovered():
@@ -46,3 +46,19 @@ def test_listing_shows_parameters_and_defaults(what):
     }[what]
     for s in expected:
         assert s in text
+
+
+def test_entry_point_plugin_registers_from_outside_the_repo(tmp_path, monkeypatch):
+    (tmp_path / "slim_plugin.py").write_text(
+        "from slimbench.method import Method, MethodReport\n"
+        "from methods.baseline import BaselineConfig\n"
+        "METHOD = Method('outside', 'pruning', 'from a plugin', BaselineConfig,\n"
+        "                lambda lm, cfg, ctx: MethodReport(execution='native'))\n"
+    )
+    dist = tmp_path / "slim_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: slim-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[slimbench.methods]\noutside = slim_plugin:METHOD\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry("method", "METHOD", ("methods",))
+    assert reg.get("outside").description == "from a plugin"

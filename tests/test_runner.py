@@ -67,8 +67,19 @@ def test_every_cell_has_a_record(swept):
 def test_record_schema(swept):
     _, store, _ = swept
     rec = next(r for r in store.records() if r["method"]["name"] == "rtn" and r["task"]["name"] == "perplexity")
-    for key in ("run_id", "status", "model", "method", "task", "hardware", "metrics", "method_report",
-                "environment", "started_at", "finished_at"):
+    for key in (
+        "run_id",
+        "status",
+        "model",
+        "method",
+        "task",
+        "hardware",
+        "metrics",
+        "method_report",
+        "environment",
+        "started_at",
+        "finished_at",
+    ):
         assert key in rec
     assert rec["task"]["version"] == "concat-windows/1"
     assert rec["metrics"]["perplexity"]["higher_is_better"] is False
@@ -104,7 +115,11 @@ def test_report_from_sweep(swept, tmp_path):
     out = write_report(store, tmp_path / "report")
     md = (tmp_path / "report" / "leaderboard.md").read_text()
     csv = (tmp_path / "report" / "leaderboard.csv").read_text()
-    ppl = {r["method"]["label"]: r["metrics"]["perplexity"]["value"] for r in store.records() if r["task"]["name"] == "perplexity"}
+    ppl = {
+        r["method"]["label"]: r["metrics"]["perplexity"]["value"]
+        for r in store.records()
+        if r["task"]["name"] == "perplexity"
+    }
     import pandas as pd
 
     df = pd.read_csv(tmp_path / "report" / "leaderboard.csv")

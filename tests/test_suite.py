@@ -53,18 +53,41 @@ def test_overrides(tmp_path):
 
 
 BAD = [
-    ("methods: [baseline]\nmodels: [tiny-llama]\ntasks: [perplexity]\nhardware: {threads: 1}\n"
-     "extra: 1\n", "unknown key"),
-    ("models: [tiny-llama]\nmethods: [magnitud]\ntasks: [perplexity]\n", "methods[0].name: unknown method 'magnitud'. Did you mean 'magnitude'"),
-    ("models: [tiny-llama]\nmethods: [{name: magnitude, sparsity: 1.5}]\ntasks: [perplexity]\n", "methods[0] (magnitude): sparsity: Input should be less than 1"),
-    ("models: [tiny-llama]\nmethods: [{name: rtn, bits: 0}]\ntasks: [perplexity]\n", "bits: Input should be greater than or equal to 2"),
-    ("models: [tiny-llama]\nmethods: [{name: rtn, bits: four}]\ntasks: [perplexity]\n", "bits: Input should be a valid integer"),
+    (
+        "methods: [baseline]\nmodels: [tiny-llama]\ntasks: [perplexity]\nhardware: {threads: 1}\nextra: 1\n",
+        "unknown key",
+    ),
+    (
+        "models: [tiny-llama]\nmethods: [magnitud]\ntasks: [perplexity]\n",
+        "methods[0].name: unknown method 'magnitud'. Did you mean 'magnitude'",
+    ),
+    (
+        "models: [tiny-llama]\nmethods: [{name: magnitude, sparsity: 1.5}]\ntasks: [perplexity]\n",
+        "methods[0] (magnitude): sparsity: Input should be less than 1",
+    ),
+    (
+        "models: [tiny-llama]\nmethods: [{name: rtn, bits: 0}]\ntasks: [perplexity]\n",
+        "bits: Input should be greater than or equal to 2",
+    ),
+    (
+        "models: [tiny-llama]\nmethods: [{name: rtn, bits: four}]\ntasks: [perplexity]\n",
+        "bits: Input should be a valid integer",
+    ),
     ("models: [tiny-llama]\nmethods: [{name: rtn, bitz: 4}]\ntasks: [perplexity]\n", "bitz: unknown parameter"),
-    ("models: [tiny-lama]\nmethods: [baseline]\ntasks: [perplexity]\n", "models[0]: unknown model 'tiny-lama'. Did you mean 'tiny-llama'"),
+    (
+        "models: [tiny-lama]\nmethods: [baseline]\ntasks: [perplexity]\n",
+        "models[0]: unknown model 'tiny-lama'. Did you mean 'tiny-llama'",
+    ),
     ("models: [./no/such/folder]\nmethods: [baseline]\ntasks: [perplexity]\n", "no model folder"),
     ("models: [tiny-llama]\nmethods: [baseline]\ntasks: [perplexit]\n", "unknown task 'perplexit'"),
-    ("models: [tiny-llama]\nmethods: [baseline]\ntasks: [{name: perplexity, split: train}]\n", "tasks[0].split: unknown split 'train'"),
-    ("models: [tiny-llama]\nmethods: [baseline]\ntasks: [{name: perplexity, corpus: wikitxt}]\n", "unknown corpus 'wikitxt'"),
+    (
+        "models: [tiny-llama]\nmethods: [baseline]\ntasks: [{name: perplexity, split: train}]\n",
+        "tasks[0].split: unknown split 'train'",
+    ),
+    (
+        "models: [tiny-llama]\nmethods: [baseline]\ntasks: [{name: perplexity, corpus: wikitxt}]\n",
+        "unknown corpus 'wikitxt'",
+    ),
     ("models: [tiny-llama]\nmethods: [baseline]\ntasks: [perplexity]\nhardware: {dtype: int8}\n", "hardware: dtype"),
     ("models: [tiny-llama]\nmethods: []\ntasks: [perplexity]\n", "methods: must be a non-empty list"),
     ("models: [tiny-llama\nmethods: [baseline]\n", "malformed YAML"),
@@ -87,7 +110,11 @@ def test_cuda_requested_without_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(SuiteError, match="CUDA is not available"):
-        load_suite(write(tmp_path, "models: [tiny-llama]\nmethods: [baseline]\ntasks: [perplexity]\nhardware: {device: cuda}\n"))
+        load_suite(
+            write(
+                tmp_path, "models: [tiny-llama]\nmethods: [baseline]\ntasks: [perplexity]\nhardware: {device: cuda}\n"
+            )
+        )
 
 
 def test_missing_file():
