@@ -47,7 +47,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             state = "done" if store.has_ok(c.run_id) else "todo"
             print(f"  {c.run_id}  {state}  {c.model.name} | {c.method.label()} | {c.task.label()}")
         return 0
-    summary = run_cells(cells, store, suite_source=suite.source, show_progress=not args.no_progress)
+    summary = run_cells(
+        cells,
+        store,
+        suite_source=suite.source,
+        show_progress=not args.no_progress,
+        isolate=args.isolate or args.timeout is not None,
+        timeout=args.timeout,
+    )
     print(
         f"ok {len(summary.ok)}, failed {len(summary.failed)}, skipped (already ok) {len(summary.skipped)}"
         f" -> {store.runs}"
@@ -114,6 +121,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--no-report", action="store_true", help="do not write the leaderboard after the run")
     r.add_argument("--report-dir", help="where the report goes (default: RESULTS/report)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run each model x method group in a fresh process (own memory; a crash fails only its cells)",
+    )
+    r.add_argument("--timeout", type=float, metavar="SECONDS", help="kill a group after this long (implies --isolate)")
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("validate", help="validate a suite without running it")

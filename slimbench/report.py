@@ -201,6 +201,7 @@ def plot_pareto(df: pd.DataFrame, qcol: str, higher_better: bool, xcol: str, pat
     ax.scatter([], [], facecolors="none", edgecolors="C3", label="simulated (dense masks / fake-quant)")
     if not higher_better and max(ys) / max(min(ys), 1e-9) > 20:
         ax.set_yscale("log")
+    ax.margins(x=0.12, y=0.08)
     ax.set_xlabel(X_AXES[xcol])
     ax.set_ylabel(qcol + (" (higher is better)" if higher_better else " (lower is better)"))
     ax.set_title(title, fontsize=9)
@@ -209,7 +210,7 @@ def plot_pareto(df: pd.DataFrame, qcol: str, higher_better: bool, xcol: str, pat
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    fig.savefig(tmp, bbox_inches="tight")  # keep labels of points near the edges
     plt.close(fig)
     tmp.replace(path)
     return True

@@ -157,68 +157,113 @@ def group_cells(cells: list[CellSpec]) -> dict[tuple[str, str, str], list[CellSp
     return groups
 
 
+def run_group(
+    pending: list[CellSpec],
+    store: ResultStore,
+    suite_source: str,
+    env: dict,
+    *,
+    progress=None,
+    on_cell: Callable[[CellSpec, str], None] = lambda c, status: None,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Load, compress once, evaluate every pending cell of one (model, method, hardware) group."""
+    head = pending[0]
+    lm, method_report, stage = None, None, "load"
+    started = utc_now()
+    try:
+        lm = load_model(head)
+        stage = "compress"
+        method_report = apply_method(lm, head.method, head.hardware, progress)
+    except Exception as exc:  # noqa: BLE001 - a failing cell becomes a record
+        err = failure(exc, stage)
+        log(f"FAILED {head.model.name} | {head.method.label()} ({stage}): {type(exc).__name__}: {exc}")
+        for c in pending:
+            write_record(store, c, suite_source, env, lm, "failed", started, error=err)
+            on_cell(c, "failed")
+        return
+    for c in pending:
+        started = utc_now()
+        try:
+            metrics, details = evaluate_cell(lm, c, method_report, progress)
+            write_record(store, c, suite_source, env, lm, "ok", started, metrics, details, method_report)
+            on_cell(c, "ok")
+        except Exception as exc:  # noqa: BLE001
+            log(f"FAILED {c.model.name} | {c.method.label()} | {c.task.name}: {type(exc).__name__}: {exc}")
+            err = failure(exc, "evaluate")
+            write_record(store, c, suite_source, env, lm, "failed", started, report=method_report, error=err)
+            on_cell(c, "failed")
+
+
+def _isolated_worker(cells_json: list[str], root: str, suite_source: str, env: dict) -> None:
+    cells = [CellSpec.model_validate_json(j) for j in cells_json]
+    run_group(cells, ResultStore(root), suite_source, env, log=lambda s: print(s, flush=True))
+
+
+def run_group_isolated(
+    pending: list[CellSpec], store: ResultStore, suite_source: str, env: dict, timeout: float | None, log
+) -> None:
+    """The same group in a fresh process: its memory is its own, and a hang can be cut off."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_isolated_worker, args=([c.model_dump_json() for c in pending], str(store.root), suite_source, env)
+    )
+    started = utc_now()
+    proc.start()
+    proc.join(timeout)
+    timed_out = proc.is_alive()
+    if timed_out:
+        proc.kill()
+        proc.join()
+    reason = (
+        f"the group exceeded its timeout of {timeout} s and was killed"
+        if timed_out
+        else f"the worker process exited with code {proc.exitcode} before writing a record"
+    )
+    written = {r["run_id"] for r in store.records(include_failed=True) if r.get("started_at", "") >= started}
+    for c in pending:  # cells the worker did not get to (timeout, crash) still get a record
+        if c.run_id not in written:
+            log(f"FAILED {c.model.name} | {c.method.label()} | {c.task.name}: {reason}")
+            err = {"stage": "isolation", "type": "Timeout" if timed_out else "WorkerDied", "message": reason}
+            write_record(store, c, suite_source, env, None, "failed", started, error=err)
+
+
 def run_cells(
     cells: list[CellSpec],
     store: ResultStore,
     *,
     suite_source: str = "",
     show_progress: bool = True,
+    isolate: bool = False,
+    timeout: float | None = None,
     log: Callable[[str], None] = print,
 ) -> RunSummary:
+    """Run every cell without an ok record; in-process, or one process per group (``isolate``)."""
     summary = RunSummary()
     env = environment()
     bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=not show_progress)
     inner = (lambda **kw: tqdm(leave=False, disable=not show_progress, **kw)) if show_progress else None
     for group in group_cells(cells).values():
         pending = [c for c in group if not store.has_ok(c.run_id)]
-        for c in group:
-            if c not in pending:
-                summary.skipped.append(c.run_id)
-                bar.update(1)
+        summary.skipped += [c.run_id for c in group if c not in pending]
+        bar.update(len(group) - len(pending))
         if not pending:
             continue
-        head = pending[0]
-        bar.set_postfix_str(f"{head.model.name} | {head.method.label()}"[:60])
-        lm, method_report, stage = None, None, "load"
-        started = utc_now()
-        try:
-            lm = load_model(head)
-            stage = "compress"
-            method_report = apply_method(lm, head.method, head.hardware, inner)
-        except Exception as exc:
-            err = failure(exc, stage)
-            log(f"FAILED {head.model.name} | {head.method.label()} ({stage}): {type(exc).__name__}: {exc}")
+        bar.set_postfix_str(f"{pending[0].model.name} | {pending[0].method.label()}"[:60])
+        if isolate:
+            run_group_isolated(pending, store, suite_source, env, timeout, log)
             for c in pending:
-                write_record(store, c, suite_source, env, lm, "failed", started, error=err)
-                summary.failed.append(c.run_id)
+                (summary.ok if store.has_ok(c.run_id) else summary.failed).append(c.run_id)
+            bar.update(len(pending))
+        else:
+
+            def on_cell(c: CellSpec, status: str) -> None:
+                (summary.ok if status == "ok" else summary.failed).append(c.run_id)
                 bar.update(1)
-            del lm
+
+            run_group(pending, store, suite_source, env, progress=inner, on_cell=on_cell, log=log)
             gc.collect()
-            continue
-        for c in pending:
-            bar.set_postfix_str(f"{c.model.name} | {c.method.label()} | {c.task.name}"[:60])
-            started = utc_now()
-            try:
-                metrics, details = evaluate_cell(lm, c, method_report, inner)
-                write_record(store, c, suite_source, env, lm, "ok", started, metrics, details, method_report)
-                summary.ok.append(c.run_id)
-            except Exception as exc:
-                log(f"FAILED {c.model.name} | {c.method.label()} | {c.task.name}: {type(exc).__name__}: {exc}")
-                write_record(
-                    store,
-                    c,
-                    suite_source,
-                    env,
-                    lm,
-                    "failed",
-                    started,
-                    report=method_report,
-                    error=failure(exc, "evaluate"),
-                )
-                summary.failed.append(c.run_id)
-            bar.update(1)
-        del lm
-        gc.collect()
     bar.close()
     return summary
 

@@ -7,7 +7,8 @@
 - Decode: tokens/s generating ``new_tokens`` greedily with the KV cache after that prefill.
 - Each measurement: ``warmup`` untimed runs, then ``repeats`` timed runs, the device
   synchronised before every clock read; the median is the value, the raw samples are kept.
-- Peak memory during inference: process RSS on CPU (sampled), max allocated on CUDA.
+- Peak memory during one more (untimed) prefill + decode: process RSS on CPU, sampled by a
+  thread (kept out of the timed runs, where it would steal cycles), max allocated on CUDA.
 - Decode bandwidth: model bytes in memory x decode tokens/s, the memory traffic a
   weight-bound decoder needs, to compare with the machine's memory bandwidth.
 """
@@ -56,12 +57,14 @@ def decode_seconds(lm, ids: torch.Tensor, n: int) -> float:
 
 def evaluate(lm, cfg: EfficiencyConfig, ctx) -> TaskResult:
     ids = prompt_ids(lm, cfg)
+    for _ in range(cfg.warmup):
+        lm.prefill(ids)
+        decode_seconds(lm, ids, min(cfg.new_tokens, 4))
+    prefill = [timed(lambda: lm.prefill(ids), lm.synchronize) * 1e3 for _ in range(cfg.repeats)]
+    decode = [cfg.new_tokens * cfg.batch_size / decode_seconds(lm, ids, cfg.new_tokens) for _ in range(cfg.repeats)]
+    # Memory in a separate, untimed pass: the RSS sampler thread would steal cycles from the clock.
     with PeakMemory(lm.device) as mem:
-        for _ in range(cfg.warmup):
-            lm.prefill(ids)
-            decode_seconds(lm, ids, min(cfg.new_tokens, 4))
-        prefill = [timed(lambda: lm.prefill(ids), lm.synchronize) * 1e3 for _ in range(cfg.repeats)]
-        decode = [cfg.new_tokens * cfg.batch_size / decode_seconds(lm, ids, cfg.new_tokens) for _ in range(cfg.repeats)]
+        decode_seconds(lm, ids, cfg.new_tokens)
     rep = ctx.method_report
     pre, dec = summarize(prefill), summarize(decode)
     metrics = {
@@ -70,13 +73,24 @@ def evaluate(lm, cfg: EfficiencyConfig, ctx) -> TaskResult:
         "peak_memory_mb": Metric(mem.peak_bytes / 2**20, "MiB", False),
     }
     if "memory_bytes" in rep:
-        metrics["decode_bandwidth_gbs"] = Metric(rep["memory_bytes"] * dec["median"] / cfg.batch_size / 1e9, "GB/s", True)
-    for key, unit in (("parameters", "count"), ("memory_bytes", "bytes"), ("stored_bytes", "bytes"), ("effective_bits", "bits/weight")):
+        metrics["decode_bandwidth_gbs"] = Metric(
+            rep["memory_bytes"] * dec["median"] / cfg.batch_size / 1e9, "GB/s", True
+        )
+    for key, unit in (
+        ("parameters", "count"),
+        ("memory_bytes", "bytes"),
+        ("stored_bytes", "bytes"),
+        ("effective_bits", "bits/weight"),
+    ):
         if rep.get(key) is not None:
             metrics[key] = Metric(float(rep[key]), unit, False)
     return TaskResult(
         metrics=metrics,
-        details={"memory_kind": mem.kind, "memory_before_mb": mem.start_bytes / 2**20, "execution": rep.get("execution")},
+        details={
+            "memory_kind": mem.kind,
+            "memory_before_mb": mem.start_bytes / 2**20,
+            "execution": rep.get("execution"),
+        },
     )
 
 

@@ -132,3 +132,28 @@ def test_report_from_sweep(swept, tmp_path):
     assert len(pngs) == 4  # quality vs size, decode latency, prefill latency, memory
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert "rtn(group_size=32)" in csv
+
+
+ISOLATED = """
+models: [tiny-gpt2]
+methods: [baseline]
+tasks: [{name: perplexity, seqlen: 32, max_windows: 2}]
+hardware: {threads: 1}
+"""
+
+
+def test_isolated_group_and_timeout(tmp_path):
+    path = tmp_path / "suite.yaml"
+    path.write_text(ISOLATED)
+    cells = load_suite(path).cells()
+    # a timeout far too short for a fresh process even to import torch: a failed record, not a hang
+    store = ResultStore(tmp_path / "cut")
+    summary = run_cells(cells, store, show_progress=False, isolate=True, timeout=0.5, log=lambda s: None)
+    (rec,) = store.records(include_failed=True)
+    assert summary.failed == [cells[0].run_id]
+    assert rec["status"] == "failed" and rec["error"]["type"] == "Timeout"
+    # without a timeout the worker process writes the ok record itself
+    store = ResultStore(tmp_path / "ok")
+    summary = run_cells(cells, store, show_progress=False, isolate=True, log=lambda s: None)
+    assert summary.ok == [cells[0].run_id]
+    assert store.records()[0]["metrics"]["perplexity"]["value"] > 1
