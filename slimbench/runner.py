@@ -175,7 +175,7 @@ def run_group(
         lm = load_model(head)
         stage = "compress"
         method_report = apply_method(lm, head.method, head.hardware, progress)
-    except Exception as exc:  # noqa: BLE001 - a failing cell becomes a record
+    except Exception as exc:  # a failing cell becomes a record, never a crashed sweep
         err = failure(exc, stage)
         log(f"FAILED {head.model.name} | {head.method.label()} ({stage}): {type(exc).__name__}: {exc}")
         for c in pending:
@@ -188,7 +188,7 @@ def run_group(
             metrics, details = evaluate_cell(lm, c, method_report, progress)
             write_record(store, c, suite_source, env, lm, "ok", started, metrics, details, method_report)
             on_cell(c, "ok")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # likewise for one task
             log(f"FAILED {c.model.name} | {c.method.label()} | {c.task.name}: {type(exc).__name__}: {exc}")
             err = failure(exc, "evaluate")
             write_record(store, c, suite_source, env, lm, "failed", started, report=method_report, error=err)

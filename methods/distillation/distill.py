@@ -133,7 +133,7 @@ def step_loss(student, teacher, ids, top, cfg: DistillConfig, targets: list[int]
         + (1 - cfg.alpha) * parts.get("ce", 0.0)
         + cfg.hidden_weight * parts.get("hidden", 0.0)
     )
-    return loss, {k: float(v) for k, v in parts.items()}
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 
 def train(student, teacher, ids, top, cfg: DistillConfig, targets, ckpt: Path, progress, device) -> dict[str, Any]:

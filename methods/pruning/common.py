@@ -62,6 +62,8 @@ def pruning_report(
         notes.append("2:4 weights held as torch semi-structured sparse tensors (CUDA kernels)")
     else:
         execution = "simulated"
-        why = "2:4 sparse kernels need CUDA (Ampere+) in fp16/bf16" if cfg.nm else "unstructured zeros in dense matrices"
+        why = (
+            "2:4 sparse kernels need CUDA (Ampere+) in fp16/bf16" if cfg.nm else "unstructured zeros in dense matrices"
+        )
         notes.append(f"masks in a dense model ({why}); stored in the sparse format")
     return MethodReport(execution=execution, storage=storage, details=details, notes=notes)

@@ -25,7 +25,9 @@ class MagnitudeConfig(SparsityConfig):
     @model_validator(mode="after")
     def _global_is_unstructured(self):
         if self.scope == "global" and self.nm is not None:
-            raise ValueError("scope 'global' ranks weights across layers; N:M patterns are per group: use scope 'layer'")
+            raise ValueError(
+                "scope 'global' ranks weights across layers; N:M patterns are per group: use scope 'layer'"
+            )
         return self
 
 

@@ -79,7 +79,9 @@ def check_nm_shapes(model: torch.nn.Module, cfg: SparsityConfig) -> None:
     for name, mod in iter_linears(model, include_lm_head=cfg.include_lm_head):
         cols = get_weight(mod).shape[1]
         if cols % nm[1]:
-            raise ValueError(f"pattern {cfg.pattern}: layer {name} has {cols} input channels, not a multiple of {nm[1]}")
+            raise ValueError(
+                f"pattern {cfg.pattern}: layer {name} has {cols} input channels, not a multiple of {nm[1]}"
+            )
 
 
 def mask_lowest(score: torch.Tensor, k: int) -> torch.Tensor:

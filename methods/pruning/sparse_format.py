@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from methods.quantization.grid import SCALE_DTYPE, QuantParams, pack_bits, unpack_bits
 from slimbench.modeling import get_weight, iter_linears, unique_tensors
-from transformers.pytorch_utils import Conv1D
 
 
 def index_bits(m: int) -> int:
@@ -28,7 +28,10 @@ def index_bits(m: int) -> int:
 
 
 def _header(w: torch.Tensor, transposed: bool) -> dict[str, torch.Tensor]:
-    return {"shape": torch.tensor(list(w.shape), dtype=torch.int32), "transposed": torch.tensor([int(transposed)], dtype=torch.uint8)}
+    return {
+        "shape": torch.tensor(list(w.shape), dtype=torch.int32),
+        "transposed": torch.tensor([int(transposed)], dtype=torch.uint8),
+    }
 
 
 def _encode_values(vals: torch.Tensor, rows: torch.Tensor, quant: QuantParams | None) -> dict[str, torch.Tensor]:
@@ -55,14 +58,22 @@ def _decode_values(parts: dict[str, torch.Tensor], rows: torch.Tensor, dtype: to
     return (scale[rows] * (codes - zero[rows])).to(dtype)
 
 
-def encode_unstructured(w: torch.Tensor, transposed: bool = False, quant: QuantParams | None = None) -> dict[str, torch.Tensor]:
+def encode_unstructured(
+    w: torch.Tensor, transposed: bool = False, quant: QuantParams | None = None
+) -> dict[str, torch.Tensor]:
     """Bitmask + non-zero values of a [out, in] weight."""
     nz = (w != 0).flatten()
     rows = torch.arange(w.shape[0]).repeat_interleave(w.shape[1])[nz]
-    return {**_header(w, transposed), "bitmask": pack_bits(nz.to(torch.uint8), 1), **_encode_values(w.flatten()[nz], rows, quant)}
+    return {
+        **_header(w, transposed),
+        "bitmask": pack_bits(nz.to(torch.uint8), 1),
+        **_encode_values(w.flatten()[nz], rows, quant),
+    }
 
 
-def encode_nm(w: torch.Tensor, n: int, m: int, transposed: bool = False, quant: QuantParams | None = None) -> dict[str, torch.Tensor]:
+def encode_nm(
+    w: torch.Tensor, n: int, m: int, transposed: bool = False, quant: QuantParams | None = None
+) -> dict[str, torch.Tensor]:
     """N values and their in-group positions per group of M; every group must hold <= N non-zeros."""
     rows, cols = w.shape
     groups = w.reshape(rows, cols // m, m)
@@ -107,7 +118,9 @@ def decode_param(parts: dict[str, torch.Tensor], dtype: torch.dtype = torch.floa
     return w.t().contiguous() if int(parts["transposed"][0]) else w
 
 
-def encode_module(mod: torch.nn.Module, nm: tuple[int, int] | None, quant: QuantParams | None = None) -> dict[str, torch.Tensor]:
+def encode_module(
+    mod: torch.nn.Module, nm: tuple[int, int] | None, quant: QuantParams | None = None
+) -> dict[str, torch.Tensor]:
     w, transposed = get_weight(mod), isinstance(mod, Conv1D)
     return encode_nm(w, *nm, transposed, quant) if nm else encode_unstructured(w, transposed, quant)
 

@@ -128,24 +128,36 @@ class SparseGPTLayer:
     def compress(self) -> dict[str, Any]:
         w0 = get_weight(self.module).float().cpu()
         quant = find_params(w0, self.cfg.bits, self.cfg.symmetric) if self.cfg.bits else None
-        w, keep, loss = fasterprune(w0, self.h, self.cfg.sparsity, self.cfg.nm, self.cfg.blocksize, self.cfg.percdamp, quant)
+        w, keep, loss = fasterprune(
+            w0, self.h, self.cfg.sparsity, self.cfg.nm, self.cfg.blocksize, self.cfg.percdamp, quant
+        )
         set_weight(self.module, w.to(get_weight(self.module).device))
         del self.h
         pruned = int((~keep).sum())
-        return {"pruned": pruned, "numel": keep.numel(), "sparsity": pruned / keep.numel(), "obs_loss": loss, "quant": quant}
+        return {
+            "pruned": pruned,
+            "numel": keep.numel(),
+            "sparsity": pruned / keep.numel(),
+            "obs_loss": loss,
+            "quant": quant,
+        }
 
 
 @torch.no_grad()
 def apply(lm, cfg: SparseGPTConfig, ctx) -> MethodReport:
     calib, info = sample_calibration(lm, cfg)
     make = lambda name, mod: SparseGPTLayer(mod, cfg)
-    stats = sequential(lm.model, calib, make, true_sequential=cfg.true_sequential, device=lm.device, progress=ctx.progress)
+    stats = sequential(
+        lm.model, calib, make, true_sequential=cfg.true_sequential, device=lm.device, progress=ctx.progress
+    )
     quant = {n: s.pop("quant") for n, s in stats.items()}
     extra = {
         "calibration": info,
         "blocksize": cfg.blocksize,
         "percdamp": cfg.percdamp,
-        "joint_quantization": {"bits": cfg.bits, "symmetric": cfg.symmetric, "grid": "per output row"} if cfg.bits else None,
+        "joint_quantization": {"bits": cfg.bits, "symmetric": cfg.symmetric, "grid": "per output row"}
+        if cfg.bits
+        else None,
         "obs_loss_total": sum(s["obs_loss"] for s in stats.values()),
     }
     return pruning_report(lm, cfg, stats, extra, quant if cfg.bits else None)
@@ -159,7 +171,7 @@ def check(lm, cfg: SparseGPTConfig) -> None:
 METHOD = Method(
     name="sparsegpt",
     family="pruning",
-    description="SparseGPT: Hessian-based OBS pruning with weight reconstruction, unstructured or N:M, optional joint b-bit",
+    description="SparseGPT: OBS pruning with weight reconstruction, unstructured or N:M, optional joint b-bit",
     config=SparseGPTConfig,
     apply=apply,
     check=check,

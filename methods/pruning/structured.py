@@ -42,7 +42,9 @@ LLAMA_TYPES = ("llama", "mistral", "qwen2")
 
 class StructuredConfig(CalibrationConfig):
     mlp_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of MLP channels removed in every layer")
-    attn_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of KV groups (with their query heads) removed per layer")
+    attn_ratio: float = Field(
+        0.0, ge=0.0, lt=1.0, description="fraction of KV groups (with their query heads) removed per layer"
+    )
     drop_layers: int = Field(0, ge=0, description="decoder layers removed, lowest block influence first")
     importance: Literal["magnitude", "activation"] = Field("activation", description="score of channels and heads")
 
@@ -252,7 +254,9 @@ def apply(lm, cfg: StructuredConfig, ctx) -> MethodReport:
     model = lm.model
     counts = removal_counts(model, cfg)
     before = count_parameters(model)
-    needs_data = cfg.drop_layers > 0 or (cfg.importance == "activation" and (counts["mlp_channels"] or counts["kv_groups"]))
+    needs_data = cfg.drop_layers > 0 or (
+        cfg.importance == "activation" and (counts["mlp_channels"] or counts["kv_groups"])
+    )
     details: dict[str, Any] = {"parameters_before": before, "importance": cfg.importance}
     stats = Stats({}, {}, {}, 1)
     if needs_data:
@@ -273,18 +277,29 @@ def apply(lm, cfg: StructuredConfig, ctx) -> MethodReport:
     details.update(
         parameters_after=after,
         parameters_removed_fraction=1 - after / before,
-        removed={"mlp_channels_per_layer": counts["mlp_channels"], "kv_groups_per_layer": counts["kv_groups"],
-                 "layers": cfg.drop_layers},
+        removed={
+            "mlp_channels_per_layer": counts["mlp_channels"],
+            "kv_groups_per_layer": counts["kv_groups"],
+            "layers": cfg.drop_layers,
+        },
         shape_after=_shape(model),
     )
     if heads_before:
         details["heads_before"] = {"query": heads_before[0], "kv": heads_before[1]}
-    return MethodReport(execution="native", details=details, notes=["a smaller dense model: sliced Linear layers, updated config"])
+    return MethodReport(
+        execution="native", details=details, notes=["a smaller dense model: sliced Linear layers, updated config"]
+    )
 
 
 def _shape(model: nn.Module) -> dict[str, Any]:
     cfg = model.config
-    keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", MLP[model_type(model)].size_field)
+    keys = (
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        MLP[model_type(model)].size_field,
+    )
     return {k: getattr(cfg, k, None) for k in keys}
 
 

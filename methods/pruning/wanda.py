@@ -52,7 +52,9 @@ class WandaLayer:
 def apply(lm, cfg: WandaConfig, ctx) -> MethodReport:
     calib, info = sample_calibration(lm, cfg)
     make = lambda name, mod: WandaLayer(mod, cfg)
-    stats = sequential(lm.model, calib, make, true_sequential=cfg.true_sequential, device=lm.device, progress=ctx.progress)
+    stats = sequential(
+        lm.model, calib, make, true_sequential=cfg.true_sequential, device=lm.device, progress=ctx.progress
+    )
     notes = []
     if cfg.include_lm_head:
         notes.append("lm_head is outside the decoder layers and is left dense by the layer-wise loop")

@@ -1,18 +1,21 @@
 """`rtn`: round-to-nearest weight quantization of every linear layer (embeddings and lm_head kept).
 
-The weights are replaced in place by their dequantized values (fake-quant), so execution is
-``simulated``: the model runs dense fp32 matmuls. The stored form (packed codes, fp16 scales,
-packed zero-points) is what the harness counts as the compressed model's bytes.
+``format: fake`` (default) replaces the weights by their dequantized values, so execution is
+``simulated`` (dense fp32 matmuls) and the stored form (packed codes, fp16 scales, packed
+zero-points) is what the harness counts. ``format: packed`` replaces each layer by a
+:class:`~methods.quantization.packed.PackedLinear` executed by a real int8/int4 kernel where
+torch has one (``native``), else dequantized on the fly.
 """
 
 from __future__ import annotations
 
-from methods.quantization.grid import GridConfig, check_group_size, quantize_matrix, stored_form
+from methods.quantization.grid import GridConfig, check_group_size, quantize_matrix
+from methods.quantization.packed import FormatConfig, finish_layer, format_report
 from slimbench.method import Method, MethodReport
-from slimbench.modeling import get_weight, iter_linears, set_weight
+from slimbench.modeling import get_weight, iter_linears
 
 
-class RTNConfig(GridConfig):
+class RTNConfig(GridConfig, FormatConfig):
     pass
 
 
@@ -22,22 +25,25 @@ def check(lm, cfg: RTNConfig) -> None:
 
 def apply(lm, cfg: RTNConfig, ctx) -> MethodReport:
     storage = {}
-    for name, mod in iter_linears(lm.model):
-        codes, deq, params = quantize_matrix(get_weight(mod), cfg)
-        set_weight(mod, deq)
-        storage[f"{name}.weight"] = stored_form(codes, params)
+    for name, mod in list(iter_linears(lm.model)):
+        codes, _, params = quantize_matrix(get_weight(mod), cfg)
+        stored = finish_layer(lm.model, name, codes.view_as(get_weight(mod)), params, cfg.group_size, cfg.format)
+        if stored is not None:
+            storage[f"{name}.weight"] = stored
+    execution, notes, fmt = format_report(lm.model, cfg.format)
     return MethodReport(
-        execution="simulated",
+        execution=execution,
         storage=storage,
-        details={"bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric, "layers": len(storage)},
-        notes=["fake-quant: dequantized weights in a dense model"],
+        details={"bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
+                 "layers": len(list(iter_linears(lm.model))), **fmt},
+        notes=notes,
     )
 
 
 METHOD = Method(
     name="rtn",
     family="quantization",
-    description="round-to-nearest weight quantization, 2-8 bits, per-channel or grouped, (a)symmetric",
+    description="round-to-nearest weight quantization, 2-8 bits, per-channel or grouped, (a)symmetric; fake or packed",
     config=RTNConfig,
     apply=apply,
     check=check,

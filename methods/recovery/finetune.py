@@ -42,7 +42,9 @@ class FinetuneConfig(CalibrationConfig):
     batch_size: int = Field(2, ge=1, le=1024, description="sequences per step")
     lr: float = Field(1e-4, gt=0, le=1.0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay")
-    mode: Literal["full", "lora"] = Field("lora", description="train every parameter, or low-rank adapters merged at the end")
+    mode: Literal["full", "lora"] = Field(
+        "lora", description="train every parameter, or low-rank adapters merged at the end"
+    )
     lora_rank: int = Field(8, ge=1, le=4096, description="LoRA rank")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator (delta scaled by alpha / rank)")
     eval_samples: int = Field(4, ge=1, le=1024, description="held-back calibration sequences for the loss before/after")
@@ -85,7 +87,10 @@ def batches(ids: torch.Tensor, batch_size: int, steps: int):
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, ids: torch.Tensor, device: torch.device) -> float:
-    losses = [float(model(input_ids=x.unsqueeze(0).to(device), labels=x.unsqueeze(0).to(device), use_cache=False).loss) for x in ids]
+    losses = [
+        float(model(input_ids=x.unsqueeze(0).to(device), labels=x.unsqueeze(0).to(device), use_cache=False).loss)
+        for x in ids
+    ]
     return sum(losses) / len(losses)
 
 
