@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 
 from slimbench.config import Config
+from slimbench.corpora import encode_split
 from slimbench.registry import CORPORA
 
 
@@ -26,15 +27,8 @@ class CalibrationConfig(Config):
     calib_seed: int = Field(0, description="seed of the segment sampler")
 
 
-_TOKEN_CACHE: dict[tuple[int, str], list[int]] = {}
-
-
 def calibration_tokens(lm, corpus: str) -> list[int]:
-    key = (id(lm.tokenizer), corpus)
-    if key not in _TOKEN_CACHE:
-        _TOKEN_CACHE.clear()  # one tokenizer at a time is plenty
-        _TOKEN_CACHE[key] = lm.encode("\n\n".join(CORPORA.get(corpus).texts("calibration")))
-    return _TOKEN_CACHE[key]
+    return encode_split(lm, corpus, "calibration")
 
 
 def sample_calibration(lm, cfg: CalibrationConfig) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -30,5 +30,11 @@ def render(what: str) -> str:
         for c in CORPORA:
             lines.append(f"{c.name}  {c.description}")
             for split in ("calibration", "validation", "test"):
-                lines.append(f"    {split}: {', '.join(c.manifest(split)['documents'])}")
+                try:
+                    docs = c.manifest(split)["documents"]
+                except Exception as exc:  # data not available here (hub-only corpora offline)
+                    lines.append(f"    {split}: not available: {exc}")
+                    continue
+                shown = ", ".join(docs[:40]) + (f", ... ({len(docs)} documents)" if len(docs) > 40 else "")
+                lines.append(f"    {split}: {shown}")
     return "\n".join(lines).rstrip()

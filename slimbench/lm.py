@@ -44,6 +44,7 @@ Methods, by contrast, may change ``model`` (the ``torch.nn.Module``) in place or
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -57,7 +58,7 @@ class LanguageModel:
     model: torch.nn.Module
     tokenizer: Any
     name: str
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # Facts about where the weights came from, copied into every record of this model.
     provenance: dict[str, Any] = field(default_factory=dict)
     # The ModelSpec this model was loaded from (set by the runner); tasks that need the
@@ -205,6 +206,12 @@ class LanguageModel:
                     results[i] = res
         return rest
 
+    def _accepts(self, kwarg: str) -> bool:
+        try:
+            return kwarg in inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):
+            return False
+
     @staticmethod
     def _sum_and_greedy(logits: torch.Tensor, target: list[int]) -> tuple[float, bool]:
         """Sum of log-softmax at the target tokens (float32) and whether each is the argmax."""
@@ -232,12 +239,17 @@ class LanguageModel:
     @torch.inference_mode()
     def _score_shared(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
         """Run ``ctx`` once, then every continuation on a copy of its KV cache (one padded batch)."""
-        out = self.model(input_ids=torch.tensor([ctx], device=self.device), use_cache=True)
+        # Only the last position's logits are needed: skip the output layer elsewhere where the
+        # model supports it (a 49k-word head is a fifth of SmolLM2's compute per token).
+        keep = {"logits_to_keep": 1} if self._accepts("logits_to_keep") else {}
+        out = self.model(input_ids=torch.tensor([ctx], device=self.device), use_cache=True, **keep)
         first = out.logits[0, -1:]  # predicts each continuation's first token
         tails = [c[:-1] for c in conts]
         width = max(len(t) for t in tails)
         if width == 0:
             return [self._sum_and_greedy(first, c) for c in conts]
+        if not hasattr(out.cache, "batch_repeat_interleave"):  # a cache type we cannot fan out: no sharing
+            return self._score_padded([(ctx, c) for c in conts])
         cache = copy.deepcopy(out.cache)
         cache.batch_repeat_interleave(len(conts))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.prefix_token_id

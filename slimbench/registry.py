@@ -96,4 +96,4 @@ class Registry(Generic[T]):
 METHODS: Registry = Registry("method", "METHOD", ("methods",))
 TASKS: Registry = Registry("task", "TASK", ("tasks",))
 MODELS: Registry = Registry("model", "MODELS", ("slimbench.models",))
-CORPORA: Registry = Registry("corpus", "CORPUS", ("slimbench.corpora",), plural="corpora")
+CORPORA: Registry = Registry("corpus", "CORPUS", ("slimbench.corpora", "slimbench.datasets"), plural="corpora")

@@ -53,6 +53,11 @@ def quality_metric(task_name: str) -> str | None:
     return TASKS.get(task_name).quality_metric if task_name in TASKS else None
 
 
+def paired_metric(task_name: str) -> str | None:
+    task = TASKS.get(task_name) if task_name in TASKS else None
+    return (task.paired_metric or task.quality_metric) if task else None
+
+
 def task_columns(records: list[dict]) -> dict[str, str]:
     """Map (task name, version, params) -> column label, adding params only where needed."""
     by_version: dict[str, set[str]] = defaultdict(set)
@@ -111,6 +116,7 @@ def build_rows(records: list[dict]) -> pd.DataFrame:
             col = label if q == t["name"] else f"{label} {q}"
             row[col] = m["value"]
             row.setdefault("_quality", {})[col] = m["higher_is_better"]
+            row.setdefault("_details", {})[col] = (paired_metric(t["name"]), r.get("task_details") or {})
         for metric, (col, scale) in EFFICIENCY_COLUMNS.items():
             if metric in r["metrics"]:
                 row[col] = r["metrics"][metric]["value"] * scale
@@ -119,15 +125,46 @@ def build_rows(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(list(rows.values()))
 
 
+def paired_noise(row_details: Any, base_details: Any, col: str) -> dict[str, Any] | None:
+    """Paired bootstrap interval of the per-example difference, where both records have one."""
+    from slimbench.stats import paired_delta_from_details
+
+    if not isinstance(row_details, dict) or not isinstance(base_details, dict) or col not in row_details:
+        return None
+    metric, details = row_details[col]
+    _, base = base_details.get(col, (None, None))
+    if not metric or not base:
+        return None
+    try:
+        return paired_delta_from_details(details, base, metric)
+    except ValueError:  # no per-example scores, or different examples: no paired interval
+        return None
+
+
 def add_deltas(df: pd.DataFrame, quality_cols: list[str]) -> pd.DataFrame:
-    """Δ vs the same model's baseline on the same hardware, for each quality column."""
+    """Δ vs the same model's baseline on the same hardware, for each quality column.
+
+    Where both records keep per-example scores, the difference is also paired example by
+    example with a 95% bootstrap interval; `≈` marks a delta whose interval contains zero.
+    """
     for col in quality_cols:
-        deltas = []
+        deltas, notes = [], []
         for _, row in df.iterrows():
             base = df[(df.hardware == row.hardware) & (df.model == row.model) & (df.method_name == "baseline")]
             b = base[col].iloc[0] if len(base) and col in base else math.nan
-            deltas.append(row[col] - b if pd.notna(row.get(col)) and pd.notna(b) else math.nan)
+            has = pd.notna(row.get(col)) and pd.notna(b)
+            deltas.append(row[col] - b if has else math.nan)
+            paired = None
+            if has and row.method_name != "baseline" and "_details" in df:
+                paired = paired_noise(row["_details"], base["_details"].iloc[0], col)
+            notes.append(
+                ""
+                if paired is None
+                else ("≈ noise" if paired["within_noise"] else "significant")
+                + f" (paired Δ {fmt(paired['delta'])}, 95% CI [{fmt(paired['ci_low'])}, {fmt(paired['ci_high'])}])"
+            )
         df[f"Δ {col}"] = deltas
+        df[f"noise {col}"] = notes
     return df
 
 
@@ -231,13 +268,13 @@ def write_report(store: ResultStore, out: Path) -> ReportOutput:
     qflags: dict[str, bool] = {}
     for d in df.get("_quality", pd.Series(dtype=object)).dropna():
         qflags.update(d)
-    df = df.drop(columns=["_quality"], errors="ignore")
     qcols = sorted(qflags)
     df = add_deltas(df, qcols)
+    df = df.drop(columns=["_quality", "_details"], errors="ignore")
     df = df.sort_values(["hardware", "model", "method_name", "method"]).reset_index(drop=True)
     cols = ["model", "method", "execution"]
     for q in qcols:
-        cols += [q, f"Δ {q}"]
+        cols += [q, f"Δ {q}"] + ([f"noise {q}"] if df[f"noise {q}"].astype(bool).any() else [])
     cols += [
         c
         for c in (

@@ -49,7 +49,9 @@ class RunSummary:
 def load_model(cell: CellSpec) -> LanguageModel:
     torch.set_num_threads(cell.hardware.threads)
     loader = resolve(cell.model, source="suite", field="models")
-    return loader(cell.model, cell.hardware)
+    lm = loader(cell.model, cell.hardware)
+    lm.spec = cell.model  # tasks that need the uncompressed model (fidelity) reload it from this
+    return lm
 
 
 # -- applying a method ---------------------------------------------------------------------

@@ -46,3 +46,6 @@ class Task:
     evaluate: Callable[[LanguageModel, Any, TaskContext], TaskResult]
     # The metric that stands for quality in leaderboards and Pareto plots (None: no quality).
     quality_metric: str | None = None
+    # The per-example score in ``details["per_example"]`` whose paired difference decides
+    # whether a delta of the quality metric is within noise (None: the quality metric itself).
+    paired_metric: str | None = None

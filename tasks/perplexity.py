@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 
 from slimbench.config import Config
+from slimbench.corpora import encode_split
 from slimbench.registry import CORPORA
 from slimbench.task import Metric, Task, TaskResult
 
@@ -49,7 +50,7 @@ def windows(ids: list[int], seqlen: int, max_windows: int | None) -> torch.Tenso
 
 def evaluate(lm, cfg: PerplexityConfig, ctx) -> TaskResult:
     corpus = CORPORA.get(cfg.corpus)
-    ids = lm.encode(JOIN.join(corpus.texts(cfg.split)))
+    ids = encode_split(lm, cfg.corpus, cfg.split, JOIN)
     win = windows(ids, cfg.seqlen, cfg.max_windows)
     window_nll: list[float] = []
     bar = ctx.progress(total=len(win), desc="perplexity", unit="win") if ctx.progress else None
@@ -78,6 +79,8 @@ def evaluate(lm, cfg: PerplexityConfig, ctx) -> TaskResult:
             "windows": len(win),
             "tokens": tokens,
             "window_nll": window_nll,
+            # per-window scores for paired comparisons (same windows, another model)
+            "per_example": {"id": [str(i) for i in range(len(window_nll))], "nll": window_nll},
             "data": corpus.manifest(cfg.split),
         },
     )
@@ -90,4 +93,5 @@ TASK = Task(
     config=PerplexityConfig,
     evaluate=evaluate,
     quality_metric="perplexity",
+    paired_metric="nll",
 )

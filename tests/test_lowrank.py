@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -21,6 +23,7 @@ from methods.lowrank.svd import SVDConfig
 from methods.lowrank.svd_llm import CholeskyWhitening, SVDLLMConfig, cholesky_damped
 from slimbench.method import MethodContext
 from slimbench.modeling import count_parameters, get_weight, iter_linears
+from slimbench.models import gpt2_tokenizer
 from slimbench.registry import METHODS
 from slimbench.specs import HardwareSpec, MethodSpec, StepSpec
 
@@ -144,7 +147,8 @@ def test_cholesky_damping_only_when_not_positive_definite():
     x = torch.randn(3, 6, dtype=torch.float64)  # 3 tokens, 6 channels: X^T X has rank 3
     chol, lam = cholesky_damped(x.T @ x, 1e-6)
     assert lam > 0
-    torch.testing.assert_close(chol @ chol.T, x.T @ x + lam * float((x.T @ x).diagonal().mean()) * torch.eye(6, dtype=torch.float64))
+    damped = x.T @ x + lam * float((x.T @ x).diagonal().mean()) * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(chol @ chol.T, damped)
     _, lam_pd = cholesky_damped(torch.eye(4, dtype=torch.float64), 1e-6)
     assert lam_pd == 0.0
 
@@ -168,7 +172,15 @@ METHOD_PARAMS = [("svd", {"ratio": 0.3}), ("asvd", {"ratio": 0.3, **CALIB}), ("s
                  ("svd-llm", {"ratio": 0.3, "allocation": "sensitivity", **CALIB})]
 
 
+@functools.cache
+def shared_tokenizer():
+    """One tokenizer object for every test model: calibration tokens are cached per tokenizer
+    object, and tokenizing the calibration split anew takes ~20 s on the shared CI cores."""
+    return gpt2_tokenizer()
+
+
 def run_method(lm, name: str, params: dict):
+    lm.tokenizer = shared_tokenizer()  # the same GPT-2 BPE (see shared_tokenizer)
     method = METHODS.get(name)
     cfg = method.config(**params)
     method.check(lm, cfg)
@@ -202,7 +214,8 @@ def test_calibrated_methods_fit_outputs_better_than_plain_svd(tiny_llama):
     errs = {}
     for name in ("svd", "svd-llm"):
         lm = load_tiny("llama")
-        run_method(lm, name, {"ratio": 0.5, "calib_samples": 4, "calib_seqlen": 32} if name != "svd" else {"ratio": 0.5})
+        params = {"ratio": 0.5} if name == "svd" else {"ratio": 0.5, "calib_samples": 4, "calib_seqlen": 32}
+        run_method(lm, name, params)
         errs[name] = float(((lm.logits(ids) - ref) ** 2).mean())
     assert errs["svd-llm"] < errs["svd"]
 
@@ -228,6 +241,7 @@ def test_composes_with_quantization(tiny_llama):
     from slimbench.runner import apply_method
 
     spec = MethodSpec(steps=(StepSpec(name="svd", params={"ratio": 0.3}), StepSpec(name="rtn", params={"bits": 8})))
+    tiny_llama.tokenizer = shared_tokenizer()
     rec = apply_method(tiny_llama, spec, HardwareSpec(threads=1))
     assert [s["name"] for s in rec["steps"]] == ["svd", "rtn"]
     assert rec["execution"] == "simulated"  # the factors are fake-quantized
@@ -247,12 +261,15 @@ def test_rank_and_ratio_together_or_with_sensitivity_are_rejected():
         SVDConfig(ratio=0.3, rank=4)
     with pytest.raises(ValidationError, match="sensitivity"):
         SVDConfig(rank=4, allocation="sensitivity")
+    with pytest.raises(ValidationError, match="give a ratio"):
+        SVDConfig(ratio=None)
 
 
 @pytest.mark.parametrize("name", ["svd", "asvd", "svd-llm"])
 def test_rank_larger_than_layer_fails_check_naming_the_layer(tiny_llama, name):
     method = METHODS.get(name)
-    with pytest.raises(ValueError, match=r"rank 40 exceeds min\(out, in\) = 32 of layer model\.layers\.0\.self_attn\.k_proj"):
+    msg = r"rank 40 exceeds min\(out, in\) = 32 of layer model\.layers\.0\.self_attn\.k_proj"
+    with pytest.raises(ValueError, match=msg):
         method.check(tiny_llama, method.config(rank=40))
 
 

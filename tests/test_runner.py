@@ -132,6 +132,9 @@ def test_report_from_sweep(swept, tmp_path):
     assert len(pngs) == 4  # quality vs size, decode latency, prefill latency, memory
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert "rtn(group_size=32)" in csv
+    # per-window NLLs pair each method with the baseline: a paired interval for every non-baseline row
+    noise = df.set_index("method")[f"noise {col}"].fillna("")
+    assert noise["baseline"] == "" and all("95% CI" in noise[m] for m in noise.index if m != "baseline")
 
 
 ISOLATED = """

@@ -14,7 +14,7 @@ teacher; ``alpha = 0`` is plain fine-tuning with cross-entropy and needs no teac
 Hidden-state matching pairs student layer i's output with the teacher's output at the end of
 the block it replaces (the layer before the next kept one); it runs the teacher online.
 
-Bounded by ``steps`` and optionally ``max_tokens``. AdamW, linear warm-up then cosine decay
+Bounded by ``train_steps`` and optionally ``max_tokens``. AdamW, linear warm-up then cosine decay
 to 10%, gradient clipping. Dropout is off (eval mode) so a run is deterministic and a resumed
 run follows the same batches: batch order is a function of (seed, step), and a checkpoint
 (student, optimizer, step, tokens, loss trace, time) is written atomically every
@@ -55,7 +55,7 @@ from slimbench.models import cache_dir
 class DistillConfig(DepthConfig, CalibrationConfig):
     calib_samples: int = Field(256, ge=1, le=100000, description="training sequences from the calibration split")
     calib_seqlen: int = Field(128, ge=8, le=131072, description="tokens per training sequence")
-    steps: int = Field(100, description="optimizer steps (>= 1)")
+    train_steps: int = Field(100, description="optimizer steps (>= 1); not `steps`, which suites read as composition")
     max_tokens: int | None = Field(None, description="stop once this many training tokens were seen (>= 1)")
     batch_size: int = Field(4, ge=1, description="sequences per step")
     lr: float = Field(1e-4, gt=0.0, lt=1.0, description="peak AdamW learning rate")
@@ -70,7 +70,7 @@ class DistillConfig(DepthConfig, CalibrationConfig):
     checkpoint_every: int = Field(25, ge=1, description="steps between checkpoints")
     seed: int = Field(0, description="seed of the batch order")
 
-    @field_validator("steps", "max_tokens")
+    @field_validator("train_steps", "max_tokens")
     @classmethod
     def _budget(cls, v: int | None, info) -> int | None:
         if v is not None and v < 1:
@@ -83,7 +83,7 @@ def lr_at(step: int, cfg: DistillConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to 10% of it at the last step."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.steps - cfg.warmup_steps, 1)
+    span = max(cfg.train_steps - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -145,9 +145,9 @@ def train(student, teacher, ids, top, cfg: DistillConfig, targets, ckpt: Path, p
         optim.load_state_dict(state["optim"])
     student.eval()  # no dropout: deterministic, resumable (gradients still flow)
     max_tokens = cfg.max_tokens or float("inf")
-    bar = progress(total=cfg.steps, initial=state["step"], desc="distill", unit="step") if progress else None
+    bar = progress(total=cfg.train_steps, initial=state["step"], desc="distill", unit="step") if progress else None
     t0, tokens0 = time.perf_counter(), state["tokens"]
-    while state["step"] < cfg.steps and state["tokens"] < max_tokens:
+    while state["step"] < cfg.train_steps and state["tokens"] < max_tokens:
         rows = batch_rows(state["step"], len(ids), cfg.batch_size, cfg.seed)
         batch = ids[rows].to(device)
         for group in optim.param_groups:
@@ -159,20 +159,20 @@ def train(student, teacher, ids, top, cfg: DistillConfig, targets, ckpt: Path, p
         optim.step()
         state["step"] += 1
         state["tokens"] += batch.numel()
-        state["losses"].append(float(loss))
+        state["losses"].append(float(loss.detach()))
         state["parts"].append(parts)
         if bar is not None:
             rate = (state["tokens"] - tokens0) / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{state['losses'][-1]:.3f}", tok_s=f"{rate:.0f}")
             bar.update(1)
-        if state["step"] % cfg.checkpoint_every == 0 or state["step"] >= cfg.steps:
+        if state["step"] % cfg.checkpoint_every == 0 or state["step"] >= cfg.train_steps:
             elapsed = state["seconds"] + time.perf_counter() - t0
             save_checkpoint(ckpt, {**state, "seconds": elapsed, "student": student.state_dict(),
                                    "optim": optim.state_dict()})
     if bar is not None:
         bar.close()
     this_run = time.perf_counter() - t0
-    if state["step"] > resumed_from and state["step"] % cfg.checkpoint_every and state["step"] < cfg.steps:
+    if state["step"] > resumed_from and state["step"] % cfg.checkpoint_every and state["step"] < cfg.train_steps:
         save_checkpoint(ckpt, {**state, "seconds": state["seconds"] + this_run, "student": student.state_dict(),
                                "optim": optim.state_dict()})  # stopped by max_tokens between checkpoints
     return {**state, "resumed_from_step": resumed_from, "seconds_this_run": this_run,
@@ -211,7 +211,7 @@ def apply(lm, cfg: DistillConfig, ctx) -> MethodReport:
     t_cache = time.perf_counter()
     if cfg.alpha > 0:
         top, cache_info = cached_teacher_topk(teacher, ids, cfg.teacher_topk, cfg.temperature, cfg.teacher_batch,
-                                              lm.device, folder)
+                                              lm.device, folder, t_digest)
     cache_info["seconds"] = time.perf_counter() - t_cache
     student = drop_layers(copy.deepcopy(teacher), keep)
     student.requires_grad_(True)

@@ -98,14 +98,16 @@ def teacher_topk(teacher: nn.Module, ids: torch.Tensor, k: int, temperature: flo
 
 
 def cached_teacher_topk(
-    teacher: nn.Module, ids: torch.Tensor, k: int, temperature: float, batch: int, device, folder: Path
+    teacher: nn.Module, ids: torch.Tensor, k: int, temperature: float, batch: int, device, folder: Path,
+    teacher_digest: str | None = None,
 ) -> tuple[TeacherTopK, dict]:
     """Teacher top-k outputs from ``folder`` if computed before for the same teacher, data, k, T.
 
     The key hashes the teacher's weights and the token ids (not names), so every student
     distilled from the same teacher on the same data reuses one file. Written atomically.
     """
-    key = stable_hash({"teacher": model_digest(teacher), "data": tensor_digest({"ids": ids}), "k": k, "T": temperature})
+    teacher_digest = teacher_digest or model_digest(teacher)
+    key = stable_hash({"teacher": teacher_digest, "data": tensor_digest({"ids": ids}), "k": k, "T": temperature})
     path = folder / f"teacher-top{k}-{key}.safetensors"
     if path.exists():
         t = load_file(str(path))

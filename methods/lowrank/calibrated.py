@@ -3,8 +3,11 @@
 A method supplies a ``Whitening``: which statistic of a layer's inputs it streams, and the
 transform ``T`` (with its inverse) it derives from it. The layer's weight is factorized as
 ``SVD(W T)`` truncated to rank k, then ``T^{-1}`` is folded into the right factor, so the layer
-still maps raw inputs. Statistics come from slimbench.layerwise.sequential, so every layer is
-calibrated on the outputs of the already-factorized layers before it.
+still maps raw inputs. Statistics come from slimbench.layerwise.sequential, so every decoder
+layer is calibrated on the outputs of the already-factorized layers before it. Within a layer
+all linears see the layer's inputs in one pass (``true_sequential=False``): ASVD and SVD-LLM
+take their statistics from the uncompressed layer, and one pass instead of one per linear
+group makes calibration 2.5x cheaper (2 layer runs per layer instead of 5).
 
 With ``allocation: sensitivity`` a first, spectrum-only pass (no layer changed) gives each
 layer's transformed singular values on the dense model; ranks are then allocated globally
@@ -85,7 +88,7 @@ def run_pass(lm, calib: torch.Tensor, layers: dict[str, nn.Module], whitening: W
             return _Skip()
         return _Factorizer(lm.model, name, mod, whitening, None if ranks is None else ranks[name])
 
-    out = sequential(lm.model, calib, make, device=lm.device, progress=progress)
+    out = sequential(lm.model, calib, make, true_sequential=False, device=lm.device, progress=progress)
     unseen = sorted(set(layers) - set(out))
     if unseen:
         raise ValueError(f"layers outside the layer-wise loop's groups cannot be calibrated: {unseen[:3]}")

@@ -65,6 +65,8 @@ class LowRankConfig(Config):
     def _one_rank_rule(self):
         if self.rank is not None and "rank" in self.model_fields_set and "ratio" in self.model_fields_set:
             raise ValueError("give either ratio or rank, not both")
+        if self.rank is None and self.ratio is None:
+            raise ValueError("give a ratio (fraction of parameters removed) or a rank")
         if self.rank is not None and self.allocation == "sensitivity":
             raise ValueError("allocation 'sensitivity' spreads a ratio budget; it cannot be used with an explicit rank")
         return self
