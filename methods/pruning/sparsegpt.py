@@ -40,7 +40,8 @@ class SparseGPTConfig(SparsityConfig, CalibrationConfig):
     percdamp: float = Field(0.01, ge=0.0, le=1.0, description="damping as a fraction of mean(diag H)")
     bits: int | None = Field(None, ge=2, le=8, description="jointly quantize the kept weights to this many bits")
     symmetric: bool = Field(False, description="symmetric grid for joint quantization")
-    true_sequential: bool = Field(True, description="re-run each layer after pruning each linear group")
+    # The authors' loop hooks every linear of a decoder layer in one pass (no true-sequential).
+    true_sequential: bool = Field(False, description="re-run each layer after pruning each linear group")
 
 
 def hessian_inverse_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:

@@ -152,6 +152,10 @@ def detect_nm(w: torch.Tensor) -> tuple[int, int] | None:
     return None
 
 
+def nbytes(parts: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in parts.values())
+
+
 def stored_forms(model: nn.Module, linears: dict, masks: dict) -> dict[str, dict[str, torch.Tensor]]:
     """Re-encode what training changed, replacing any earlier step's (now stale) stored form."""
     key_of = {t.untyped_storage().data_ptr(): k for k, t in unique_tensors(model).items()}
@@ -160,10 +164,10 @@ def stored_forms(model: nn.Module, linears: dict, masks: dict) -> dict[str, dict
         key = key_of.get(mod.weight.untyped_storage().data_ptr())
         if key is None:
             continue
-        if name in masks:
-            out[key] = encode_module(mod, detect_nm(get_weight(mod)))
-        else:
-            out[key] = {"dense": mod.weight.data}
+        dense = {"dense": mod.weight.data}
+        sparse = encode_module(mod, detect_nm(get_weight(mod))) if name in masks else None
+        # A layer with a few stray zeros (dequantized checkpoints have some) is smaller dense.
+        out[key] = sparse if sparse is not None and nbytes(sparse) < nbytes(dense) else dense
     return out
 
 
