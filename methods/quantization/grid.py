@@ -73,10 +73,7 @@ def find_params(w: torch.Tensor, bits: int, symmetric: bool) -> QuantParams:
     xmin[empty], xmax[empty] = -1.0, 1.0
     scale = ((xmax - xmin) / maxq).to(SCALE_DTYPE).float()
     scale = torch.where(scale == 0, torch.finfo(SCALE_DTYPE).tiny, scale)
-    if symmetric:
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    zero = torch.full_like(scale, (maxq + 1) // 2) if symmetric else torch.round(-xmin / scale).clamp(0, maxq)
     return QuantParams(scale.unsqueeze(1), zero.unsqueeze(1), bits, symmetric)
 
 
