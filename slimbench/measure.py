@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -59,6 +60,23 @@ class PeakMemory:
     @property
     def kind(self) -> str:
         return "cuda_max_allocated" if self.device.type == "cuda" else "process_rss"
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS.
+
+    Cells of a sweep share one process; without this, the RSS a later cell's peak-memory
+    reading starts from still holds what earlier models and compressions freed but glibc kept.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc and platform.system() == "Linux":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(libc).malloc_trim(0)
 
 
 def summarize(samples: list[float]) -> dict[str, float]:

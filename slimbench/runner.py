@@ -8,7 +8,6 @@ group becomes ``failed`` records for the affected cells; the sweep goes on.
 
 from __future__ import annotations
 
-import gc
 import time
 import traceback
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 
 from slimbench.config import build_config
 from slimbench.lm import LanguageModel
-from slimbench.measure import PeakMemory, environment
+from slimbench.measure import PeakMemory, environment, release_memory
 from slimbench.method import MethodContext, MethodReport
 from slimbench.modeling import (
     CompressedLinear,
@@ -184,6 +183,7 @@ def run_group(
             write_record(store, c, suite_source, env, lm, "failed", started, error=err)
             on_cell(c, "failed")
         return
+    release_memory()  # what compression freed should not count as inference memory
     for c in pending:
         started = utc_now()
         try:
@@ -265,7 +265,7 @@ def run_cells(
                 bar.update(1)
 
             run_group(pending, store, suite_source, env, progress=inner, on_cell=on_cell, log=log)
-            gc.collect()
+            release_memory()
     bar.close()
     return summary
 
