@@ -28,34 +28,23 @@ from pydantic import Field
 from torch import nn
 
 from methods.quantization.packed import replace_module
-from methods.quantization.w8a8 import W8A8Linear, quantize_weight_per_channel
+from methods.quantization.w8a8 import Int8WeightLinear, W8A8Linear
 from slimbench.config import Config
 from slimbench.method import Method, MethodReport
-from slimbench.modeling import CompressedLinear, get_weight, iter_linears
+from slimbench.modeling import get_weight, iter_linears
 
 
-class DynamicInt8Linear(CompressedLinear):
+class DynamicInt8Linear(Int8WeightLinear):
     """int8 per-channel weight executed by fbgemm's dynamic-quantized linear."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("wscale", torch.ones(out_features))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        super().__init__(in_features, out_features, bias)
         self._packed = None  # fbgemm's prepacked weight: derived, not part of the checkpoint
 
     @classmethod
     def from_linear(cls, mod: nn.Module) -> DynamicInt8Linear:
-        w = get_weight(mod).float()
-        bias = getattr(mod, "bias", None)
-        layer = cls(w.shape[1], w.shape[0], bias is not None)
-        q, s = quantize_weight_per_channel(w)
-        layer.qweight.copy_(q)
-        layer.wscale.copy_(s)
-        if bias is not None:
-            layer.bias.copy_(bias.data.float())
-        return layer
+        w = get_weight(mod)
+        return cls(w.shape[1], w.shape[0], getattr(mod, "bias", None) is not None).load_linear(mod)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._packed = None
@@ -70,12 +59,6 @@ class DynamicInt8Linear(CompressedLinear):
                 )
                 self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
         return self._packed
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return self.qweight.float() * self.wscale[:, None]
-
-    def weight_storage(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "wscale": self.wscale}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

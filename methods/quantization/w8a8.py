@@ -38,33 +38,48 @@ def quantize_activation(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor
     return torch.round(x / scale).clamp(-QMAX, QMAX).to(torch.int8), scale
 
 
-class W8A8Linear(CompressedLinear):
-    """int8 weight (per-channel scales) x dynamically quantized int8 activations via torch._int_mm."""
+class Int8WeightLinear(CompressedLinear):
+    """A linear layer stored as an int8 weight with one fp32 scale per output channel.
 
-    def __init__(self, in_features: int, out_features: int, granularity: str, bias: bool):
+    The storage and its measurement, shared by the int8 kernels (W8A8 here, dynamic-int8);
+    subclasses add only their forward.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
-        self.in_features, self.out_features, self.granularity = in_features, out_features, granularity
+        self.in_features, self.out_features = in_features, out_features
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("wscale", torch.zeros(out_features))
+        self.register_buffer("wscale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
-    @classmethod
-    def from_linear(cls, mod: nn.Module, granularity: str) -> W8A8Linear:
-        w = get_weight(mod).float()
+    def load_linear(self, mod: nn.Module) -> Int8WeightLinear:
+        """Quantize ``mod``'s weight (and copy its bias) into this layer."""
+        q, s = quantize_weight_per_channel(get_weight(mod).float())
+        self.qweight.copy_(q)
+        self.wscale.copy_(s)
         bias = getattr(mod, "bias", None)
-        layer = cls(w.shape[1], w.shape[0], granularity, bias is not None)
-        q, s = quantize_weight_per_channel(w)
-        layer.qweight.copy_(q)
-        layer.wscale.copy_(s)
         if bias is not None:
-            layer.bias.copy_(bias.data.float())
-        return layer
+            self.bias.copy_(bias.data.float())
+        return self
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.wscale[:, None]
 
     def weight_storage(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "wscale": self.wscale}
+
+
+class W8A8Linear(Int8WeightLinear):
+    """int8 weight (per-channel scales) x dynamically quantized int8 activations via torch._int_mm."""
+
+    def __init__(self, in_features: int, out_features: int, granularity: str, bias: bool):
+        super().__init__(in_features, out_features, bias)
+        self.granularity = granularity
+
+    @classmethod
+    def from_linear(cls, mod: nn.Module, granularity: str) -> W8A8Linear:
+        w = get_weight(mod)
+        return cls(w.shape[1], w.shape[0], granularity, getattr(mod, "bias", None) is not None).load_linear(mod)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
