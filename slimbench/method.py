@@ -35,10 +35,12 @@ class MethodReport:
 
 @dataclass
 class MethodContext:
-    """What a method may use besides the model: hardware, calibration data, progress."""
+    """What a method may use besides the model: hardware and a progress-bar factory.
+
+    Calibration data is drawn by the method itself (slimbench.calibration), from its config.
+    """
 
     hardware: HardwareSpec
-    calibration: Callable[..., Any] | None = None
     progress: Callable[..., Any] | None = None
 
 

@@ -84,6 +84,13 @@ def check_nm_shapes(model: torch.nn.Module, cfg: SparsityConfig) -> None:
             )
 
 
+def check_layerwise_pruning(lm, cfg: SparsityConfig) -> None:
+    """Checks of the calibrated pruners: a layer-wise adapter exists and N:M fits every layer."""
+    from slimbench.layerwise import adapter_for
+
+    adapter_for(lm.model)  # a clear error for architectures without a layer-wise adapter
+    check_nm_shapes(lm.model, cfg)
+
 def mask_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask of ``score`` (any shape) with exactly its ``k`` lowest entries pruned."""
     keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)

@@ -27,10 +27,10 @@ import torch
 from pydantic import Field
 
 from methods.pruning.common import pruning_report
-from methods.pruning.masks import SparsityConfig, check_nm_shapes, mask_lowest
+from methods.pruning.masks import SparsityConfig, check_layerwise_pruning, mask_lowest
 from methods.quantization.grid import QuantParams, dequantize, find_params, quantize
 from slimbench.calibration import CalibrationConfig, sample_calibration
-from slimbench.layerwise import adapter_for, sequential
+from slimbench.layerwise import sequential
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight, set_weight
 
@@ -164,10 +164,6 @@ def apply(lm, cfg: SparseGPTConfig, ctx) -> MethodReport:
     return pruning_report(lm, cfg, stats, extra, quant if cfg.bits else None)
 
 
-def check(lm, cfg: SparseGPTConfig) -> None:
-    adapter_for(lm.model)
-    check_nm_shapes(lm.model, cfg)
-
 
 METHOD = Method(
     name="sparsegpt",
@@ -175,5 +171,5 @@ METHOD = Method(
     description="SparseGPT: OBS pruning with weight reconstruction, unstructured or N:M, optional joint b-bit",
     config=SparseGPTConfig,
     apply=apply,
-    check=check,
+    check=check_layerwise_pruning,
 )

@@ -15,9 +15,9 @@ import torch
 from pydantic import Field
 
 from methods.pruning.common import pruning_report
-from methods.pruning.masks import SparsityConfig, build_mask, check_nm_shapes, layer_stats
+from methods.pruning.masks import SparsityConfig, build_mask, check_layerwise_pruning, layer_stats
 from slimbench.calibration import CalibrationConfig, sample_calibration
-from slimbench.layerwise import adapter_for, sequential
+from slimbench.layerwise import sequential
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight, set_weight
 
@@ -63,10 +63,6 @@ def apply(lm, cfg: WandaConfig, ctx) -> MethodReport:
     return rep
 
 
-def check(lm, cfg: WandaConfig) -> None:
-    adapter_for(lm.model)  # a clear error for architectures without a layer-wise adapter
-    check_nm_shapes(lm.model, cfg)
-
 
 METHOD = Method(
     name="wanda",
@@ -74,5 +70,5 @@ METHOD = Method(
     description="Wanda: |W|·‖X‖₂ per output row, no weight update; unstructured or N:M (simulated on CPU)",
     config=WandaConfig,
     apply=apply,
-    check=check,
+    check=check_layerwise_pruning,
 )
