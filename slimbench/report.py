@@ -258,8 +258,9 @@ def slug(s: str) -> str:
 
 
 def write_report(store: ResultStore, out: Path) -> ReportOutput:
-    records = store.records()
-    failed = [r for r in store.records(include_failed=True) if r.get("status") != "ok"]
+    everything = store.records(include_failed=True)  # one pass over the files
+    records = [r for r in everything if r.get("status") == "ok"]
+    failed = [r for r in everything if r.get("status") != "ok"]
     out.mkdir(parents=True, exist_ok=True)
     if not records:
         atomic_write_text(out / "leaderboard.md", "# SlimBench leaderboard\n\nNo ok records yet.\n")
