@@ -8,9 +8,13 @@ are fixed here so every task computes the same quantity the same way:
   (natural log, float32) of each token ``ids[:, t]`` given ``ids[:, :t]``, for ``t = 1..T-1``:
   shape ``[B, T-1]``. Example: for ids ``[[a, b, c]]`` the result is
   ``[[-log p(b|a), -log p(c|a,b)]]``.
-- ``prefill(ids)`` / ``decode(token, cache)`` -> next-token logits ``[B, V]`` and the KV cache,
-  the two phases of autoregressive inference (used for latency).
-- ``greedy(ids, n)`` -> ``n`` greedily generated tokens.
+- ``prefill(ids, capacity=None)`` / ``decode(token, cache)`` -> next-token logits ``[B, V]`` and the
+  KV cache, the two phases of autoregressive inference (used for latency). ``capacity`` is the
+  longest sequence the cache must hold (prompt + new tokens), for pre-allocated caches.
+- ``generate(ids, n, on_tokens=None)`` -> ``[B, n]`` greedily generated tokens; ``on_tokens(k)`` is
+  called each time ``k`` more tokens of every row exist (one at a time for plain decoding, a
+  burst for speculative decoding), so a caller can timestamp them. ``greedy(ids, n)`` is the
+  same without the callback.
 
 The evaluation calls, with the semantics of EleutherAI's lm-evaluation-harness (``HFLM``):
 
@@ -39,13 +43,23 @@ The evaluation calls, with the semantics of EleutherAI's lm-evaluation-harness (
   embeddings, as sentence-transformers' all-MiniLM does); works for encoders and decoders.
 
 Methods, by contrast, may change ``model`` (the ``torch.nn.Module``) in place or replace it.
+Acceleration methods change how the model *executes*, through three hooks of this class:
+
+- replace ``model`` by a module with the same call contract (``forward(input_ids=..., cache=...,
+  use_cache=..., **kw)`` returning an object with ``.logits`` and ``.cache``, and a ``config``):
+  a compiled model, an ONNX Runtime session, a model split over processes. Every task then runs
+  through it unchanged.
+- ``cache_factory(lm, batch_size, capacity) -> cache``: the KV cache object ``prefill`` starts
+  from (static, offloaded, quantized, sliding-window ...); None: the model's default dynamic one.
+- ``generator``: an object with ``generate(lm, ids, n, on_tokens) -> [B, n]`` that replaces the
+  token-by-token greedy loop (speculative decoding). Its output must equal plain greedy decoding.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,6 +78,10 @@ class LanguageModel:
     # The ModelSpec this model was loaded from (set by the runner); tasks that need the
     # uncompressed model again (fidelity) reload it from this. None: unknown.
     spec: Any = None
+    # Execution hooks set by acceleration methods (see the module docstring). None: eager
+    # transformers with its default dynamic KV cache and the plain greedy loop.
+    cache_factory: Callable[[LanguageModel, int, int], Any] | None = None
+    generator: Any = None
 
     # -- text ----------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -90,8 +108,11 @@ class LanguageModel:
 
     # -- generation ----------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        out = self.model(input_ids=ids.to(self.device), use_cache=True)
+    def prefill(self, ids: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, Any]:
+        kw = {}
+        if self.cache_factory is not None:
+            kw["cache"] = self.cache_factory(self, ids.shape[0], capacity or ids.shape[1])
+        out = self.model(input_ids=ids.to(self.device), use_cache=True, **kw)
         return out.logits[:, -1], out.cache
 
     @torch.inference_mode()
@@ -100,14 +121,25 @@ class LanguageModel:
         return out.logits[:, -1], out.cache
 
     @torch.inference_mode()
-    def greedy(self, ids: torch.Tensor, n: int) -> torch.Tensor:
-        logits, cache = self.prefill(ids)
+    def generate(
+        self, ids: torch.Tensor, n: int, on_tokens: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        """``n`` greedy tokens after each row of ``ids``; see the module docstring."""
+        if self.generator is not None:
+            return self.generator.generate(self, ids, n, on_tokens)
+        logits, cache = self.prefill(ids, capacity=ids.shape[1] + n)
         tokens = []
-        for _ in range(n):
+        for i in range(n):
             nxt = logits.argmax(-1, keepdim=True)
             tokens.append(nxt)
-            logits, cache = self.decode(nxt, cache)
+            if on_tokens is not None:
+                on_tokens(1)
+            if i < n - 1:  # the last token needs no forward pass of its own
+                logits, cache = self.decode(nxt, cache)
         return torch.cat(tokens, dim=1)
+
+    def greedy(self, ids: torch.Tensor, n: int) -> torch.Tensor:
+        return self.generate(ids, n)
 
     def synchronize(self) -> None:
         """Wait for queued device work, so a clock read after it measures the work."""
@@ -306,7 +338,7 @@ class LanguageModel:
         ids = self.encode(context) or [self.prefix_token_id]
         ids = ids[-max(1, self.max_length - max_new_tokens) :]
         eos = getattr(self.tokenizer, "eos_token_id", None)
-        logits, cache = self.prefill(torch.tensor([ids]))
+        logits, cache = self.prefill(torch.tensor([ids]), capacity=len(ids) + max_new_tokens)
         new: list[int] = []
         for _ in range(max_new_tokens):
             nxt = int(logits[0].argmax())

@@ -31,6 +31,9 @@ class MethodReport:
     storage: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Conditions that may make the result misleading (a calibration budget below what the
+    # algorithm needs, ...): copied into the record and shown in the leaderboard.
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -54,6 +57,9 @@ class Method:
     # Checks that need the model's shapes (e.g. a group size dividing every layer): run
     # after loading, before compressing; a ValueError becomes the cell's failure message.
     check: Callable[[LanguageModel, Any], None] | None = None
+    # Bump when a change changes what the method produces: the version is part of every run
+    # id, so old records of this method are not reused for the new code.
+    version: str = "1"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -30,6 +30,7 @@ class Registry(Generic[T]):
         self.packages = packages
         self._entries: dict[str, T] | None = None
         self._origins: dict[str, str] = {}
+        self._providers: dict[str, str] = {}  # name -> "distribution==version" for plugins
 
     # -- discovery -------------------------------------------------------------------
     def _discover(self) -> dict[str, T]:
@@ -47,7 +48,10 @@ class Registry(Generic[T]):
                 mod = importlib.import_module(mod_name)
                 self._add_declared(getattr(mod, self.attr, None), mod_name)
         for ep in entry_points(group=self.group):
+            before = set(self._entries)
             self._add_declared(ep.load(), f"plugin {ep.value}")
+            dist = f"{ep.dist.name}=={ep.dist.version}" if ep.dist is not None else f"plugin {ep.value}"
+            self._providers.update({n: dist for n in set(self._entries) - before})
         return self._entries
 
     def _add_declared(self, declared: Any, origin: str) -> None:
@@ -65,6 +69,11 @@ class Registry(Generic[T]):
         entries[name] = entry
         self._origins[name] = origin
         return entry
+
+    def provider(self, name: str) -> str | None:
+        """The plugin distribution (``name==version``) that declared ``name``; None if built in."""
+        self.entries  # noqa: B018 - discover first
+        return self._providers.get(name)
 
     # -- lookup ------------------------------------------------------------------------
     @property
@@ -93,7 +102,7 @@ class Registry(Generic[T]):
 
 
 # The four registries. Packages are walked lazily, on first lookup.
-METHODS: Registry = Registry("method", "METHOD", ("methods",))
-TASKS: Registry = Registry("task", "TASK", ("tasks",))
+METHODS: Registry = Registry("method", "METHOD", ("slimbench.methods",))
+TASKS: Registry = Registry("task", "TASK", ("slimbench.tasks",))
 MODELS: Registry = Registry("model", "MODELS", ("slimbench.models",))
 CORPORA: Registry = Registry("corpus", "CORPUS", ("slimbench.corpora", "slimbench.datasets"), plural="corpora")

@@ -78,12 +78,14 @@ def apply_method(lm: LanguageModel, spec: MethodSpec, hw, progress=None) -> dict
                     "seconds": time.perf_counter() - t_step,
                     "details": rep.details,
                     "notes": rep.notes,
+                    "warnings": rep.warnings,
                 }
             )
     seconds = time.perf_counter() - t0
     return {
         "execution": execution,
         "steps": steps,
+        "warnings": [f"{s['name']}: {w}" for s in steps for w in s["warnings"]],
         "compress_seconds": seconds,
         "compress_peak_memory_mb": mem.peak_bytes / 2**20,
         "compress_memory_kind": mem.kind,

@@ -36,8 +36,8 @@ def perplexity_overhead(model: str = "smollm2-135m", windows: int = 8, seqlen: i
     torch.set_num_threads(hw.threads)
     task = TASKS.get("perplexity")
     cfg = task.config(seqlen=seqlen, max_windows=windows)
-    from tasks.perplexity import JOIN
-    from tasks.perplexity import windows as make_windows
+    from slimbench.tasks.perplexity import JOIN
+    from slimbench.tasks.perplexity import windows as make_windows
 
     win = make_windows(lm.encode(JOIN.join(CORPORA.get(cfg.corpus).texts(cfg.split))), seqlen, windows)
     bare_loop(lm.model, win[:1])  # warm-up

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from slimbench.config import Config, stable_hash
 
@@ -39,11 +39,34 @@ class ModelSpec(Config):
     trust_remote_code: bool = Field(False, description="run code shipped with the model")
 
 
+def registered_identity(registry: Any, name: str, version: str | None, provider: str | None) -> tuple:
+    """The (version, provider) of a registered entry, where a spec leaves them unset.
+
+    Both are part of the run id: a changed method (a new version, a plugin update) computes
+    its cells again instead of reusing records of the old code.
+    """
+    if version is None and name in registry:
+        version = registry.get(name).version
+        provider = registry.provider(name)
+    return version, provider
+
+
 class StepSpec(Config):
-    """One method application: its registered name and validated params."""
+    """One method application: its registered name, version, provider and validated params."""
 
     name: str
     params: dict[str, Any]
+    version: str | None = Field(None, description="the method's version (filled from the registry)")
+    provider: str | None = Field(None, description="plugin distribution `name==version`; None: built in")
+
+    @model_validator(mode="after")
+    def _identity(self):
+        from slimbench.registry import METHODS  # lazy: specs must not import the registry at import time
+
+        version, provider = registered_identity(METHODS, self.name, self.version, self.provider)
+        object.__setattr__(self, "version", version)
+        object.__setattr__(self, "provider", provider)
+        return self
 
     def label(self) -> str:
         """Short display name: only the parameters that differ from the method's defaults."""
@@ -81,6 +104,7 @@ class TaskSpec(Config):
     name: str
     version: str
     params: dict[str, Any]
+    provider: str | None = Field(None, description="plugin distribution `name==version`; None: built in")
 
     def label(self) -> str:
         return f"{self.name}@{self.version}"

@@ -155,7 +155,9 @@ def parse_tasks(raw: Any, source: str) -> list[TaskSpec]:
         task = TASKS.get(name, source=source, field=f"tasks[{i}].name")
         for combo in expand_grid(task.config, params):
             cfg = build_config(task.config, combo, source=source, field=f"tasks[{i}] ({name})")
-            specs.append(TaskSpec(name=name, version=task.version, params=cfg.to_dict()))
+            specs.append(
+                TaskSpec(name=name, version=task.version, params=cfg.to_dict(), provider=TASKS.provider(name))
+            )
     return specs
 
 

@@ -17,11 +17,11 @@ import statistics
 import time
 
 import torch
+from slimbench.tasks import multiple_choice as mc
+from slimbench.tasks import shakespeare_cloze as sc
 
 from slimbench.models import resolve
 from slimbench.specs import HardwareSpec, ModelSpec
-from tasks import multiple_choice as mc
-from tasks import shakespeare_cloze as sc
 
 
 def timed(fn, lm) -> tuple[float, mc.Scored]:

@@ -14,12 +14,12 @@ import re
 from collections.abc import Callable
 
 from pydantic import Field, model_validator
+from slimbench.tasks import multiple_choice as mc
 
 from slimbench.config import Config
 from slimbench.datasets.readers import HubSource, Rows, load_rows
 from slimbench.datasets.shakespeare import fingerprint
 from slimbench.task import Task, TaskResult
-from tasks import multiple_choice as mc
 
 Builder = Callable[[Rows], list[mc.Example]]
 

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
+from slimbench.tasks import multiple_choice as mc
 
 from slimbench.config import Config, stable_hash
 from slimbench.datasets.shakespeare import speeches
 from slimbench.lm import LanguageModel
 from slimbench.models import load_minilm
 from slimbench.task import Metric, Task, TaskResult
-from tasks import multiple_choice as mc
 
 VERSION = "1"
 MINILM = "all-minilm-l6-v2"
@@ -52,14 +52,15 @@ def sentences(cfg: EmbeddingFidelityConfig) -> list[str]:
 def load_baseline(lm, hardware) -> LanguageModel:
     if lm.name == MINILM and (getattr(lm, "spec", None) is None or lm.spec.name == MINILM):
         return load_minilm(lm.spec, hardware)
-    from tasks.fidelity import load_baseline_model
+    from slimbench.tasks.fidelity import load_baseline_model
 
     return load_baseline_model(lm, hardware)
 
 
 def baseline_embeddings(lm, cfg, texts: list[str], ctx) -> tuple[torch.Tensor, dict]:
+    from slimbench.tasks.fidelity import is_uncompressed
+
     from slimbench.models import cache_dir
-    from tasks.fidelity import is_uncompressed
 
     spec = lm.spec.to_dict() if getattr(lm, "spec", None) is not None else {"name": lm.name}
     key = stable_hash({"task": f"embedding-fidelity/{VERSION}", "model": spec, "provenance": lm.provenance,

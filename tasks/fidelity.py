@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from safetensors.torch import load_file, save_file
+from slimbench.tasks import multiple_choice as mc
+from slimbench.tasks.perplexity import JOIN, windows
 
 from slimbench.config import Config, stable_hash
 from slimbench.registry import CORPORA
 from slimbench.task import Task, TaskResult
-from tasks import multiple_choice as mc
-from tasks.perplexity import JOIN, windows
 
 VERSION = "1"
 

@@ -10,13 +10,13 @@ offline: ``path`` to a local file with a ``text`` field per row.
 from __future__ import annotations
 
 from pydantic import Field, model_validator
+from slimbench.tasks import multiple_choice as mc
+from slimbench.tasks.shakespeare_lastword import word_perplexity_metric
 
 from slimbench.config import Config
 from slimbench.datasets.readers import HubSource, Rows, load_rows
 from slimbench.datasets.shakespeare import fingerprint
 from slimbench.task import Task, TaskResult
-from tasks import multiple_choice as mc
-from tasks.shakespeare_lastword import word_perplexity_metric
 
 SOURCE = HubSource("EleutherAI/lambada_openai", "default", "test")
 

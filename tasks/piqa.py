@@ -6,8 +6,9 @@ online:
 offline: `path` to a local file with the same fields.
 """
 
+from slimbench.tasks._zero_shot import piqa, zero_shot_task
+
 from slimbench.datasets.readers import HubSource
-from tasks._zero_shot import piqa, zero_shot_task
 
 TASK = zero_shot_task(
     "piqa",

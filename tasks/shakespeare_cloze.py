@@ -14,12 +14,12 @@ per-example scores are kept for paired deltas.
 from __future__ import annotations
 
 from pydantic import Field
+from slimbench.tasks import multiple_choice as mc
 
 from slimbench.config import Config
 from slimbench.datasets.shakespeare import cloze_items, fingerprint
 from slimbench.registry import CORPORA
 from slimbench.task import Task, TaskResult
-from tasks import multiple_choice as mc
 
 
 class ClozeConfig(Config):

@@ -19,13 +19,13 @@ import math
 
 import numpy as np
 from pydantic import Field
+from slimbench.tasks import multiple_choice as mc
 
 from slimbench import stats
 from slimbench.config import Config
 from slimbench.datasets.shakespeare import fingerprint, lastword_items
 from slimbench.registry import CORPORA
 from slimbench.task import Metric, Task, TaskResult
-from tasks import multiple_choice as mc
 
 
 class LastWordConfig(Config):

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
+from slimbench.methods.distillation.distill import DistillConfig, batch_rows, hidden_targets
+from slimbench.methods.distillation.kd import TeacherTopK, teacher_topk, topk_kl
+from slimbench.methods.distillation.layer_drop import DepthConfig
+from slimbench.methods.distillation.student import drop_layers, kept_layers
 
-from methods.distillation.distill import DistillConfig, batch_rows, hidden_targets
-from methods.distillation.kd import TeacherTopK, teacher_topk, topk_kl
-from methods.distillation.layer_drop import DepthConfig
-from methods.distillation.student import drop_layers, kept_layers
 from slimbench.calibration import CalibrationConfig, sample_calibration
 from slimbench.method import MethodContext
 from slimbench.modeling import count_parameters

@@ -6,14 +6,14 @@ import math
 from pathlib import Path
 
 import pytest
+from slimbench.tasks import _zero_shot as zs
+from slimbench.tasks import multiple_choice as mc
 
 from slimbench.config import build_config
 from slimbench.errors import SuiteError
 from slimbench.registry import CORPORA, TASKS
 from slimbench.specs import HardwareSpec
 from slimbench.task import TaskContext
-from tasks import _zero_shot as zs
-from tasks import multiple_choice as mc
 
 DATA = Path(__file__).parent / "data"
 CTX = TaskContext(hardware=HardwareSpec(threads=2))
@@ -97,7 +97,7 @@ def test_online_use_needs_a_pinned_revision():
 
 
 def test_lambada_is_last_word_scoring(tiny_llama):
-    from tasks import lambada
+    from slimbench.tasks import lambada
 
     cfg = build("lambada", path=str(DATA / "lambada.jsonl"))
     reqs, _ = lambada.requests(cfg)
@@ -110,7 +110,7 @@ def test_lambada_is_last_word_scoring(tiny_llama):
 def test_wikitext_rolling_is_the_harness_word_perplexity(tiny_llama):
     import re
 
-    from tasks import wikitext_rolling as wr
+    from slimbench.tasks import wikitext_rolling as wr
 
     pre = pytest.importorskip("lm_eval.tasks.wikitext.preprocess_wikitext")
     cfg = build("wikitext-rolling", path=str(DATA / "wikitext_document_level.jsonl"), max_length=16)

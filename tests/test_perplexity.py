@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from slimbench.tasks.perplexity import TASK, PerplexityConfig, windows
 
 from slimbench.models import package_dir
 from slimbench.specs import HardwareSpec
 from slimbench.task import TaskContext
-from tasks.perplexity import TASK, PerplexityConfig, windows
 
 
 def independent_perplexity(model, tokenizer, seqlen: int, max_windows: int) -> float:

@@ -11,13 +11,13 @@ import copy
 import pytest
 import torch
 from pydantic import ValidationError
+from slimbench.methods.pruning import sparse_format
+from slimbench.methods.pruning.masks import build_mask, global_masks, mask_nm
+from slimbench.methods.pruning.sparsegpt import SparseGPTConfig, SparseGPTLayer, fasterprune
+from slimbench.methods.pruning.wanda import WandaConfig, WandaLayer
+from slimbench.methods.quantization.grid import find_params
 from transformers import AutoModelForCausalLM
 
-from methods.pruning import sparse_format
-from methods.pruning.masks import build_mask, global_masks, mask_nm
-from methods.pruning.sparsegpt import SparseGPTConfig, SparseGPTLayer, fasterprune
-from methods.pruning.wanda import WandaConfig, WandaLayer
-from methods.quantization.grid import find_params
 from slimbench.calibration import sample_calibration
 from slimbench.method import MethodContext
 from slimbench.modeling import count_parameters, get_weight, iter_linears

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TINY_ARCHS, load_tiny
+from slimbench.methods.quantization import awq, dynamic_int8, gptq, packed, rtn, smoothquant, w8a8
+from slimbench.methods.quantization.grid import GridConfig, pack_bits, quantize_matrix, unpack_bits
 
-from methods.quantization import awq, dynamic_int8, gptq, packed, rtn, smoothquant, w8a8
-from methods.quantization.grid import GridConfig, pack_bits, quantize_matrix, unpack_bits
 from slimbench.config import build_config
 from slimbench.errors import SuiteError
 from slimbench.modeling import get_weight, iter_linears

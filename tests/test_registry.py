@@ -1,8 +1,8 @@
 """The registry: discovery, duplicates, did-you-mean, listing."""
 
 import pytest
+from slimbench.methods.baseline import BaselineConfig
 
-from methods.baseline import BaselineConfig
 from slimbench.errors import UnknownNameError
 from slimbench.listing import render
 from slimbench.method import Method
@@ -23,14 +23,14 @@ def test_unknown_name_suggests_closest():
 
 
 def test_duplicate_name_is_rejected():
-    reg = Registry("method", "METHOD", ("methods",))
+    reg = Registry("method", "METHOD", ("slimbench.methods",))
     dup = Method("baseline", "baseline", "again", BaselineConfig, lambda lm, c, x: None)
     with pytest.raises(ValueError, match="duplicate method name 'baseline'"):
         reg.register(dup, origin="test")
 
 
 def test_runtime_registration_is_listed():
-    reg = Registry("method", "METHOD", ("methods",))
+    reg = Registry("method", "METHOD", ("slimbench.methods",))
     reg.register(Method("my-plugin", "pruning", "a plugin", BaselineConfig, lambda lm, c, x: None), origin="test")
     assert "my-plugin" in reg.names() and "rtn" in reg.names()
 
@@ -51,7 +51,7 @@ def test_listing_shows_parameters_and_defaults(what):
 def test_entry_point_plugin_registers_from_outside_the_repo(tmp_path, monkeypatch):
     (tmp_path / "slim_plugin.py").write_text(
         "from slimbench.method import Method, MethodReport\n"
-        "from methods.baseline import BaselineConfig\n"
+        "from slimbench.methods.baseline import BaselineConfig\n"
         "METHOD = Method('outside', 'pruning', 'from a plugin', BaselineConfig,\n"
         "                lambda lm, cfg, ctx: MethodReport(execution='native'))\n"
     )
@@ -60,5 +60,5 @@ def test_entry_point_plugin_registers_from_outside_the_repo(tmp_path, monkeypatc
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: slim-plugin\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[slimbench.methods]\noutside = slim_plugin:METHOD\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    reg = Registry("method", "METHOD", ("methods",))
+    reg = Registry("method", "METHOD", ("slimbench.methods",))
     assert reg.get("outside").description == "from a plugin"

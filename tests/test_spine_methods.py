@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from slimbench.methods.pruning.magnitude import MagnitudeConfig
+from slimbench.methods.quantization.grid import GridConfig, pack_bits, quantize_matrix, unpack_bits
+from slimbench.methods.quantization.rtn import RTNConfig
 
-from methods.pruning.magnitude import MagnitudeConfig
-from methods.quantization.grid import GridConfig, pack_bits, quantize_matrix, unpack_bits
-from methods.quantization.rtn import RTNConfig
 from slimbench.modeling import get_weight, iter_linears
 from slimbench.registry import METHODS
 from slimbench.runner import apply_method

@@ -33,8 +33,7 @@ from typing import Any
 
 import torch
 from pydantic import Field, field_validator
-
-from methods.distillation.kd import (
+from slimbench.methods.distillation.kd import (
     cached_teacher_topk,
     hidden_cosine,
     model_digest,
@@ -42,8 +41,9 @@ from methods.distillation.kd import (
     tensor_digest,
     topk_kl,
 )
-from methods.distillation.layer_drop import DepthConfig, check, depth_details
-from methods.distillation.student import drop_layers, kept_layers, teacher_depth
+from slimbench.methods.distillation.layer_drop import DepthConfig, check, depth_details
+from slimbench.methods.distillation.student import drop_layers, kept_layers, teacher_depth
+
 from slimbench.calibration import CalibrationConfig, sample_calibration
 from slimbench.config import stable_hash
 from slimbench.measure import PeakMemory

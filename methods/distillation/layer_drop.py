@@ -7,8 +7,8 @@ so "before training" is measured by the same tasks as the distilled student.
 from __future__ import annotations
 
 from pydantic import Field, model_validator
+from slimbench.methods.distillation.student import drop_layers, kept_layers, teacher_depth
 
-from methods.distillation.student import drop_layers, kept_layers, teacher_depth
 from slimbench.config import Config
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import count_parameters

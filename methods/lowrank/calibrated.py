@@ -20,9 +20,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-from torch import nn
-
-from methods.lowrank.factorize import (
+from slimbench.methods.lowrank.factorize import (
     LowRankConfig,
     build_factorized,
     check_ranks,
@@ -33,6 +31,8 @@ from methods.lowrank.factorize import (
     truncate_transformed,
     uniform_ranks,
 )
+from torch import nn
+
 from slimbench.calibration import CalibrationConfig, sample_calibration
 from slimbench.layerwise import sequential
 from slimbench.method import MethodReport

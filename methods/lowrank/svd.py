@@ -9,7 +9,7 @@ reload with methods.lowrank.factorize.save_factorized / load_factorized.
 
 from __future__ import annotations
 
-from methods.lowrank.factorize import (
+from slimbench.methods.lowrank.factorize import (
     LowRankConfig,
     build_factorized,
     check_ranks,
@@ -20,6 +20,7 @@ from methods.lowrank.factorize import (
     truncate_transformed,
     uniform_ranks,
 )
+
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight
 

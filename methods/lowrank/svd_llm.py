@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 from pydantic import Field
+from slimbench.methods.lowrank.calibrated import CalibratedLowRankConfig, check, factorize_calibrated
 
-from methods.lowrank.calibrated import CalibratedLowRankConfig, check, factorize_calibrated
 from slimbench.method import Method, MethodReport
 
 

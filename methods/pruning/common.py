@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from slimbench.methods.pruning.masks import SparsityConfig, summarize_layers
+from slimbench.methods.pruning.sparse_format import sparse_storage
+from slimbench.methods.quantization.grid import QuantParams
 
-from methods.pruning.masks import SparsityConfig, summarize_layers
-from methods.pruning.sparse_format import sparse_storage
-from methods.quantization.grid import QuantParams
 from slimbench.method import MethodReport
 from slimbench.modeling import iter_linears
 

@@ -12,9 +12,9 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
+from slimbench.methods.pruning.common import pruning_report
+from slimbench.methods.pruning.masks import SparsityConfig, build_mask, check_nm_shapes, global_masks, layer_stats
 
-from methods.pruning.common import pruning_report
-from methods.pruning.masks import SparsityConfig, build_mask, check_nm_shapes, global_masks, layer_stats
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight, iter_linears, set_weight
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 
 import torch
+from slimbench.methods.quantization.grid import SCALE_DTYPE, QuantParams, pack_bits, unpack_bits
 from transformers.pytorch_utils import Conv1D
 
-from methods.quantization.grid import SCALE_DTYPE, QuantParams, pack_bits, unpack_bits
 from slimbench.modeling import get_weight, iter_linears, unique_tensors
 
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 from pydantic import Field
+from slimbench.methods.pruning.common import pruning_report
+from slimbench.methods.pruning.masks import SparsityConfig, check_layerwise_pruning, mask_lowest
+from slimbench.methods.quantization.grid import QuantParams, dequantize, find_params, quantize
 
-from methods.pruning.common import pruning_report
-from methods.pruning.masks import SparsityConfig, check_layerwise_pruning, mask_lowest
-from methods.quantization.grid import QuantParams, dequantize, find_params, quantize
 from slimbench.calibration import CalibrationConfig, sample_calibration
 from slimbench.layerwise import sequential
 from slimbench.method import Method, MethodReport

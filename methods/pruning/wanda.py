@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 from pydantic import Field
+from slimbench.methods.pruning.common import pruning_report
+from slimbench.methods.pruning.masks import SparsityConfig, build_mask, check_layerwise_pruning, layer_stats
 
-from methods.pruning.common import pruning_report
-from methods.pruning.masks import SparsityConfig, build_mask, check_layerwise_pruning, layer_stats
 from slimbench.calibration import CalibrationConfig, sample_calibration
 from slimbench.layerwise import sequential
 from slimbench.method import Method, MethodReport

@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 from pydantic import Field
+from slimbench.methods.quantization.grid import SCALE_DTYPE, GridConfig, check_group_size, quantize_matrix, stored_form
 from torch import nn
 
-from methods.quantization.grid import SCALE_DTYPE, GridConfig, check_group_size, quantize_matrix, stored_form
 from slimbench.calibration import CalibrationConfig, sample_calibration
 from slimbench.layerwise import adapter_for, sequential
 from slimbench.method import Method, MethodReport

@@ -25,10 +25,10 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from slimbench.methods.quantization.packed import replace_module
+from slimbench.methods.quantization.w8a8 import Int8WeightLinear, W8A8Linear
 from torch import nn
 
-from methods.quantization.packed import replace_module
-from methods.quantization.w8a8 import Int8WeightLinear, W8A8Linear
 from slimbench.config import Config
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight, iter_linears

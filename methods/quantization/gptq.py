@@ -35,9 +35,16 @@ from typing import Any
 
 import torch
 from pydantic import Field, model_validator
+from slimbench.methods.quantization.grid import (
+    GridConfig,
+    QuantParams,
+    check_group_size,
+    dequantize,
+    find_params,
+    quantize,
+)
+from slimbench.methods.quantization.packed import FormatConfig, finish_layer, format_report
 
-from methods.quantization.grid import GridConfig, QuantParams, check_group_size, dequantize, find_params, quantize
-from methods.quantization.packed import FormatConfig, finish_layer, format_report
 from slimbench.calibration import CalibrationConfig, sample_calibration
 from slimbench.layerwise import adapter_for, sequential
 from slimbench.method import Method, MethodReport

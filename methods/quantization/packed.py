@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from safetensors import safe_open
 from safetensors.torch import save_file
+from slimbench.methods.quantization.grid import SCALE_DTYPE, QuantParams, pack_bits, stored_form, unpack_bits
 from torch import nn
 
-from methods.quantization.grid import SCALE_DTYPE, QuantParams, pack_bits, stored_form, unpack_bits
 from slimbench.config import Config
 from slimbench.modeling import CompressedLinear, set_weight, unique_tensors
 

@@ -9,8 +9,9 @@ torch has one (``native``), else dequantized on the fly.
 
 from __future__ import annotations
 
-from methods.quantization.grid import GridConfig, check_group_size, quantize_matrix
-from methods.quantization.packed import FormatConfig, finish_layer, format_report
+from slimbench.methods.quantization.grid import GridConfig, check_group_size, quantize_matrix
+from slimbench.methods.quantization.packed import FormatConfig, finish_layer, format_report
+
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight, iter_linears
 

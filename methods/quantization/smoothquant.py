@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
+from slimbench.methods.quantization.awq import fold_into_norm
+from slimbench.methods.quantization.w8a8 import replace_linears
 from torch import nn
 
-from methods.quantization.awq import fold_into_norm
-from methods.quantization.w8a8 import replace_linears
 from slimbench.calibration import CalibrationConfig, sample_calibration
 from slimbench.layerwise import adapter_for, decoder_layers
 from slimbench.method import Method, MethodReport

@@ -93,7 +93,7 @@ class W8A8Linear(Int8WeightLinear):
 
 def replace_linears(model: nn.Module, granularity: str) -> int:
     """Swap every linear layer (lm_head kept) for a W8A8Linear; returns how many."""
-    from methods.quantization.packed import replace_module
+    from slimbench.methods.quantization.packed import replace_module
 
     named = list(iter_linears(model))
     for name, mod in named:

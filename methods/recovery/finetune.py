@@ -25,11 +25,11 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
+from slimbench.methods.pruning.masks import nm_violations
+from slimbench.methods.pruning.sparse_format import encode_module
 from torch import nn
 from torch.nn.utils import parametrize
 
-from methods.pruning.masks import nm_violations
-from methods.pruning.sparse_format import encode_module
 from slimbench.calibration import CalibrationConfig, sample_calibration
 from slimbench.measure import PeakMemory
 from slimbench.method import Method, MethodReport

@@ -1,0 +1,1 @@
+"""Acceleration: methods that make a model execute faster without (or on top of) compressing it."""

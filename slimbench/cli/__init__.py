@@ -1,0 +1,61 @@
+"""SlimBench: benchmark LLM compression and acceleration methods on equal terms.
+
+    slimbench run configs/quickstart.yaml            # run every cell (resumes)
+    slimbench run SUITE --set tasks.0.max_windows=8  # override a suite field
+    slimbench validate SUITE                         # check a suite, run nothing
+    slimbench list methods|tasks|models|corpora      # what is registered
+    slimbench report --results results               # leaderboard + Pareto plots
+
+For developers: each subcommand lives in its own module of this package, which defines
+``register(subparsers)``: it adds its parser and sets ``fn`` to the function that runs it
+(taking the parsed arguments, returning the exit status). The CLI only parses, validates and
+delegates; the work happens in the core modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+from slimbench.errors import SuiteError
+
+
+def offline_defaults() -> None:
+    """No hub traffic by default: everything SlimBench ships runs offline.
+
+    Users who want hub models export HF_HUB_OFFLINE=0 themselves.
+    """
+    for key, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("HF_DATASETS_OFFLINE", "1"),
+        ("HF_UPDATE_DOWNLOAD_COUNTS", "0"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        os.environ.setdefault(key, value)
+
+
+def command_modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def parser(prog: str = "slimbench") -> argparse.ArgumentParser:
+    # The user-facing half of the docstring, with the name the user typed.
+    usage = __doc__.split("For developers:")[0].replace("    slimbench ", f"    {prog} ")
+    p = argparse.ArgumentParser(prog=prog, description=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in command_modules():
+        importlib.import_module(f"{__name__}.{name}").register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "slimbench") -> int:
+    offline_defaults()
+    args = parser(prog).parse_args(argv)
+    try:
+        return args.fn(args)
+    except SuiteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
