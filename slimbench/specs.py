@@ -69,13 +69,43 @@ class StepSpec(Config):
         return self
 
     def label(self) -> str:
-        """Short display name: only the parameters that differ from the method's defaults."""
-        from slimbench.registry import METHODS  # lazy: specs must not import the method registry
+        """Short display name: the method's key settings, then parameters that differ from defaults."""
+        return step_label(self.name, self.params)
 
-        fields = METHODS.entries[self.name].config.model_fields if self.name in METHODS else {}
-        shown = {k: v for k, v in sorted(self.params.items()) if k not in fields or fields[k].default != v}
-        inner = ",".join(f"{k}={v}" for k, v in shown.items())
-        return f"{self.name}({inner})" if inner else self.name
+
+# Settings that say how much a method compresses. A label shows them even at their default
+# ("rtn(4-bit, per-channel)", "magnitude(50% sparse)"): a reader should not need to know the
+# defaults to read a plot. A method config may name its own with a `label_params` class variable.
+KEY_PARAMS = ("bits", "group_size", "sparsity", "ratio", "dtype")
+
+
+def _key_text(name: str, value: Any, params: dict[str, Any]) -> str | None:
+    if value is None and name != "group_size":
+        return None
+    if name == "bits":
+        return f"{value}-bit"
+    if name == "group_size":  # None means one scale per output channel, which only means something with bits
+        return f"g{value}" if value is not None else ("per-channel" if params.get("bits") is not None else None)
+    if name == "sparsity" and isinstance(value, int | float):
+        return f"{value * 100:g}% sparse"
+    if name == "dtype":
+        return str(value)
+    return f"{name}={value}"
+
+
+def step_label(name: str, params: dict[str, Any]) -> str:
+    """The label of one method step from its registered config (every parameter if unknown)."""
+    from slimbench.registry import METHODS  # lazy: specs must not import the method registry
+
+    config = METHODS.entries[name].config if name in METHODS else None
+    fields = config.model_fields if config is not None else {}
+    keys = tuple(getattr(config, "label_params", KEY_PARAMS)) if config is not None else ()
+    full = {k: f.default for k, f in fields.items() if not f.is_required()} | dict(params)
+    parts = [t for k in keys if k in fields and (t := _key_text(k, full.get(k), full)) is not None]
+    parts += [
+        f"{k}={v}" for k, v in sorted(params.items()) if k not in keys and (k not in fields or fields[k].default != v)
+    ]
+    return f"{name}({', '.join(parts)})" if parts else name
 
 
 class MethodSpec(Config):

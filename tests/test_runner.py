@@ -131,9 +131,9 @@ def test_report_from_sweep(swept, tmp_path):
     pngs = [f for f in out.files if f.suffix == ".png"]
     assert len(pngs) == 4  # quality vs size, decode latency, prefill latency, memory
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    assert "rtn(group_size=32)" in csv
+    assert "rtn(4-bit, g32)" in csv  # key settings shown even at their default
     # per-window NLLs pair each method with the baseline: a paired interval for every non-baseline row
-    noise = df.set_index("method")[f"noise {col}"].fillna("")
+    noise = df.set_index("method")[f"noise {col} (paired Δ nll, nats/token, 95% CI)"].fillna("")
     assert noise["baseline"] == "" and all("95% CI" in noise[m] for m in noise.index if m != "baseline")
 
 

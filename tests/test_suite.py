@@ -31,7 +31,12 @@ hardware: {device: cpu, dtype: float32, threads: 1}
 def test_grid_expands_lists_and_steps(tmp_path):
     s = load_suite(write(tmp_path, GOOD))
     labels = [m.label() for m in s.methods]
-    assert labels == ["baseline", "rtn(group_size=32)", "rtn(bits=8,group_size=32)", "magnitude + rtn(bits=8)"]
+    assert labels == [
+        "baseline",
+        "rtn(4-bit, g32)",
+        "rtn(8-bit, g32)",
+        "magnitude(50% sparse) + rtn(8-bit, per-channel)",
+    ]
     assert [t.params.get("max_windows") for t in s.tasks] == [2, 4, None]
     assert len(s.cells()) == 4 * 3
     assert len({c.run_id for c in s.cells()}) == 12  # every cell has its own id

@@ -1,0 +1,131 @@
+"""Text outputs of the leaderboard: Markdown, CSV and LaTeX (booktabs).
+
+Every string from a suite, a plugin or a record goes through the escaping of its format
+(slimbench.report.escape); numbers are formatted once (slimbench.report.fmt).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from slimbench.report.escape import csv_text, latex_text, md_text
+from slimbench.report.fmt import fmt
+from slimbench.report.records import Loaded
+from slimbench.report.table import Leaderboard
+
+INTRO = (
+    "Δ = value minus the same model's `baseline` on the same hardware and task protocol; the noise "
+    "column pairs both models example by example (95% bootstrap interval of the per-example "
+    "difference, in the unit it names). `simulated` rows hold masks or fake-quant values in a dense "
+    "model: their latency and memory are the dense model's, and they claim no speed-up. `noisy` marks "
+    "timings the efficiency task flagged as unreliable; `warnings` are what the method reported about "
+    "its own settings."
+)
+
+
+def markdown_table(df: pd.DataFrame, cols: list[str]) -> str:
+    head = "| " + " | ".join(md_text(c) for c in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(md_text(fmt(r.get(c, ""))) for c in cols) + " |" for _, r in df.iterrows()]
+    return "\n".join([head, sep, *body])
+
+
+def protocol_table(lb: Leaderboard, sec: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(column, protocol, unit) of each quality column this section has values for."""
+    return [(q.col, q.protocol, q.unit) for q in lb.quality if sec[q.col].notna().any()]
+
+
+def failed_rows(loaded: Loaded) -> list[dict[str, str]]:
+    from slimbench.report.labels import method_label
+
+    out = []
+    for r in loaded.failed:
+        e = r.get("error") if isinstance(r.get("error"), dict) else {}
+        out.append(
+            {
+                "model": str(r["model"]["name"]),
+                "method": method_label(r),
+                "task": f"{r['task']['name']}@{r['task'].get('version', '?')}",
+                "stage": str(e.get("stage", "?")),
+                "error": f"{e.get('type', '?')}: {e.get('message', '')}",
+                "run_id": str(r["run_id"]),
+            }
+        )
+    return out
+
+
+def markdown_report(lb: Leaderboard | None, loaded: Loaded, plots: list) -> str:
+    md = ["# SlimBench leaderboard", ""]
+    md += ["Results from: " + ", ".join(f"`{md_text(s)}`" for s in loaded.sources), ""]
+    if lb is None:
+        md += ["No ok records yet.", ""]
+    else:
+        md += [INTRO, ""]
+        cols = lb.columns()
+        for hw, sec in lb.df.groupby("hardware", sort=False):
+            md += [f"## {md_text(hw)}", "", "| column | protocol | unit |", "|---|---|---|"]
+            md += [f"| {md_text(c)} | {md_text(p)} | {md_text(u)} |" for c, p, u in protocol_table(lb, sec)]
+            md += ["", markdown_table(sec, cols), ""]
+            for p in plots:
+                if p.hardware == hw:
+                    md.append(f"![{md_text(p.title.splitlines()[0])}]({p.path.name})")
+            md.append("")
+    if loaded.failed:
+        md += ["## Failed cells", "", "Each cell's latest attempt failed; earlier attempts stay in the store.", ""]
+        md += ["| model | method | task | stage | error |", "|---|---|---|---|---|"]
+        for f in failed_rows(loaded):
+            md.append("| " + " | ".join(md_text(f[k][:300]) for k in ("model", "method", "task", "stage", "error")) + " |")
+        md.append("")
+    if loaded.problems:
+        md += ["## Skipped files", "", "These files are not readable records and were left out:", ""]
+        md += [f"- {md_text(p)}" for p in loaded.problems]
+        md.append("")
+    return "\n".join(md) + "\n"
+
+
+def csv_report(lb: Leaderboard) -> str:
+    cols = ["hardware", "model", "method", "method_name", "family", "execution"]
+    cols += [c for c in lb.columns(all_efficiency=True) if c not in cols]
+    for c in ("noisy", "warnings"):
+        if c not in cols:
+            cols.append(c)
+    df = lb.df[cols].copy()
+    for c in df.columns:
+        if df[c].dtype == object:
+            df[c] = df[c].map(csv_text)
+    return df.to_csv(index=False)
+
+
+def latex_report(lb: Leaderboard) -> str:
+    """One booktabs table per hardware section, the protocol and hardware in its caption."""
+    out = ["% SlimBench leaderboard; needs \\usepackage{booktabs}", ""]
+    for n, (hw, sec) in enumerate(lb.df.groupby("hardware", sort=False), start=1):
+        quality = [q for q in lb.quality if sec[q.col].notna().any()]
+        size = [c for c in ("stored MB", "eff. bits") if sec[c].notna().any()]
+        eff = [e.col for e in lb.efficiency if e.main and e.col.split(" [")[0] in ("decode ms/token", "peak mem MiB")
+               and sec[e.col].notna().any()]
+        head = ["Model", "Method", "Flags"]
+        for q in quality:
+            head += [latex_text(f"{q.col} ({q.unit})" if q.unit else q.col), r"$\Delta$"]
+        head += [latex_text(c) for c in size + eff]
+        protocols = "; ".join(latex_text(q.protocol) for q in quality) or "no quality task"
+        caption = (
+            f"Protocol: {protocols}. Hardware: {latex_text(hw)}. $\\Delta$: difference to the same model's "
+            "baseline. Flags: sim = simulated (dense masks or fake-quant: no speed-up claimed), "
+            "noisy = timing flagged unreliable, warn = the method warned about its settings."
+        )
+        out += [r"\begin{table}[t]", r"\centering", r"\small", f"\\caption{{{caption}}}", f"\\label{{tab:slimbench-{n}}}",
+                r"\begin{tabular}{ll" + "l" + "r" * (len(head) - 3) + "}", r"\toprule", " & ".join(head) + r" \\",
+                r"\midrule"]
+        for _, r in sec.iterrows():
+            flags = [f for f, on in (("sim", r["execution"] == "simulated"), ("noisy", bool(r["noisy"])),
+                                     ("warn", bool(r["warnings"]))) if on]
+            cells: list[Any] = [r["model"], r["method"], ",".join(flags)]
+            for q in quality:
+                cells += [r[q.col], r[q.delta]]
+            cells += [r[c] for c in size + eff]
+            out.append(" & ".join(latex_text(fmt(v)).replace("–", "--") for v in cells) + r" \\")
+        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return "\n".join(out)
