@@ -4,7 +4,8 @@
     slimbench run SUITE --set tasks.0.max_windows=8  # override a suite field
     slimbench validate SUITE                         # check a suite, run nothing
     slimbench list methods|tasks|models|corpora      # what is registered
-    slimbench report --results results               # leaderboard + Pareto plots
+    slimbench report --results results --html        # leaderboard, plots, HTML page
+    slimbench compare RESULTS_A RESULTS_B            # two result sets, like with like
 
 For developers: each subcommand lives in its own module of this package, which defines
 ``register(subparsers)``: it adds its parser and sets ``fn`` to the function that runs it

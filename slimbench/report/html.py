@@ -39,7 +39,7 @@ h1{margin:18px 0 4px}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-t
 .filters label{font-size:13px}.wrap{overflow-x:auto}
 table{border-collapse:collapse;margin:6px 0 14px;font-size:13px}
 th,td{border:1px solid #d9dde1;padding:3px 7px;vertical-align:top}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.nw{white-space:nowrap}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 table.lb th{background:#eef1f4;cursor:pointer;user-select:none;position:relative;padding-right:16px}
 table.lb th[aria-sort=ascending]::after{content:"▲";position:absolute;right:3px;font-size:9px}
 table.lb th[aria-sort=descending]::after{content:"▼";position:absolute;right:3px;font-size:9px}
@@ -152,7 +152,11 @@ def column_info(lb: Leaderboard) -> dict[str, dict[str, str]]:
         for c in (q.col, q.delta, q.noise):
             info[c] = {"task": q.task, "tip": tip}
     for e in lb.efficiency:
-        info[e.col] = {"extra": "" if e.main else "extra", "tip": e.axis + (f"; {labels.regime_words(e.regime)}" if e.regime else "")}
+        info[e.col] = {
+            "extra": "" if e.main else "extra",
+            "tip": e.axis + (f"; {labels.regime_words(e.regime)}" if e.regime else ""),
+            "regime": labels.regime_label(e.regime) if e.regime else "efficiency",
+        }
     return info
 
 
@@ -174,7 +178,8 @@ def row_html(idx: int, r: pd.Series, cols: list[str], info: dict, eff_cols: set[
     tds = []
     for c in cols:
         i = info.get(c, {})
-        extra = " ".join(x for x in (i.get("extra", ""), "noisy" if r["noisy"] and c in eff_cols else "") if x)
+        noisy = c in eff_cols and i.get("regime") in r["_noisy"]  # only the flagged regime's timings
+        extra = " ".join(x for x in (i.get("extra", ""), "noisy" if noisy else "") if x)
         task_attr = f' data-task="{h(i["task"])}"' if "task" in i else ""
         v = r.get(c, "")
         if c == "method":
@@ -185,6 +190,8 @@ def row_html(idx: int, r: pd.Series, cols: list[str], info: dict, eff_cols: set[
         elif c == "noisy":
             mark = '<span class="badge noisy">noisy</span> ' + h(v) if v else ""
             tds.append(f"<td>{mark}</td>")
+        elif c == "model":
+            tds.append(f'<td class="nw">{h(v)}</td>')
         else:
             tds.append(cell_html(v, extra).replace("<td", f"<td{task_attr}", 1))
     return f'<tr id="lb-{idx}" class="{" ".join(classes)}" {data}>' + "".join(tds) + "</tr>"

@@ -69,16 +69,19 @@ class Plot:
     key: list[tuple[int, str]] = field(default_factory=list)  # numbered labels that found no free spot
 
 
-def axes_for(lb: Leaderboard) -> list[Axis]:
-    """Size, then per regime: latency at batch 1 or throughput above it, TTFT at the longest prompt, memory."""
+def axes_for(lb: Leaderboard, sec: pd.DataFrame) -> list[Axis]:
+    """Size, then per regime: latency at batch 1 or throughput above it, TTFT at the longest prompt, memory.
+
+    Only the regimes this section (one model on one hardware) has values for.
+    """
     out = [Axis("stored MB", SIZE_AXIS, False, False)] if "stored MB" in SIZE_COLUMNS else []
-    by = {(e.regime, e.metric): e for e in lb.efficiency}
+    by = {(e.regime, e.metric): e for e in lb.efficiency if sec[e.col].notna().any()}
 
     def add(e: EfficiencyColumn | None, words: str) -> None:
         if e is not None:
             out.append(Axis(e.col, words, e.higher_better, True))
 
-    regimes: list[Any] = lb.regimes or [None]
+    regimes: list[Any] = [r for r in lb.regimes if any(k[0] == r for k in by)] or [None]
     longest = max(regimes, key=lambda r: (r[0], -r[2]) if r else (0, 0))
     for reg in regimes:
         where = f", {labels.regime_words(reg)}" if reg else ""
@@ -138,7 +141,7 @@ def write_plots(lb: Leaderboard, out: Path) -> list[Plot]:
     df = lb.df
     for (hw, model), sec in df.groupby(["hardware", "model"], sort=False):
         for q in lb.quality:
-            for axis in axes_for(lb):
+            for axis in axes_for(lb, sec):
                 pts = points(sec, q, axis)
                 if len(pts) < 2:
                     continue
