@@ -93,7 +93,7 @@ def csv_report(lb: Leaderboard) -> str:
             cols.append(c)
     df = lb.df[cols].copy()
     for c in df.columns:
-        if df[c].dtype == object:
+        if not pd.api.types.is_numeric_dtype(df[c]):
             df[c] = df[c].map(csv_text)
     return df.to_csv(index=False)
 

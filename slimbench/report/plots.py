@@ -36,6 +36,7 @@ class Axis:
     words: str  # axis label with its unit (and regime)
     higher_better: bool
     speed: bool  # a latency, throughput or memory axis: simulated points stay off its frontier
+    regime: str = ""  # the efficiency regime (its short label) of a speed axis
 
 
 @dataclass
@@ -79,7 +80,8 @@ def axes_for(lb: Leaderboard, sec: pd.DataFrame) -> list[Axis]:
 
     def add(e: EfficiencyColumn | None, words: str) -> None:
         if e is not None:
-            out.append(Axis(e.col, words, e.higher_better, True))
+            out.append(Axis(e.col, words, e.higher_better, True,
+                            labels.regime_label(e.regime) if e.regime else "efficiency"))
 
     regimes: list[Any] = [r for r in lb.regimes if any(k[0] == r for k in by)] or [None]
     longest = max(regimes, key=lambda r: (r[0], -r[2]) if r else (0, 0))
@@ -126,9 +128,7 @@ def points(sec: pd.DataFrame, q: QualityColumn, axis: Axis) -> list[Point]:
         x, y = r.get(axis.col), r.get(q.col)
         if pd.isna(x) or pd.isna(y):
             continue
-        noisy = axis.speed and bool(r["_noisy"]) and (
-            len(r["_noisy"]) == 1 or any(k in axis.col for k in r["_noisy"])
-        )
+        noisy = axis.speed and axis.regime in r["_noisy"]  # only the flagged regime's timings
         out.append(
             Point(int(idx), float(x), float(y), str(r["method"]), r["execution"] == "simulated", noisy,
                   r["method_name"] == "baseline")
@@ -164,6 +164,9 @@ CANDIDATES = [
     (8, 16, "left", "bottom"), (8, -16, "left", "top"), (-8, 16, "right", "bottom"), (-8, -16, "right", "top"),
     (0, 24, "center", "bottom"), (0, -24, "center", "top"),
 ]
+# A number (for the key) is small: try rings of growing radius around the point.
+RING = [(round(r * math.cos(a * math.pi / 6)), round(r * math.sin(a * math.pi / 6)), "center", "center")
+        for r in (9, 15, 22, 30, 40, 55, 70, 90) for a in range(12)]
 
 
 def render(pts: list[Point], q: QualityColumn, axis: Axis, title: str, path: Path) -> Plot:
@@ -180,7 +183,10 @@ def render(pts: list[Point], q: QualityColumn, axis: Axis, title: str, path: Pat
                                                 q.higher_better, axis.higher_better)]
     for i in front:
         pts[i].on_front = True
-    fig, ax = plt.subplots(figsize=(9.5, 5.6), dpi=DPI, layout="constrained")
+    # A fixed layout (axes left, legend and key right): no layout engine to run, and pixel
+    # positions computed before saving hold in the saved image.
+    fig = plt.figure(figsize=(10.5, 5.8), dpi=DPI)
+    ax = fig.add_axes((0.075, 0.1, 0.58, 0.76))
     for p in pts:
         draw_point(ax, p)
     if len(front) > 1:
@@ -193,33 +199,29 @@ def render(pts: list[Point], q: QualityColumn, axis: Axis, title: str, path: Pat
     if log_y:
         ax.set_yscale("log")
     ax.margins(x=0.15, y=0.12)
-    ax.set_xlabel(axis.words + ("  (higher is better)" if axis.higher_better else "  (lower is better)"), parse_math=False)
+    ax.set_xlabel(axis.words + ("  (higher is better)" if axis.higher_better else "  (lower is better)"),
+                  parse_math=False, fontsize=9)
     unit = f"{q.unit}, " if q.unit else ""
     better = "higher is better" if q.higher_better else "lower is better"
-    ax.set_ylabel(f"{q.metric} ({unit}{better}{', log scale' if log_y else ''})", parse_math=False)
-    ax.set_title(title, fontsize=8.5, parse_math=False)
+    ax.set_ylabel(f"{q.metric} ({unit}{better}{', log scale' if log_y else ''})", parse_math=False, fontsize=9)
+    fig.suptitle(title, fontsize=8.5, x=0.365, y=0.985, va="top", parse_math=False)
     ax.grid(alpha=0.3)
+    ax.get_xlim(), ax.get_ylim()  # settle the autoscaled limits before reading positions
+    boxes, key = place_labels(fig, ax, pts)
     handles = [
         Line2D([], [], ls="none", marker="*", ms=12, color="k", label="baseline (dotted: its quality)"),
         Line2D([], [], ls="none", marker="o", ms=7, color="C0", label="native"),
         Line2D([], [], ls="none", marker="o", ms=7, mfc="none", mec="C3", mew=1.5,
-               label="simulated (dense masks / fake-quant)" + ("; off this frontier" if axis.speed else "")),
+               label="simulated (dense masks / fake-quant)" + ("\n  kept off this frontier" if axis.speed else "")),
         Line2D([], [], ls="--", color="C2", label="Pareto frontier"),
     ]
     if any(p.noisy for p in pts):
         handles.append(Line2D([], [], ls="none", marker="o", ms=12, mfc="none", mec="C1", mew=1.2, label="noisy timing"))
-    leg = ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.canvas.draw()  # lay out once (legend outside), then freeze the layout so pixel positions hold
-    fig.set_layout_engine("none")
-    boxes, key = place_labels(fig, ax, pts)
-    if key:
-        for n, text in key:
-            handles.append(Line2D([], [], ls="none", label=f"{n}: {text}"))
-        leg.remove()
-        leg = ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    for n, text in key:
+        handles.append(Line2D([], [], ls="none", label=textwrap.shorten(f"{n}: {text}", 60, placeholder="…")))
+    leg = fig.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(0.665, 0.86), frameon=False)
     for t in leg.get_texts():
         t.set_parse_math(False)
-    fig.canvas.draw()
     width, height = fig.canvas.get_width_height()
     for p in pts:
         dx, dy = ax.transData.transform((p.x, p.y))
@@ -273,11 +275,17 @@ def place_labels(fig, ax, pts: list[Point]) -> tuple[list[tuple], list[tuple[int
 
 
 def try_place(ax, renderer, p: Point, text: str, axbox, taken, i: int, markers, force: bool = False):
+    from matplotlib.text import Text
+
     first = None
-    for dx, dy, ha, va in CANDIDATES:
+    for dx, dy, ha, va in RING if force else CANDIDATES:
+        far = abs(dx) + abs(dy) > 20  # a leader line says which point a distant label belongs to
         ann = ax.annotate(text, (p.x, p.y), xytext=(dx, dy), textcoords="offset points", fontsize=7,
-                          ha=ha, va=va, parse_math=False, zorder=5)
-        bb = ann.get_window_extent(renderer).expanded(1.04, 1.15)
+                          ha=ha, va=va, parse_math=False, zorder=5,
+                          arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5", "shrinkA": 0, "shrinkB": 4}
+                          if far else None)
+        ann.update_positions(renderer)
+        bb = Text.get_window_extent(ann, renderer).expanded(1.04, 1.15)  # the text alone, not its leader line
         inside = axbox.contains(bb.x0, bb.y0) and axbox.contains(bb.x1, bb.y1)
         free = inside and not any(bb.overlaps(o) for j, o in enumerate(taken) if not (j < len(markers) and j == i))
         if free:
