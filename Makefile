@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_UPDATE_DOWNLOAD_COUNTS ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lint speed report clean-venv
+.PHONY: setup browser run test lint speed report clean-venv
 
 setup: $(STAMP)
 
@@ -24,7 +24,15 @@ $(STAMP): requirements.txt requirements-nodeps.txt constraints.txt
 run: setup
 	$(PY) benchmark.py run configs/quickstart.yaml
 
-test: setup
+# Debian's Chromium for the HTML report's browser test: installed once when missing (as root;
+# elsewhere the test is skipped with a hint, and fails in CI, where CI=true).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else echo "chromium is missing: sudo apt-get install chromium chromium-driver (browser test skipped)"; fi; }
+
+test: setup browser
 	$(PY) -m pytest -q
 
 lint: setup

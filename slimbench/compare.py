@@ -49,8 +49,15 @@ def like_key(rec: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
-KEY_FIELDS = ("model", "model revision", "method config and version", "task", "task version", "task parameters",
-              "hardware class")
+KEY_FIELDS = (
+    "model",
+    "model revision",
+    "method config and version",
+    "task",
+    "task version",
+    "task parameters",
+    "hardware class",
+)
 
 
 def loose_key(rec: dict[str, Any]) -> tuple[str, str, str]:
@@ -107,8 +114,12 @@ def repeats_interval(sa: list[float], sb: list[float], n: int = 2000, seed: int 
     ma = np.median(a[rng.integers(0, a.size, (n, a.size))], axis=1)
     mb = np.median(b[rng.integers(0, b.size, (n, b.size))], axis=1)
     lo, hi = np.quantile(mb - ma, [0.025, 0.975])
-    return {"ci_low": float(lo), "ci_high": float(hi), "within_noise": bool(lo <= 0 <= hi),
-            "how": f"spread of repeats ({a.size} vs {b.size} samples, 95% bootstrap of the median difference)"}
+    return {
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "within_noise": bool(lo <= 0 <= hi),
+        "how": f"spread of repeats ({a.size} vs {b.size} samples, 95% bootstrap of the median difference)",
+    }
 
 
 def paired_interval(a: dict, b: dict, metric: str) -> dict[str, Any] | None:
@@ -118,8 +129,12 @@ def paired_interval(a: dict, b: dict, metric: str) -> dict[str, Any] | None:
         p = paired_delta_from_details(b.get("task_details") or {}, a.get("task_details") or {}, metric)
     except (ValueError, TypeError, KeyError):
         return None
-    return {"ci_low": p["ci_low"], "ci_high": p["ci_high"], "within_noise": p["within_noise"],
-            "how": f"paired bootstrap over {p['n']} examples (Δ {metric} {fmt(p['delta'])}, 95% CI)"}
+    return {
+        "ci_low": p["ci_low"],
+        "ci_high": p["ci_high"],
+        "within_noise": p["within_noise"],
+        "how": f"paired bootstrap over {p['n']} examples (Δ {metric} {fmt(p['delta'])}, 95% CI)",
+    }
 
 
 def metric_deltas(a: dict[str, Any], b: dict[str, Any]) -> list[Delta]:
@@ -149,7 +164,10 @@ def differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     for name, x, y in zip(KEY_FIELDS, like_key(a), like_key(b), strict=True):
         if x != y:
             if name == "method config and version":
-                x, y = f"{labels.method_label(a)} v{labels.versions(a)}", f"{labels.method_label(b)} v{labels.versions(b)}"
+                x, y = (
+                    f"{labels.method_label(a)} v{labels.versions(a)}",
+                    f"{labels.method_label(b)} v{labels.versions(b)}",
+                )
             out.append(f"{name}: {x} vs {y}")
     return out
 
@@ -210,8 +228,10 @@ def regressions(cmp: Comparison, rules: list[str]) -> tuple[list[str], list[str]
             size = abs(d.relative) if relative else abs(d.delta)
             if d.worse and size > tol and not (d.noise and d.noise["within_noise"]):
                 allowed = f"{tol:.2%}" if relative else fmt(tol)
-                found.append(f"{cell_name(p.a)}: {d.metric} {fmt(d.a)} -> {fmt(d.b)} ({signed(d.delta)} {d.unit}, "
-                             f"{signed(100 * d.relative)}%), worse than allowed {allowed}")
+                found.append(
+                    f"{cell_name(p.a)}: {d.metric} {fmt(d.a)} -> {fmt(d.b)} ({signed(d.delta)} {d.unit}, "
+                    f"{signed(100 * d.relative)}%), worse than allowed {allowed}"
+                )
     return found, unmatched
 
 
@@ -235,8 +255,20 @@ def table_rows(cmp: Comparison) -> list[list[str]]:
     for p in cmp.pairs:
         for d in p.deltas:
             mark = "worse" if d.worse and not (d.noise and d.noise["within_noise"]) and d.delta else ""
-            rows.append([cell_name(p.a), labels.hardware_key(p.a), d.metric, fmt(d.a), fmt(d.b), signed(d.delta),
-                         d.unit, signed(100 * d.relative) + "%" if math.isfinite(d.relative) else "–", noise_words(d), mark])
+            rows.append(
+                [
+                    cell_name(p.a),
+                    labels.hardware_key(p.a),
+                    d.metric,
+                    fmt(d.a),
+                    fmt(d.b),
+                    signed(d.delta),
+                    d.unit,
+                    signed(100 * d.relative) + "%" if math.isfinite(d.relative) else "–",
+                    noise_words(d),
+                    mark,
+                ]
+            )
     return rows
 
 
@@ -247,21 +279,35 @@ def markdown(cmp: Comparison) -> str:
     def row(cells: list[str]) -> str:
         return "| " + " | ".join(md_text(c) for c in cells) + " |"
 
-    md = ["# SlimBench comparison", "",
-          f"A: {', '.join(md_text(s) for s in cmp.sources[0])}  ", f"B: {', '.join(md_text(s) for s in cmp.sources[1])}", "",
-          "Only like with like: same model, method config and version, task version and parameters, and hardware "
-          "class. Noise: paired bootstrap where per-example scores exist, else the spread of repeats.", "",
-          f"## Compared cells ({len(cmp.pairs)})", "", row(HEAD), "|" + "---|" * len(HEAD)]
+    md = [
+        "# SlimBench comparison",
+        "",
+        f"A: {', '.join(md_text(s) for s in cmp.sources[0])}  ",
+        f"B: {', '.join(md_text(s) for s in cmp.sources[1])}",
+        "",
+        "Only like with like: same model, method config and version, task version and parameters, and hardware "
+        "class. Noise: paired bootstrap where per-example scores exist, else the spread of repeats.",
+        "",
+        f"## Compared cells ({len(cmp.pairs)})",
+        "",
+        row(HEAD),
+        "|" + "---|" * len(HEAD),
+    ]
     md += [row(r) for r in table_rows(cmp)]
     for title, recs in (("Only in A", cmp.only_a), ("Only in B", cmp.only_b)):
-        md += ["", f"## {title} ({len(recs)})", ""] + [f"- {md_text(cell_name(r))} ({md_text(labels.hardware_key(r))})" for r in recs]
+        md += ["", f"## {title} ({len(recs)})", ""] + [
+            f"- {md_text(cell_name(r))} ({md_text(labels.hardware_key(r))})" for r in recs
+        ]
     md += ["", f"## Not comparable ({len(cmp.not_comparable)})", ""]
     md += [f"- {md_text(cell_name(a))}: {md_text('; '.join(why))}" for a, _, why in cmp.not_comparable]
     if cmp.failed:
         md += ["", "## Failed cells", ""]
         for side, r in cmp.failed:
             e = r.get("error") if isinstance(r.get("error"), dict) else {}
-            md.append(f"- {side}: {md_text(cell_name(r))}: {md_text(str(e.get('type', '?')) + ': ' + str(e.get('message', ''))[:200])}")
+            md.append(
+                f"- {side}: {md_text(cell_name(r))}: "
+                + md_text(f"{e.get('type', '?')}: {str(e.get('message', ''))[:200]}")
+            )
     if cmp.problems:
         md += ["", "## Skipped files", ""] + [f"- {md_text(p)}" for p in cmp.problems]
     return "\n".join(md) + "\n"
@@ -269,27 +315,47 @@ def markdown(cmp: Comparison) -> str:
 
 def html(cmp: Comparison) -> str:
     def table(head: list[str], rows: list[list[str]]) -> str:
-        return ("<table><tr>" + "".join(f"<th>{h(c)}</th>" for c in head) + "</tr>"
-                + "".join("<tr>" + "".join(f'<td class="{h(head[i] or "mark")}">{h(c)}</td>' for i, c in enumerate(r))
-                          + "</tr>" for r in rows) + "</table>")
+        return (
+            "<table><tr>"
+            + "".join(f"<th>{h(c)}</th>" for c in head)
+            + "</tr>"
+            + "".join(
+                "<tr>" + "".join(f'<td class="{h(head[i] or "mark")}">{h(c)}</td>' for i, c in enumerate(r)) + "</tr>"
+                for r in rows
+            )
+            + "</table>"
+        )
 
     def items(recs: list[str]) -> str:
         return "<ul>" + "".join(f"<li>{h(x)}</li>" for x in recs) + "</ul>"
 
-    body = ["<h1>SlimBench comparison</h1>",
-            f"<p>A: {h(', '.join(cmp.sources[0]))}<br>B: {h(', '.join(cmp.sources[1]))}</p>",
-            f"<h2>Compared cells ({len(cmp.pairs)})</h2>", table(HEAD, table_rows(cmp))]
+    body = [
+        "<h1>SlimBench comparison</h1>",
+        f"<p>A: {h(', '.join(cmp.sources[0]))}<br>B: {h(', '.join(cmp.sources[1]))}</p>",
+        f"<h2>Compared cells ({len(cmp.pairs)})</h2>",
+        table(HEAD, table_rows(cmp)),
+    ]
     for title, recs in (("Only in A", cmp.only_a), ("Only in B", cmp.only_b)):
         body += [f"<h2>{title} ({len(recs)})</h2>", items([f"{cell_name(r)} ({labels.hardware_key(r)})" for r in recs])]
-    body += [f"<h2>Not comparable ({len(cmp.not_comparable)})</h2>",
-             items([f"{cell_name(a)}: {'; '.join(why)}" for a, _, why in cmp.not_comparable])]
+    body += [
+        f"<h2>Not comparable ({len(cmp.not_comparable)})</h2>",
+        items([f"{cell_name(a)}: {'; '.join(why)}" for a, _, why in cmp.not_comparable]),
+    ]
     if cmp.failed:
-        body += ["<h2>Failed cells</h2>", items([f"{s}: {cell_name(r)}: {(r.get('error') or {}).get('message', '')}"
-                                                 for s, r in cmp.failed])]
+        body += [
+            "<h2>Failed cells</h2>",
+            items([f"{s}: {cell_name(r)}: {(r.get('error') or {}).get('message', '')}" for s, r in cmp.failed]),
+        ]
     if cmp.problems:
         body += ["<h2>Skipped files</h2>", items(cmp.problems)]
-    css = ("body{font:14px system-ui,sans-serif;margin:20px}table{border-collapse:collapse;font-size:13px}"
-           "th,td{border:1px solid #ccc;padding:3px 6px}td.mark{color:#b03a2e;font-weight:600}")
-    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"
-            f"<title>SlimBench comparison</title><style>{css}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    css = (
+        "body{font:14px system-ui,sans-serif;margin:20px}table{border-collapse:collapse;font-size:13px}"
+        "th,td{border:1px solid #ccc;padding:3px 6px}td.mark{color:#b03a2e;font-weight:600}"
+    )
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"
+        f"<title>SlimBench comparison</title><style>{css}</style></head><body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )

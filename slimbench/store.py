@@ -90,8 +90,9 @@ class ResultStore:
         latest: dict[str, dict[str, Any]] = {}
         for rec in self.history():
             old = latest.get(rec["run_id"])
-            if old is None or old.get("status") != "ok" and (
-                rec.get("status") == "ok" or rec.get("finished_at", "") >= old.get("finished_at", "")
+            if old is None or (
+                old.get("status") != "ok"
+                and (rec.get("status") == "ok" or rec.get("finished_at", "") >= old.get("finished_at", ""))
             ):
                 latest[rec["run_id"]] = rec
         return [r for r in latest.values() if include_failed or r.get("status") == "ok"]

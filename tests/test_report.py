@@ -6,10 +6,10 @@ import io
 import json
 import warnings
 
+import fabricate as fb
 import pandas as pd
 import pytest
 
-import fabricate as fb
 from slimbench.cli import main
 from slimbench.report import write_report
 from slimbench.report.escape import csv_text, latex_text, md_text
@@ -59,8 +59,10 @@ def hostile_store(tmp_path):
     s = ResultStore(tmp_path / "hostile")
     model = "![x](http://evil.example/x.png)"
     task = json.loads(json.dumps(fb.PPL_TASK))
-    recs = [fb.ppl_record(model, fb.method("baseline"), [2.0] * 4),
-            fb.ppl_record(model, fb.method("evil", label="=HYPERLINK(\"http://x\")"), [2.1] * 4)]
+    recs = [
+        fb.ppl_record(model, fb.method("baseline"), [2.0] * 4),
+        fb.ppl_record(model, fb.method("evil", label='=HYPERLINK("http://x")'), [2.1] * 4),
+    ]
     task2 = {**task, "params": {**task["params"], "corpus": "<img src=x onerror=alert(1)>"}}
     r = fb.ppl_record(model, fb.method("baseline"), [2.0] * 4)
     r["task"] = task2
@@ -91,8 +93,9 @@ def test_csv_neutralises_formulas(tmp_path):
     df = pd.read_csv(out.folder / "leaderboard.csv", keep_default_na=False)
     models, methods = set(df["model"]), set(df["method"])
     assert {"'+cmd", "'-2+3", "'@SUM(A1)", "'\tx"} <= models
-    assert "'=HYPERLINK(\"http://x\")" in methods
-    assert not [c for c in df.astype(str).stack() if c and (c[0] in "=+@\t\r" or c[0] == "-" and not c[1:2].isdigit())]
+    assert '\'=HYPERLINK("http://x")' in methods
+    risky = [c for c in df.astype(str).stack() if c and (c[0] in "=+@\t\r" or (c[0] == "-" and not c[1:2].isdigit()))]
+    assert not risky
     assert csv_text(-1.5) == -1.5  # numbers are never touched
 
 
@@ -142,8 +145,18 @@ def test_cli_report_takes_several_results_folders(store, tmp_path, capsys):
     fb.write(other, [fb.ppl_record("tiny-gpt2", fb.method("baseline"), [3.0] * 8)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rc = main(["report", "--results", str(store.root), "--results", str(other.root),
-                   "--out", str(tmp_path / "o"), "--html"])
+        rc = main(
+            [
+                "report",
+                "--results",
+                str(store.root),
+                "--results",
+                str(other.root),
+                "--out",
+                str(tmp_path / "o"),
+                "--html",
+            ]
+        )
     assert rc == 0
     df = pd.read_csv(tmp_path / "o" / "leaderboard.csv")
     assert {"tiny-llama", "tiny-gpt2"} <= set(df["model"])  # neither folder silently dropped
@@ -151,8 +164,12 @@ def test_cli_report_takes_several_results_folders(store, tmp_path, capsys):
 
 
 def test_unreadable_record_files_are_skipped_and_named(store, tmp_path):
-    bad = {"truncated.json": '{"run_id": "abc", "status": "o', "list.json": "[1, 2]",
-           "foreign.json": '{"hello": "world"}', "half.json": '{"run_id": "x", "status": "ok", "model": 3}'}
+    bad = {
+        "truncated.json": '{"run_id": "abc", "status": "o',
+        "list.json": "[1, 2]",
+        "foreign.json": '{"hello": "world"}',
+        "half.json": '{"run_id": "x", "status": "ok", "model": 3}',
+    }
     for name, text in bad.items():
         (store.runs / name).write_text(text)
     with pytest.warns(UserWarning):
@@ -167,8 +184,14 @@ def test_unreadable_record_files_are_skipped_and_named(store, tmp_path):
 def test_efficiency_v2_columns_regimes_and_noisy_marks(store, tmp_path):
     out = report(store, tmp_path)
     df = pd.read_csv(out.folder / "leaderboard.csv", keep_default_na=False)
-    for col in ("TTFT ms [b1 p128 n32]", "ITL p99 ms [b8 p128 n32]", "e2e tok/s [b1 p2048 n32]",
-                "KV physical MB [b8 p128 n32]", "decode roofline [b1 p128 n32]", "weights MiB [b1 p128 n32]"):
+    for col in (
+        "TTFT ms [b1 p128 n32]",
+        "ITL p99 ms [b8 p128 n32]",
+        "e2e tok/s [b1 p2048 n32]",
+        "KV physical MB [b8 p128 n32]",
+        "decode roofline [b1 p128 n32]",
+        "weights MiB [b1 p128 n32]",
+    ):
         assert col in df
     row = df.set_index("method").loc["cast(bfloat16)"]
     assert "b8 p128 n32" in row["noisy"] and "spread of repeats" in row["noisy"]
@@ -181,10 +204,15 @@ def test_efficiency_v2_columns_regimes_and_noisy_marks(store, tmp_path):
 
 def test_v1_efficiency_records_still_report(tmp_path):
     s = ResultStore(tmp_path / "v1")
-    fb.write(s, [fb.ppl_record("tiny-gpt2", fb.method("baseline"), [3.0] * 4),
-                 fb.ppl_record("tiny-gpt2", fb.method("rtn"), [3.1] * 4, execution="simulated"),
-                 fb.eff_v1("tiny-gpt2", fb.method("baseline"), 500, 600),
-                 fb.eff_v1("tiny-gpt2", fb.method("rtn"), 480, 610, execution="simulated")])
+    fb.write(
+        s,
+        [
+            fb.ppl_record("tiny-gpt2", fb.method("baseline"), [3.0] * 4),
+            fb.ppl_record("tiny-gpt2", fb.method("rtn"), [3.1] * 4, execution="simulated"),
+            fb.eff_v1("tiny-gpt2", fb.method("baseline"), 500, 600),
+            fb.eff_v1("tiny-gpt2", fb.method("rtn"), 480, 610, execution="simulated"),
+        ],
+    )
     out = report(s, tmp_path, plots=True)
     df = pd.read_csv(out.folder / "leaderboard.csv")
     assert {"prefill ms", "decode tok/s", "peak mem MiB", "decode ms/token"} <= set(df.columns)
@@ -197,8 +225,9 @@ def test_noise_unit_protocol_and_warnings_are_visible(store, tmp_path):
     md = (out.folder / "leaderboard.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| model"))
     assert "paired Δ nll, nats/token, 95% CI" in header
-    assert "nats/token" in next(line for line in md.splitlines() if line.startswith("| tiny\\-llama") or
-                                line.startswith("| tiny-llama | rtn"))
+    assert "nats/token" in next(
+        line for line in md.splitlines() if line.startswith("| tiny\\-llama") or line.startswith("| tiny-llama | rtn")
+    )
     protocol = next(line for line in md.splitlines() if line.startswith("| perplexity@"))
     for part in ("shakespeare test", "seqlen 64", "8 windows of 40"):
         assert part in protocol
@@ -224,7 +253,7 @@ def rendered(tmp_path, recs):
 
 def test_simulated_points_drawn_but_off_latency_and_memory_frontiers(tmp_path):
     recs = fb.suite_records()
-    lb, plots = rendered(tmp_path, recs)
+    _lb, plots = rendered(tmp_path, recs)
     speed = [p for p in plots if p.axis.speed]
     size = next(p for p in plots if p.axis.col == "stored MB")
     assert speed and all(any(pt.simulated for pt in p.points) for p in speed)  # drawn
@@ -252,12 +281,16 @@ def test_baseline_marked_and_noisy_points_flagged(tmp_path):
 
 
 def test_log_scale_when_perplexity_spans_more_than_10x(tmp_path):
-    wide = [fb.ppl_record("m", fb.method("baseline"), [2.0] * 4),
-            fb.ppl_record("m", fb.method("rtn", {"bits": 2}), [4.8] * 4, report={"stored_bytes": 2e6})]
+    wide = [
+        fb.ppl_record("m", fb.method("baseline"), [2.0] * 4),
+        fb.ppl_record("m", fb.method("rtn", {"bits": 2}), [4.8] * 4, report={"stored_bytes": 2e6}),
+    ]
     _, plots = rendered(tmp_path, wide)  # exp(2) = 7.4 vs exp(4.8) = 121: 16x
     assert plots[0].log_y
-    narrow = [fb.ppl_record("m", fb.method("baseline"), [2.0] * 4),
-              fb.ppl_record("m", fb.method("rtn"), [2.5] * 4, report={"stored_bytes": 2e6})]
+    narrow = [
+        fb.ppl_record("m", fb.method("baseline"), [2.0] * 4),
+        fb.ppl_record("m", fb.method("rtn"), [2.5] * 4, report={"stored_bytes": 2e6}),
+    ]
     _, plots = rendered(tmp_path / "n", narrow)
     assert not plots[0].log_y
 
@@ -265,13 +298,19 @@ def test_log_scale_when_perplexity_spans_more_than_10x(tmp_path):
 def test_labels_do_not_overlap(tmp_path):
     recs = [fb.ppl_record("m", fb.method("baseline"), [2.0] * 4)]
     for k in range(12):  # twelve methods crowded at nearly the same spot
-        recs.append(fb.ppl_record("m", fb.method("magnitude", {"sparsity": round(0.3 + 0.01 * k, 2)}),
-                                  [2.3 + 0.001 * k] * 4, report={"stored_bytes": 5e6 + 1e3 * k}))
+        recs.append(
+            fb.ppl_record(
+                "m",
+                fb.method("magnitude", {"sparsity": round(0.3 + 0.01 * k, 2)}),
+                [2.3 + 0.001 * k] * 4,
+                report={"stored_bytes": 5e6 + 1e3 * k},
+            )
+        )
     _, plots = rendered(tmp_path, recs)
     boxes = plots[0].label_boxes
     assert len(boxes) == 13
     for i, (x0, y0, w0, h0) in enumerate(boxes):
-        for x1, y1, w1, h1 in boxes[i + 1:]:
+        for x1, y1, w1, h1 in boxes[i + 1 :]:
             assert x0 + w0 <= x1 or x1 + w1 <= x0 or y0 + h0 <= y1 or y1 + h1 <= y0
     assert plots[0].key  # the ones without room are numbered and explained in the legend
     assert all(f"{n}: " for n, _ in plots[0].key)
@@ -281,8 +320,10 @@ def test_plot_files_collision_free_and_dollar_safe(tmp_path):
     long = "/data/models/" + "very-long-organisation-name/" * 4
     recs = []
     for model in (long + "model-a", long + "model-b", "cost$\\alpha$_$x"):
-        recs += [fb.ppl_record(model, fb.method("baseline"), [2.0] * 4),
-                 fb.ppl_record(model, fb.method("rtn"), [2.2] * 4, report={"stored_bytes": 3e6})]
+        recs += [
+            fb.ppl_record(model, fb.method("baseline"), [2.0] * 4),
+            fb.ppl_record(model, fb.method("rtn"), [2.2] * 4, report={"stored_bytes": 3e6}),
+        ]
     _, plots = rendered(tmp_path, recs)
     assert len({p.path for p in plots}) == len(plots) == 3
     dollar = next(p for p in plots if "$" in p.model)
@@ -298,9 +339,19 @@ def test_point_positions_fall_inside_the_image(tmp_path):
 
 # -- HTML (static checks; the browser test drives it for real) ---------------------------------
 def test_html_is_self_contained_and_escaped(store, tmp_path):
-    fail = fb.record("tiny-llama", fb.method("awq"), fb.PPL_TASK, {}, status="failed",
-                     error={"stage": "method", "type": "ValueError", "message": "bad <img src=x onerror=alert(2)>",
-                            "traceback": "Traceback\nValueError"})
+    fail = fb.record(
+        "tiny-llama",
+        fb.method("awq"),
+        fb.PPL_TASK,
+        {},
+        status="failed",
+        error={
+            "stage": "method",
+            "type": "ValueError",
+            "message": "bad <img src=x onerror=alert(2)>",
+            "traceback": "Traceback\nValueError",
+        },
+    )
     store.write(fail)
     page = (report(store, tmp_path, html=True, plots=True).folder / "report.html").read_text()
     assert fb.SCRIPT not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page

@@ -58,8 +58,13 @@ def write_report(
     if lb is None:
         summary = "no ok records to report"
     else:
-        cols = [c for c in lb.columns() if c in ("model", "method", "execution", "stored MB", "decode tok/s")
-                or c in {q.col for q in lb.quality} or c.startswith("Δ ")]
+        cols = [
+            c
+            for c in lb.columns()
+            if c in ("model", "method", "execution", "stored MB", "decode tok/s")
+            or c in {q.col for q in lb.quality}
+            or c.startswith("Δ ")
+        ]
         summary = lb.df[cols].to_string(index=False, float_format=lambda v: fmt(float(v)))
     summary += f"\n\nreport: {files[0]} ({len(drawn)} plots)"
     if html:

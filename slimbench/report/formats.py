@@ -76,7 +76,9 @@ def markdown_report(lb: Leaderboard | None, loaded: Loaded, plots: list) -> str:
         md += ["## Failed cells", "", "Each cell's latest attempt failed; earlier attempts stay in the store.", ""]
         md += ["| model | method | task | stage | error |", "|---|---|---|---|---|"]
         for f in failed_rows(loaded):
-            md.append("| " + " | ".join(md_text(f[k][:300]) for k in ("model", "method", "task", "stage", "error")) + " |")
+            md.append(
+                "| " + " | ".join(md_text(f[k][:300]) for k in ("model", "method", "task", "stage", "error")) + " |"
+            )
         md.append("")
     if loaded.problems:
         md += ["## Skipped files", "", "These files are not readable records and were left out:", ""]
@@ -104,8 +106,11 @@ def latex_report(lb: Leaderboard) -> str:
     for n, (hw, sec) in enumerate(lb.df.groupby("hardware", sort=False), start=1):
         quality = [q for q in lb.quality if sec[q.col].notna().any()]
         size = [c for c in ("stored MB", "eff. bits") if sec[c].notna().any()]
-        eff = [e.col for e in lb.efficiency if e.main and e.col.split(" [")[0] in ("decode ms/token", "peak mem MiB")
-               and sec[e.col].notna().any()]
+        eff = [
+            e.col
+            for e in lb.efficiency
+            if e.main and e.col.split(" [")[0] in ("decode ms/token", "peak mem MiB") and sec[e.col].notna().any()
+        ]
         head = ["Model", "Method", "Flags"]
         for q in quality:
             head += [latex_text(f"{q.col} ({q.unit})" if q.unit else q.col), r"$\Delta$"]
@@ -116,12 +121,27 @@ def latex_report(lb: Leaderboard) -> str:
             "baseline. Flags: sim = simulated (dense masks or fake-quant: no speed-up claimed), "
             "noisy = timing flagged unreliable, warn = the method warned about its settings."
         )
-        out += [r"\begin{table}[t]", r"\centering", r"\small", f"\\caption{{{caption}}}", f"\\label{{tab:slimbench-{n}}}",
-                r"\begin{tabular}{ll" + "l" + "r" * (len(head) - 3) + "}", r"\toprule", " & ".join(head) + r" \\",
-                r"\midrule"]
+        out += [
+            r"\begin{table}[t]",
+            r"\centering",
+            r"\small",
+            f"\\caption{{{caption}}}",
+            f"\\label{{tab:slimbench-{n}}}",
+            r"\begin{tabular}{ll" + "l" + "r" * (len(head) - 3) + "}",
+            r"\toprule",
+            " & ".join(head) + r" \\",
+            r"\midrule",
+        ]
         for _, r in sec.iterrows():
-            flags = [f for f, on in (("sim", r["execution"] == "simulated"), ("noisy", bool(r["noisy"])),
-                                     ("warn", bool(r["warnings"]))) if on]
+            flags = [
+                f
+                for f, on in (
+                    ("sim", r["execution"] == "simulated"),
+                    ("noisy", bool(r["noisy"])),
+                    ("warn", bool(r["warnings"])),
+                )
+                if on
+            ]
             cells: list[Any] = [r["model"], r["method"], ",".join(flags)]
             for q in quality:
                 cells += [r[q.col], r[q.delta]]

@@ -109,6 +109,9 @@ def protocol(rec: dict[str, Any]) -> str:
     n = d.get("n") or d.get("examples") or p.get("limit") or p.get("max_examples")
     if n is not None and "windows" not in d:
         parts.append(f"{n} examples")
+    reg = regime(rec) if "prompt_len" in p or isinstance(d.get("regime"), dict) else None
+    if reg is not None:
+        parts.append(regime_words(reg))
     if "tokens" in d:
         parts.append(f"{d['tokens']:,} tokens" if isinstance(d["tokens"], int) else f"{d['tokens']} tokens")
     head = f"{t['name']}@{t.get('version', '?')}"

@@ -80,8 +80,9 @@ def axes_for(lb: Leaderboard, sec: pd.DataFrame) -> list[Axis]:
 
     def add(e: EfficiencyColumn | None, words: str) -> None:
         if e is not None:
-            out.append(Axis(e.col, words, e.higher_better, True,
-                            labels.regime_label(e.regime) if e.regime else "efficiency"))
+            out.append(
+                Axis(e.col, words, e.higher_better, True, labels.regime_label(e.regime) if e.regime else "efficiency")
+            )
 
     regimes: list[Any] = [r for r in lb.regimes if any(k[0] == r for k in by)] or [None]
     longest = max(regimes, key=lambda r: (r[0], -r[2]) if r else (0, 0))
@@ -94,7 +95,10 @@ def axes_for(lb: Leaderboard, sec: pd.DataFrame) -> list[Axis]:
             add(by.get((reg, "decode_tokens_per_s")), f"decode throughput (tokens/s{where})")
         if reg == longest:
             first = by.get((reg, "ttft_ms"))
-            add(first or by.get((reg, "prefill_ms")), ("time to first token (ms" if first else "prefill latency (ms") + where + ")")
+            add(
+                first or by.get((reg, "prefill_ms")),
+                ("time to first token (ms" if first else "prefill latency (ms") + where + ")",
+            )
         add(by.get((reg, "peak_memory_mb")), f"peak memory during inference (MiB{where})")
     return out
 
@@ -130,8 +134,15 @@ def points(sec: pd.DataFrame, q: QualityColumn, axis: Axis) -> list[Point]:
             continue
         noisy = axis.speed and axis.regime in r["_noisy"]  # only the flagged regime's timings
         out.append(
-            Point(int(idx), float(x), float(y), str(r["method"]), r["execution"] == "simulated", noisy,
-                  r["method_name"] == "baseline")
+            Point(
+                int(idx),
+                float(x),
+                float(y),
+                str(r["method"]),
+                r["execution"] == "simulated",
+                noisy,
+                r["method_name"] == "baseline",
+            )
         )
     return out
 
@@ -159,14 +170,27 @@ def plot_title(model: str, q: QualityColumn, axis: Axis, hw: str) -> str:
 
 # Label positions tried in order: (dx, dy) in points, horizontal and vertical alignment.
 CANDIDATES = [
-    (6, 4, "left", "bottom"), (6, -4, "left", "top"), (-6, 4, "right", "bottom"), (-6, -4, "right", "top"),
-    (0, 9, "center", "bottom"), (0, -9, "center", "top"), (10, 0, "left", "center"), (-10, 0, "right", "center"),
-    (8, 16, "left", "bottom"), (8, -16, "left", "top"), (-8, 16, "right", "bottom"), (-8, -16, "right", "top"),
-    (0, 24, "center", "bottom"), (0, -24, "center", "top"),
+    (6, 4, "left", "bottom"),
+    (6, -4, "left", "top"),
+    (-6, 4, "right", "bottom"),
+    (-6, -4, "right", "top"),
+    (0, 9, "center", "bottom"),
+    (0, -9, "center", "top"),
+    (10, 0, "left", "center"),
+    (-10, 0, "right", "center"),
+    (8, 16, "left", "bottom"),
+    (8, -16, "left", "top"),
+    (-8, 16, "right", "bottom"),
+    (-8, -16, "right", "top"),
+    (0, 24, "center", "bottom"),
+    (0, -24, "center", "top"),
 ]
 # A number (for the key) is small: try rings of growing radius around the point.
-RING = [(round(r * math.cos(a * math.pi / 6)), round(r * math.sin(a * math.pi / 6)), "center", "center")
-        for r in (9, 15, 22, 30, 40, 55, 70, 90) for a in range(12)]
+RING = [
+    (round(r * math.cos(a * math.pi / 6)), round(r * math.sin(a * math.pi / 6)), "center", "center")
+    for r in (9, 15, 22, 30, 40, 55, 70, 90)
+    for a in range(12)
+]
 
 
 def render(pts: list[Point], q: QualityColumn, axis: Axis, title: str, path: Path) -> Plot:
@@ -179,8 +203,10 @@ def render(pts: list[Point], q: QualityColumn, axis: Axis, title: str, path: Pat
     xs, ys = [p.x for p in pts], [p.y for p in pts]
     # Simulated points claim no speed-up: they may not define a latency or memory frontier.
     eligible = [i for i, p in enumerate(pts) if not (axis.speed and p.simulated)]
-    front = [eligible[i] for i in pareto_front([xs[i] for i in eligible], [ys[i] for i in eligible],
-                                                q.higher_better, axis.higher_better)]
+    front = [
+        eligible[i]
+        for i in pareto_front([xs[i] for i in eligible], [ys[i] for i in eligible], q.higher_better, axis.higher_better)
+    ]
     for i in front:
         pts[i].on_front = True
     # A fixed layout (axes left, legend and key right): no layout engine to run, and pixel
@@ -199,8 +225,11 @@ def render(pts: list[Point], q: QualityColumn, axis: Axis, title: str, path: Pat
     if log_y:
         ax.set_yscale("log")
     ax.margins(x=0.15, y=0.12)
-    ax.set_xlabel(axis.words + ("  (higher is better)" if axis.higher_better else "  (lower is better)"),
-                  parse_math=False, fontsize=9)
+    ax.set_xlabel(
+        axis.words + ("  (higher is better)" if axis.higher_better else "  (lower is better)"),
+        parse_math=False,
+        fontsize=9,
+    )
     unit = f"{q.unit}, " if q.unit else ""
     better = "higher is better" if q.higher_better else "lower is better"
     ax.set_ylabel(f"{q.metric} ({unit}{better}{', log scale' if log_y else ''})", parse_math=False, fontsize=9)
@@ -211,12 +240,23 @@ def render(pts: list[Point], q: QualityColumn, axis: Axis, title: str, path: Pat
     handles = [
         Line2D([], [], ls="none", marker="*", ms=12, color="k", label="baseline (dotted: its quality)"),
         Line2D([], [], ls="none", marker="o", ms=7, color="C0", label="native"),
-        Line2D([], [], ls="none", marker="o", ms=7, mfc="none", mec="C3", mew=1.5,
-               label="simulated (dense masks / fake-quant)" + ("\n  kept off this frontier" if axis.speed else "")),
+        Line2D(
+            [],
+            [],
+            ls="none",
+            marker="o",
+            ms=7,
+            mfc="none",
+            mec="C3",
+            mew=1.5,
+            label="simulated (dense masks / fake-quant)" + ("\n  kept off this frontier" if axis.speed else ""),
+        ),
         Line2D([], [], ls="--", color="C2", label="Pareto frontier"),
     ]
     if any(p.noisy for p in pts):
-        handles.append(Line2D([], [], ls="none", marker="o", ms=12, mfc="none", mec="C1", mew=1.2, label="noisy timing"))
+        handles.append(
+            Line2D([], [], ls="none", marker="o", ms=12, mfc="none", mec="C1", mew=1.2, label="noisy timing")
+        )
     for n, text in key:
         handles.append(Line2D([], [], ls="none", label=textwrap.shorten(f"{n}: {text}", 60, placeholder="…")))
     leg = fig.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(0.665, 0.86), frameon=False)
@@ -280,10 +320,18 @@ def try_place(ax, renderer, p: Point, text: str, axbox, taken, i: int, markers, 
     first = None
     for dx, dy, ha, va in RING if force else CANDIDATES:
         far = abs(dx) + abs(dy) > 20  # a leader line says which point a distant label belongs to
-        ann = ax.annotate(text, (p.x, p.y), xytext=(dx, dy), textcoords="offset points", fontsize=7,
-                          ha=ha, va=va, parse_math=False, zorder=5,
-                          arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5", "shrinkA": 0, "shrinkB": 4}
-                          if far else None)
+        ann = ax.annotate(
+            text,
+            (p.x, p.y),
+            xytext=(dx, dy),
+            textcoords="offset points",
+            fontsize=7,
+            ha=ha,
+            va=va,
+            parse_math=False,
+            zorder=5,
+            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5", "shrinkA": 0, "shrinkB": 4} if far else None,
+        )
         ann.update_positions(renderer)
         bb = Text.get_window_extent(ann, renderer).expanded(1.04, 1.15)  # the text alone, not its leader line
         inside = axbox.contains(bb.x0, bb.y0) and axbox.contains(bb.x1, bb.y1)
@@ -298,8 +346,17 @@ def try_place(ax, renderer, p: Point, text: str, axbox, taken, i: int, markers, 
         ann.remove()
     if force:
         if first is None:
-            ann = ax.annotate(text, (p.x, p.y), xytext=CANDIDATES[0][:2], textcoords="offset points", fontsize=7,
-                              ha="left", va="bottom", parse_math=False, zorder=5)
+            ann = ax.annotate(
+                text,
+                (p.x, p.y),
+                xytext=CANDIDATES[0][:2],
+                textcoords="offset points",
+                fontsize=7,
+                ha="left",
+                va="bottom",
+                parse_math=False,
+                zorder=5,
+            )
             first = (ann, ann.get_window_extent(renderer))
         return first[1]
     return None
@@ -307,8 +364,12 @@ def try_place(ax, renderer, p: Point, text: str, axbox, taken, i: int, markers, 
 
 def tooltip(p: Point, plot: Plot, lb: Leaderboard) -> str:
     row = lb.df.loc[p.row]
-    lines = [f"{row['method']} ({row['execution']}{', noisy timing' if p.noisy else ''})", str(row["model"]),
-             f"{plot.quality}: {fmt(p.y)}", f"{plot.axis.words}: {fmt(p.x)}"]
+    lines = [
+        f"{row['method']} ({row['execution']}{', noisy timing' if p.noisy else ''})",
+        str(row["model"]),
+        f"{plot.quality}: {fmt(p.y)}",
+        f"{plot.axis.words}: {fmt(p.x)}",
+    ]
     if row["warnings"]:
         lines.append(f"warnings: {row['warnings']}")
     return "\n".join(lines)

@@ -139,7 +139,9 @@ def quality_columns(records: list[dict[str, Any]]) -> dict[str, QualityColumn]:
             varying = varying_params(records, t["name"], t.get("version"))
             base += "[" + ",".join(f"{k}={(t.get('params') or {}).get(k)}" for k in varying) + "]"
         same = [x for x in records if labels.task_key(x) == key]
-        higher = next((m["higher_is_better"] for x in same if isinstance(m := (x.get("metrics") or {}).get(q), dict)), False)
+        higher = next(
+            (m["higher_is_better"] for x in same if isinstance(m := (x.get("metrics") or {}).get(q), dict)), False
+        )
         paired = labels.paired_metric(t["name"])
         out[key] = QualityColumn(
             col=base if q == t["name"] else f"{base} {q}",
@@ -177,7 +179,9 @@ def efficiency_values(rec: dict[str, Any]) -> dict[str, float]:
 
 
 def efficiency_columns(records: list[dict[str, Any]]) -> tuple[dict[tuple, EfficiencyColumn], list[tuple]]:
-    regimes = sorted({reg for r in records if (reg := labels.regime(r)) and efficiency_values(r)}, key=lambda x: (x[2], x[0], x[1]))
+    regimes = sorted(
+        {reg for r in records if (reg := labels.regime(r)) and efficiency_values(r)}, key=lambda x: (x[2], x[0], x[1])
+    )
     cols: dict[tuple, EfficiencyColumn] = {}
     for reg in regimes or [None]:
         for metric, (col, _, higher, axis) in EFFICIENCY.items():
