@@ -179,18 +179,18 @@ def compare(a: Loaded, b: Loaded) -> Comparison:
     for k, ra in ka.items():
         if k in kb:
             out.pairs.append(Pair(ra, kb[k], metric_deltas(ra, kb[k])))
-    rest_a = [r for k, r in ka.items() if k not in kb]
-    rest_b = [r for k, r in kb.items() if k not in ka]
-    used_b: set[int] = set()
-    for ra in rest_a:
-        near = [(i, rb) for i, rb in enumerate(rest_b) if loose_key(rb) == loose_key(ra)]
-        if near:
-            for i, rb in near:
-                used_b.add(i)
-                out.not_comparable.append((ra, rb, differing(ra, rb)))
-        else:
+    # A cell without its like on the other side, but with cells of the same model, method and
+    # task there, is "not comparable" (with the fields that differ), not merely missing.
+    for ra in (r for k, r in ka.items() if k not in kb):
+        near = [rb for rb in kb.values() if loose_key(rb) == loose_key(ra)]
+        out.not_comparable += [(ra, rb, differing(ra, rb)) for rb in near]
+        if not near:
             out.only_a.append(ra)
-    out.only_b = [rb for i, rb in enumerate(rest_b) if i not in used_b]
+    for rb in (r for k, r in kb.items() if k not in ka):
+        near = [ra for ra in ka.values() if loose_key(ra) == loose_key(rb)]
+        out.not_comparable += [(ra, rb, differing(ra, rb)) for ra in near if like_key(ra) in kb]
+        if not near:
+            out.only_b.append(rb)
     out.failed = [("A", r) for r in a.failed] + [("B", r) for r in b.failed]
     return out
 
