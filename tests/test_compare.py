@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 import warnings
 
+import fabricate as fb
 import pytest
 
-import fabricate as fb
 from slimbench import compare
 from slimbench.cli import main
 from slimbench.report import records
