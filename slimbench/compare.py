@@ -31,7 +31,7 @@ import numpy as np
 from slimbench.report import labels
 from slimbench.report.escape import html_text as h
 from slimbench.report.escape import md_text
-from slimbench.report.fmt import fmt
+from slimbench.report.formatting import fmt
 from slimbench.report.records import Loaded
 
 

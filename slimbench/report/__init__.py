@@ -8,7 +8,8 @@ and, with ``html=True``, the self-contained ``report.html``. The modules:
   files listed);
 - ``labels``: method labels, families, protocols and regimes in words;
 - ``table``: the leaderboard rows, deltas and paired noise;
-- ``plots``, ``formats``, ``html``: the outputs; ``escape``: escaping for each format.
+- ``plots``, ``formats``, ``html``: the outputs; ``escape``: escaping for each format;
+  ``formatting``: numbers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slimbench.report.formatting import fmt
 from slimbench.store import ResultStore, atomic_write_text
+
+__all__ = ["ReportOutput", "fmt", "write_report"]
 
 
 @dataclass
@@ -32,7 +36,6 @@ def write_report(
     stores: ResultStore | Iterable[ResultStore], out: Path, *, html: bool = False, plots: bool = True
 ) -> ReportOutput:
     from slimbench.report import formats, records, table
-    from slimbench.report.fmt import fmt
 
     loaded = records.load(stores)
     out = Path(out)

@@ -1,7 +1,7 @@
 """Text outputs of the leaderboard: Markdown, CSV and LaTeX (booktabs).
 
 Every string from a suite, a plugin or a record goes through the escaping of its format
-(slimbench.report.escape); numbers are formatted once (slimbench.report.fmt).
+(slimbench.report.escape); numbers are formatted once (slimbench.report.formatting).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from slimbench.report.escape import csv_text, latex_text, md_text
-from slimbench.report.fmt import fmt
+from slimbench.report.formatting import fmt
 from slimbench.report.records import Loaded
 from slimbench.report.table import Leaderboard
 
@@ -58,7 +58,7 @@ def failed_rows(loaded: Loaded) -> list[dict[str, str]]:
 
 def markdown_report(lb: Leaderboard | None, loaded: Loaded, plots: list) -> str:
     md = ["# SlimBench leaderboard", ""]
-    md += ["Results from: " + ", ".join(f"`{md_text(s)}`" for s in loaded.sources), ""]
+    md += ["Results from: " + ", ".join(md_text(s) for s in loaded.sources), ""]
     if lb is None:
         md += ["No ok records yet.", ""]
     else:

@@ -25,8 +25,8 @@ import pandas as pd
 
 from slimbench.report import labels
 from slimbench.report.escape import html_text as h
-from slimbench.report.fmt import fmt
 from slimbench.report.formats import INTRO, failed_rows, protocol_table
+from slimbench.report.formatting import fmt
 from slimbench.report.plots import Plot, tooltip
 from slimbench.report.records import Loaded
 from slimbench.report.table import Leaderboard
@@ -226,7 +226,11 @@ def leaderboard_html(lb: Leaderboard) -> list[str]:
         opts = "".join(f'<option value="{h(v)}">{h(v)}</option>' for v in values)
         return f'<label>{name} <select data-filter="{name}"><option value="">all</option>{opts}</select></label>'
 
-    out = ['<section id="leaderboard"><h2>Leaderboard</h2>', f"<p>{h(INTRO)}</p>", '<div class="filters">']
+    out = [
+        '<section id="leaderboard"><h2>Leaderboard</h2>',
+        f"<p>{h(INTRO.replace('`', ''))}</p>",
+        '<div class="filters">',
+    ]
     out += [
         select("model", sorted(df["model"].unique())),
         select("family", families),

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from slimbench.report import labels
-from slimbench.report.fmt import fmt
+from slimbench.report.formatting import fmt
 from slimbench.report.table import SIZE_COLUMNS, EfficiencyColumn, Leaderboard, QualityColumn
 
 DPI = 110

@@ -271,7 +271,7 @@ def paired_noise(details: Any, base: Any, metric: str | None) -> dict[str, Any] 
 
 
 def noise_text(p: dict[str, Any], metric: str | None, unit: str) -> str:
-    from slimbench.report.fmt import fmt
+    from slimbench.report.formatting import fmt
 
     verdict = "≈ noise" if p["within_noise"] else "significant"
     u = f" {unit}" if unit else ""
