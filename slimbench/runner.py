@@ -63,12 +63,9 @@ def apply_method(lm: LanguageModel, spec: MethodSpec, hw, progress=None) -> dict
         for step in spec.steps:
             method = METHODS.get(step.name)
             cfg = build_config(method.config, step.params, source="record", field=step.name)
-            if method.check is not None:
-                method.check(lm, cfg)
-            torch.manual_seed(0)
             ctx = MethodContext(hardware=hw, progress=progress)
             t_step = time.perf_counter()
-            rep: MethodReport = method.apply(lm, cfg, ctx)
+            rep: MethodReport = method.run(lm, cfg, ctx)  # checks, budget guard, seeded apply, report warnings
             storage.update(rep.storage)  # a later step's stored form of a weight replaces an earlier one
             execution = "simulated" if rep.execution == "simulated" else execution
             steps.append(

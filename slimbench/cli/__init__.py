@@ -59,3 +59,13 @@ def main(argv: list[str] | None = None, prog: str = "slimbench") -> int:
     except SuiteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        report_plugin_problems()
+
+
+def report_plugin_problems() -> None:
+    """A broken plugin is skipped, not fatal: say so once, after the command's own output."""
+    from slimbench.registry import plugin_problems
+
+    for problem in plugin_problems():
+        print(f"warning: {problem}", file=sys.stderr)
