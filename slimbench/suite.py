@@ -323,7 +323,7 @@ def check_against_models(suite: Suite, problems: Problems) -> None:
                     except ValueError as err:
                         problems.add(f"{step.name}: {err}", where)
                     except Exception as exc:  # a check that needs values after all: it runs after loading
-                        problems.warnings.append(f"{where}: {step.name}: its check needs weights ({type(exc).__name__})")
+                        problems.warnings.append(f"{where}: {step.name}: check needs weights ({type(exc).__name__})")
                 if method.uses_calibration:
                     errors, warnings = budget_problems(sk.model, cfg, method)
                     for e in errors:
