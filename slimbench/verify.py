@@ -193,8 +193,8 @@ def check_versions(v: Verification, where: str, rec: dict[str, Any]) -> None:
         name = step.get("name")
         if name not in METHODS:
             v.warn(where, f"method {name!r} is not registered here (a plugin not installed?)")
-        elif str(step.get("version")) != str(METHODS.get(name).version):
-            v.warn(where, f"method {name} version {step.get('version')} in the record, {METHODS.get(name).version} here")
+        elif str(step.get("version")) != str(here := METHODS.get(name).version):
+            v.warn(where, f"method {name} version {step.get('version')} in the record, {here} here")
     task = rec["task"].get("name")
     if task not in TASKS:
         v.warn(where, f"task {task!r} is not registered here")

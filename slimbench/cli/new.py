@@ -24,7 +24,8 @@ def cmd_new(args: argparse.Namespace) -> int:
     else:
         path = scaffold.write_method(args.name, args.family, scaffold.clone_methods_dir(), force=args.force)
         print(f"wrote {path}")
-        print(f"next: python benchmark.py check-method {args.name}  (docs/contributing.md: from here to a leaderboard row)")
+        print(f"next: python benchmark.py check-method {args.name}")
+        print("docs/contributing.md walks from here to a leaderboard row")
     return 0
 
 
