@@ -49,7 +49,7 @@ DEFAULT_FOLLOWS: dict[str, tuple[str, ...]] = {
     "lowrank": ("distillation", "recovery", "precision"),
     "distillation": ("precision",),
     "recovery": COMPRESSION,
-    "acceleration": (*COMPRESSION, "recovery", "acceleration"),
+    "acceleration": tuple(f for f in FAMILIES if f != "baseline"),
 }
 # Families whose methods change layer shapes, so later steps' shape checks cannot be run on
 # the original model's shapes at validation time (they still run before each step).
@@ -127,6 +127,8 @@ class Method:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"method {self.name}: family {self.family!r} not in {FAMILIES}")
+        if self.follows is None and self.family not in DEFAULT_FOLLOWS:
+            raise ValueError(f"method {self.name}: family {self.family!r} has no default composition rule; set follows=")
         follows = DEFAULT_FOLLOWS[self.family] if self.follows is None else tuple(self.follows)
         unknown = [f for f in follows if f not in FAMILIES]
         if unknown:

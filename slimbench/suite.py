@@ -198,8 +198,27 @@ def parse_step(entry: Any, source: str, field: str, problems: Problems) -> list[
     for combo in expand_grid(method.config, params):
         with problems.collect():
             cfg = build_config(method.config, combo, source=source, field=f"{field} ({name})")
+            check_stored_config(method, cfg, source, f"{field} ({name})")
             out.append(StepSpec(name=name, params=cfg.to_dict()))
     return out
+
+
+def check_stored_config(method: Any, cfg: Config, source: str, field: str) -> None:
+    """The runner rebuilds each config from its stored form (every field): it must validate
+    again as the same config, or the cell would fail after loading the model."""
+    try:
+        again = method.config(**cfg.to_dict())
+    except ValidationError as err:
+        again, why = None, format_validation_error(err, method.config)
+    else:
+        why = "it reloads as a different config"
+    if again != cfg:
+        raise SuiteError(
+            f"these parameters do not survive being stored ({why}): a defect of method {method.name}'s config; "
+            f"stored form {cfg.to_dict()}",
+            source=source,
+            field=field,
+        )
 
 
 def chain_steps(entry: Any) -> list[Any]:
