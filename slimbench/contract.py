@@ -19,6 +19,7 @@ GPT-2-shaped models with tiny budgets:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import tempfile
@@ -111,10 +112,25 @@ def roundtrip_problems(method: Method, params: dict[str, Any]) -> list[str]:
 
 
 # -- running on a tiny model -------------------------------------------------------------------
-def load_tiny(arch: str):
-    from slimbench.models import make_tiny_loader
+@functools.lru_cache(maxsize=1)
+def _tokenizer() -> Any:
+    from slimbench.models import gpt2_tokenizer
 
-    return make_tiny_loader(arch)(ModelSpec(name=f"tiny-{arch}"), HardwareSpec(threads=1))
+    return gpt2_tokenizer()  # building it takes most of a tiny model's load time; methods never change it
+
+
+def load_tiny(arch: str):
+    """The registered tiny model (same seed, same weights), with one shared tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from slimbench.models import tiny_config, wrap
+
+    hw = HardwareSpec(threads=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=hw.torch_dtype)
+    lm = wrap(model, _tokenizer(), f"tiny-{arch}", hw, {"source": f"random init from a tiny {arch} config (seed 0)"})
+    lm.spec = ModelSpec(name=f"tiny-{arch}")
+    return lm
 
 
 @contextlib.contextmanager
