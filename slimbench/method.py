@@ -128,7 +128,7 @@ class Method:
         if self.family not in FAMILIES:
             raise ValueError(f"method {self.name}: family {self.family!r} not in {FAMILIES}")
         if self.follows is None and self.family not in DEFAULT_FOLLOWS:
-            raise ValueError(f"method {self.name}: family {self.family!r} has no default composition rule; set follows=")
+            raise ValueError(f"method {self.name}: family {self.family!r} has no default chain rule; set follows=")
         follows = DEFAULT_FOLLOWS[self.family] if self.follows is None else tuple(self.follows)
         unknown = [f for f in follows if f not in FAMILIES]
         if unknown:

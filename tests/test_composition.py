@@ -110,7 +110,7 @@ VALID = [
     "[{name: magnitude, sparsity: 0.5}, {name: rtn, bits: 4, group_size: 32}]",  # prune then quantize
     "[{name: svd, rank: 8}, {name: rtn, bits: 8}]",  # low-rank then quantize
     "[{name: wanda, calib_samples: 2, calib_seqlen: 32},"
-    " {name: finetune, steps: 1, batch_size: 1, calib_samples: 3, calib_seqlen: 32, eval_samples: 1}]",  # then fine-tune
+    " {name: finetune, steps: 1, batch_size: 1, calib_samples: 3, calib_seqlen: 32, eval_samples: 1}]",  # fine-tune
     "[{name: rtn, bits: 8}, x-accel]",  # compression then acceleration
 ]
 

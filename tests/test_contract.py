@@ -8,13 +8,13 @@ import random
 import pytest
 import torch
 from pydantic import Field
+from slimbench.methods.pruning.sparse_format import sparse_storage
+from slimbench.methods.quantization.grid import quantize_matrix, stored_form
 
 from slimbench.calibration import sample_calibration
 from slimbench.config import Config
 from slimbench.contract import check_method
 from slimbench.method import Method, MethodReport
-from slimbench.methods.pruning.sparse_format import sparse_storage
-from slimbench.methods.quantization.grid import quantize_matrix, stored_form
 from slimbench.modeling import get_weight, iter_linears, set_weight
 from slimbench.registry import METHODS
 

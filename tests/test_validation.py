@@ -187,6 +187,7 @@ def advised_group_sizes(text: str) -> list[int]:
 
 def test_advice_names_only_group_sizes_smollm2_accepts():
     from slimbench.methods.quantization.grid import check_group_size
+
     from slimbench.modeling import get_weight, iter_linears
     from slimbench.models import SMOLLM2_PROVENANCE
 
