@@ -54,7 +54,9 @@ def test_a_planted_pickle_at_the_checkpoint_path_is_not_executed(tmp_path, monke
 
 def test_no_pickle_loading_anywhere_in_the_tree():
     """torch.load only with weights_only=True; no pickle.load / numpy allow_pickle at all."""
-    unsafe = re.compile(r"weights_only\s*=\s*False|pickle\.loads?\(|allow_pickle\s*=\s*True|torch\.load\((?![^)]*weights_only=True)")
+    unsafe = re.compile(
+        r"weights_only\s*=\s*False|pickle\.loads?\(|allow_pickle\s*=\s*True|torch\.load\((?![^)]*weights_only=True)"
+    )
     hits = []
     for folder in ("slimbench", "methods", "tasks"):
         for path in (ROOT / folder).rglob("*.py"):
