@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,15 @@ def test_the_plugin_skeleton_declares_slimbench_and_registers_its_method(tmp_pat
     assert METHODS.provider("ext-prune") == "slimbench-ext-prune==0.1.0"
     assert benchmark.main(["check-method", "ext-prune", "--arch", "opt"]) == 0
     assert "ext-prune: contract passed" in capsys.readouterr().out
+
+
+def test_the_readme_method_example_runs_and_passes_the_contract(tmp_path):
+    text = (Path(benchmark.__file__).parent / "README.md").read_text()
+    section = text[text.index("### Adding a method or a task"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[: code.index("```")]
+    path = tmp_path / "readme_method.py"
+    path.write_text(code)
+    mod = import_file(path, "_readme_method")  # the example's imports are complete
+    outcomes = check_method(mod.METHOD, archs=("llama",))
+    assert [o.status for o in outcomes] == ["pass"] * len(outcomes), [str(o) for o in outcomes]
