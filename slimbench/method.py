@@ -122,7 +122,7 @@ class Method:
     # Parameters that make the method fast on tiny models and exercise what it does, for the
     # contract tests (`check-method`); tiny calibration budgets and training steps are set by
     # the tests themselves. Example: {"group_size": 32} where the default does not fit.
-    test_params: dict[str, Any] = field(default_factory=dict)
+    test_params: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
