@@ -158,6 +158,21 @@ class Method:
                 )
         return None
 
+    def check_config(self, model: Any, cfg: Any) -> None:
+        """This method's shape checks against a model's config alone, no weights: ``model`` is a
+        ModelSpec (a registered name, hub id or folder), a transformers config, or a skeleton.
+        Raises ValueError like ``check``; does nothing if the check needs weight values."""
+        from slimbench.shapes import Skeleton, skeleton, skeleton_of_config
+        from slimbench.specs import ModelSpec
+
+        if self.check is None or self.check_reads_weights:
+            return
+        if isinstance(model, ModelSpec):
+            model = skeleton(model)
+        elif not isinstance(model, Skeleton):
+            model = skeleton_of_config(model)
+        self.check(model, cfg)
+
     # -- running -----------------------------------------------------------------------
     def preflight(self, lm: LanguageModel, cfg: Any) -> list[str]:
         """Every check before compressing: raises ValueError with the reason, returns warnings."""

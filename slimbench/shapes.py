@@ -44,19 +44,22 @@ def model_config(spec: ModelSpec) -> Any:
     return AutoConfig.from_pretrained(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
 
 
-@functools.lru_cache(maxsize=32)
-def _skeleton(spec_json: str) -> Skeleton:
+def skeleton_of_config(config: Any, name: str = "", trust_remote_code: bool = False) -> Skeleton:
+    """The weightless model a transformers config describes (meta tensors, no memory)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    spec = ModelSpec.model_validate_json(spec_json)
-    config = model_config(spec)
-    kwargs = {"trust_remote_code": spec.trust_remote_code}
     # An encoder (its config names a base model, e.g. BertModel) is loaded with AutoModel.
     archs = getattr(config, "architectures", None) or []
     causal = not archs or any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
     with torch.device("meta"):
-        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config, **kwargs)
-    return Skeleton(model=model.eval(), config=config, name=spec.name)
+        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config, trust_remote_code=trust_remote_code)
+    return Skeleton(model=model.eval(), config=config, name=name or getattr(config, "model_type", ""))
+
+
+@functools.lru_cache(maxsize=32)
+def _skeleton(spec_json: str) -> Skeleton:
+    spec = ModelSpec.model_validate_json(spec_json)
+    return skeleton_of_config(model_config(spec), spec.name, spec.trust_remote_code)
 
 
 def skeleton(spec: ModelSpec) -> Skeleton:

@@ -199,3 +199,14 @@ def test_advice_names_only_group_sizes_smollm2_accepts():
         assert advised, where  # the advice exists and names a group size
         for g in advised:
             check_group_size(widths, g)  # raises if the advice is wrong
+
+
+def test_check_config_takes_a_spec_or_a_transformers_config(no_weights):
+    from slimbench.models import tiny_config
+
+    rtn = METHODS.get("rtn")
+    rtn.check_config(tiny_config("opt"), rtn.config(group_size=32))
+    with pytest.raises(ValueError, match="group_size 128 does not divide the input dimension 64"):
+        rtn.check_config(tiny_config("gpt2"), rtn.config(group_size=128))
+    with pytest.raises(ValueError, match="input dimension 576"):
+        rtn.check_config(ModelSpec(name="smollm2-135m"), rtn.config(group_size=128))
