@@ -1,10 +1,13 @@
 """SlimBench: benchmark LLM compression and acceleration methods on equal terms.
 
-    slimbench run configs/quickstart.yaml            # run every cell (resumes)
+    slimbench run configs/quickstart.yaml            # run every cell (resumes); `run quickstart` works too
     slimbench run SUITE --set tasks.0.max_windows=8  # override a suite field
     slimbench validate SUITE                         # check a suite, run nothing
     slimbench list methods|tasks|models|corpora      # what is registered
     slimbench report --results results               # leaderboard + Pareto plots
+    slimbench verify RESULTS --rerun 2               # check a results folder, re-run 2 sampled cells
+    slimbench new method NAME --family F             # a documented method template
+    slimbench check-method NAME                      # the contract every method passes
 
 For developers: each subcommand lives in its own module of this package, which defines
 ``register(subparsers)``: it adds its parser and sets ``fn`` to the function that runs it
