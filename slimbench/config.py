@@ -6,6 +6,7 @@ config are the same experiment. Unknown keys are rejected, not ignored.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import typing
@@ -34,14 +35,18 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """One line per problem: `field: what is wrong (got value)`."""
+def format_validation_error(err: ValidationError, cls: type[BaseModel] | None = None) -> str:
+    """One line per problem: `field: what is wrong (got value)`; a misspelt parameter name
+    is answered with the closest parameters of ``cls``, as unknown names are."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(config)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown parameter"
+            close = difflib.get_close_matches(str(e["loc"][-1]), list(cls.model_fields), n=3, cutoff=0.6) if cls else []
+            if close:
+                msg += f" (did you mean {', '.join(map(repr, close))}?)"
         got = e.get("input")
         got_s = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"{loc}: {msg}{got_s}")
@@ -55,7 +60,7 @@ def build_config(cls: type[Config], params: dict[str, Any], *, source: str, fiel
     except ValidationError as err:
         allowed = ", ".join(cls.model_fields) or "(no parameters)"
         raise SuiteError(
-            f"{format_validation_error(err)}. Parameters of this entry: {allowed}",
+            f"{format_validation_error(err, cls)}. Parameters of this entry: {allowed}",
             source=source,
             field=field,
         ) from None

@@ -14,11 +14,26 @@ def render_config(cls) -> list[str]:
     return [f"    {n:<{w}}  {t} = {d}" + (f"  -- {desc}" if desc else "") for n, t, d, desc in rows]
 
 
+def declarations(m) -> str:
+    """What a method needs and what it may follow in a `steps` chain."""
+    needs = []
+    if m.uses_calibration:
+        need = m.calibration_need if isinstance(m.calibration_need, str) else "declared budget"
+        needs.append(f"calibration data ({need or 'activation-statistics'})")
+    if m.requires_gpu:
+        needs.append("a CUDA GPU")
+    provider = METHODS.provider(m.name)
+    follows = ", ".join(m.follows) or "nothing: use it alone"
+    return "; ".join([f"needs {' and '.join(needs)}" if needs else "needs no data", f"may follow: {follows}",
+                      f"version {m.version}" + (f" from {provider}" if provider else "")])
+
+
 def render(what: str) -> str:
     lines: list[str] = []
     if what == "methods":
         for m in METHODS:
-            lines += [f"{m.name}  [{m.family}]  {m.description}", *render_config(m.config), ""]
+            head = [f"{m.name}  [{m.family}]  {m.description}", f"    ({declarations(m)})"]
+            lines += [*head, *render_config(m.config), ""]
     elif what == "tasks":
         for t in TASKS:
             lines += [f"{t.name}  (version {t.version})  {t.description}", *render_config(t.config), ""]

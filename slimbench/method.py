@@ -1,4 +1,16 @@
-"""What a method is: a frozen config plus one transform that reports what it achieved."""
+"""What a method is: a frozen config plus one transform that reports what it achieved.
+
+A method file declares one ``METHOD = Method(...)``. Most fields have defaults derived from
+the method's ``family``, so a typical declaration names only ``name``, ``family``,
+``description``, ``config``, ``apply`` and, where shapes matter, ``check``::
+
+    METHOD = Method(name="my-pruner", family="pruning", description="...", config=MyConfig,
+                    apply=apply, check=check)
+
+``Method.run`` is how the harness (runner, contract tests, ``check-method``) applies a
+method: the method's own checks, the GPU and calibration-budget guards, a seeded ``apply``,
+and warnings about a report that would mislead (a simulated method with no stored form).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +26,34 @@ from slimbench.specs import HardwareSpec
 
 Execution = Literal["native", "simulated"]
 FAMILIES = ("baseline", "precision", "quantization", "pruning", "lowrank", "distillation", "recovery", "acceleration")
+# Families whose methods make the model smaller (stored bytes, effective bits, parameters).
+COMPRESSION = ("precision", "quantization", "pruning", "lowrank", "distillation")
+
+# Which families may come *before* a method of each family in a `steps` chain (every earlier
+# step must be one of them). The reasons, so a plugin author can judge an exception:
+# - acceleration changes how the model executes, not its weights: it may follow anything, and
+#   only acceleration may follow it (a compression step cannot rewrite a compiled or
+#   kernel-swapped model).
+# - quantization ends a compression chain: later weight edits would leave its grid, so only
+#   recovery (which re-encodes what it changed) and acceleration may follow it.
+# - pruning may follow pruning (e.g. structured then unstructured), low-rank (the factors are
+#   linear layers), a smaller student, a cast, and recovery.
+# - low-rank and precision replace or re-type weights that earlier sparse or quantized stored
+#   forms describe, so they only follow steps that leave no such stored form.
+# - recovery (fine-tuning) follows compression; baseline is the unchanged reference: alone only.
+DEFAULT_FOLLOWS: dict[str, tuple[str, ...]] = {
+    "baseline": (),
+    "precision": ("lowrank", "distillation", "recovery"),
+    "quantization": ("pruning", "lowrank", "distillation", "recovery", "precision"),
+    "pruning": ("pruning", "lowrank", "distillation", "recovery", "precision"),
+    "lowrank": ("distillation", "recovery", "precision"),
+    "distillation": ("precision",),
+    "recovery": COMPRESSION,
+    "acceleration": tuple(f for f in FAMILIES if f != "baseline"),
+}
+# Families whose methods change layer shapes, so later steps' shape checks cannot be run on
+# the original model's shapes at validation time (they still run before each step).
+SHAPE_CHANGING = ("lowrank", "distillation")
 
 
 @dataclass
@@ -22,8 +62,12 @@ class MethodReport:
 
     ``execution``: ``native`` when a real kernel or a really smaller model saves time or
     memory; ``simulated`` when the compression lives only as masks or fake-quant values inside
-    a dense model. ``storage`` maps parameter names to the tensors of their stored form
-    (packed codes, scales, zero-points); the harness serialises it to count real bytes.
+    a dense model. ``storage`` maps parameter names (``"model.layers.0.mlp.up_proj.weight"``)
+    to the tensors of their stored form (packed codes, scales, zero-points, sparse values and
+    indices); the harness serialises it with safetensors to count real bytes. A simulated
+    method must fill it: with an empty ``storage`` every weight counts as the dense tensor the
+    model holds, and the harness adds a warning saying so. A native method whose modules
+    already hold the compressed tensors (a smaller model, packed layers) may leave it empty.
     ``details`` holds method-specific achieved values (bits, group size, ...).
     """
 
@@ -40,7 +84,8 @@ class MethodReport:
 class MethodContext:
     """What a method may use besides the model: hardware and a progress-bar factory.
 
-    Calibration data is drawn by the method itself (slimbench.calibration), from its config.
+    Calibration data is drawn by the method itself (slimbench.calibration.sample_calibration),
+    from its config.
     """
 
     hardware: HardwareSpec
@@ -54,13 +99,121 @@ class Method:
     description: str
     config: type[Config]
     apply: Callable[[LanguageModel, Any, MethodContext], MethodReport]
-    # Checks that need the model's shapes (e.g. a group size dividing every layer): run
-    # after loading, before compressing; a ValueError becomes the cell's failure message.
+    # Checks that need the model's shapes (e.g. a group size dividing every layer): a
+    # ValueError becomes a clear error. They run before compressing, and during `validate` on a
+    # weightless skeleton of the model (meta tensors built from its config), unless
+    # `check_reads_weights` says the check needs real weight values.
     check: Callable[[LanguageModel, Any], None] | None = None
+    check_reads_weights: bool = False
     # Bump when a change changes what the method produces: the version is part of every run
     # id, so old records of this method are not reused for the new code.
     version: str = "1"
+    # Families that may come before this method in a `steps` chain; None: DEFAULT_FOLLOWS.
+    follows: tuple[str, ...] | None = None
+    # Whether the method changes layer shapes; None: the family's default (SHAPE_CHANGING).
+    changes_shapes: bool | None = None
+    # True: refuses to run without a CUDA device (validation rejects a CPU suite).
+    requires_gpu: bool = False
+    # For calibration-based methods (config inherits CalibrationConfig): what the budget must
+    # cover, as a name in slimbench.calibration.NEEDS ("hessian", "activation-statistics",
+    # "training"), a CalibrationNeed, or a function of the config returning either (None: no
+    # data used by this config). None: "activation-statistics".
+    calibration_need: Any = None
+    # Parameters that make the method fast on tiny models and exercise what it does, for the
+    # contract tests (`check-method`); tiny calibration budgets and training steps are set by
+    # the tests themselves. Example: {"group_size": 32} where the default does not fit.
+    test_params: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"method {self.name}: family {self.family!r} not in {FAMILIES}")
+        if self.follows is None and self.family not in DEFAULT_FOLLOWS:
+            raise ValueError(f"method {self.name}: family {self.family!r} has no default chain rule; set follows=")
+        follows = DEFAULT_FOLLOWS[self.family] if self.follows is None else tuple(self.follows)
+        unknown = [f for f in follows if f not in FAMILIES]
+        if unknown:
+            raise ValueError(f"method {self.name}: follows names unknown families {unknown}; allowed: {FAMILIES}")
+        object.__setattr__(self, "follows", follows)
+        if self.changes_shapes is None:
+            object.__setattr__(self, "changes_shapes", self.family in SHAPE_CHANGING)
+
+    # -- declarations ------------------------------------------------------------------
+    @property
+    def uses_calibration(self) -> bool:
+        """True when the config inherits CalibrationConfig (the method draws calibration data)."""
+        from slimbench.calibration import CalibrationConfig  # lazy: calibration imports the registry
+
+        return issubclass(self.config, CalibrationConfig)
+
+    def chain_problem(self, earlier: list[Method]) -> str | None:
+        """Why this method may not follow the ``earlier`` steps of a chain; None if it may."""
+        for prev in earlier:
+            if prev.family == "baseline":
+                return f"{prev.name} is the unchanged model, a reference on its own: drop it from the chain"
+            if prev.family not in self.follows:
+                allowed = ", ".join(self.follows) or "nothing (it must be used alone)"
+                return (
+                    f"{self.name} ({self.family}) may not follow {prev.name} ({prev.family}); "
+                    f"a {self.family} method may follow: {allowed}"
+                )
+        return None
+
+    def check_config(self, model: Any, cfg: Any) -> None:
+        """This method's shape checks against a model's config alone, no weights: ``model`` is a
+        ModelSpec (a registered name, hub id or folder), a transformers config, or a skeleton.
+        Raises ValueError like ``check``; does nothing if the check needs weight values."""
+        from slimbench.shapes import Skeleton, skeleton, skeleton_of_config
+        from slimbench.specs import ModelSpec
+
+        if self.check is None or self.check_reads_weights:
+            return
+        if isinstance(model, ModelSpec):
+            model = skeleton(model)
+        elif not isinstance(model, Skeleton):
+            model = skeleton_of_config(model)
+        self.check(model, cfg)
+
+    # -- running -----------------------------------------------------------------------
+    def preflight(self, lm: LanguageModel, cfg: Any) -> list[str]:
+        """Every check before compressing: raises ValueError with the reason, returns warnings."""
+        if self.requires_gpu and lm.device.type != "cuda":
+            raise ValueError(f"method {self.name} needs a CUDA GPU; this cell runs on {lm.device.type}")
+        if self.check is not None:
+            self.check(lm, cfg)
+        if self.uses_calibration:
+            from slimbench.calibration import budget_warnings
+
+            return budget_warnings(lm.model, cfg, self)
+        return []
+
+    def run(self, lm: LanguageModel, cfg: Any, ctx: MethodContext) -> MethodReport:
+        """Check, apply (seeded), and add the harness' warnings to the method's report."""
+        from slimbench.modeling import memory_bytes  # lazy: keeps `import slimbench.method` light
+
+        warnings = self.preflight(lm, cfg)
+        bytes_before = memory_bytes(lm.model)
+        torch.manual_seed(0)
+        rep = self.apply(lm, cfg, ctx)
+        if not isinstance(rep, MethodReport):
+            raise TypeError(f"method {self.name}: apply returned {type(rep).__name__}, not a MethodReport")
+        rep.warnings[:0] = warnings + self.report_warnings(lm, rep, bytes_before)
+        return rep
+
+    def report_warnings(self, lm: LanguageModel, rep: MethodReport, bytes_before: int) -> list[str]:
+        """A compression method whose report would count the model as dense, said out loud."""
+        from slimbench.modeling import CompressedLinear, memory_bytes
+
+        if self.family not in COMPRESSION or rep.storage:
+            return []
+        if rep.execution == "simulated":
+            return [
+                "reports simulated execution but no stored form (MethodReport.storage is empty): "
+                "its stored bytes and effective bits are those of the dense model"
+            ]
+        smaller = memory_bytes(lm.model) < bytes_before
+        if not smaller and not any(isinstance(m, CompressedLinear) for m in lm.model.modules()):
+            return [
+                "reports native execution, but the model holds as many bytes as before and no compressed "
+                "layer: nothing was made smaller"
+            ]
+        return []

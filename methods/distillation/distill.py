@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,17 @@ def hidden_targets(keep: list[int], depth: int) -> list[int]:
 
 # -- checkpoints -----------------------------------------------------------------------------
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    return torch.load(path, weights_only=False) if path.exists() else None
+    """The saved training state, or None. ``weights_only``: tensors, numbers, strings and
+    containers only, so a pickle planted at this path cannot run code; it is refused."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing to load the distillation checkpoint {path}: it holds more than tensors and plain "
+            f"values ({str(err).splitlines()[0]}); delete it to train from the start"
+        ) from None
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -243,4 +254,5 @@ METHOD = Method(
     config=DistillConfig,
     apply=apply,
     check=check,
+    calibration_need="training",
 )

@@ -58,4 +58,6 @@ METHOD = Method(
     config=DepthConfig,
     apply=apply,
     check=check,
+    changes_shapes=True,
+    follows=("precision", "distillation"),  # earlier stored forms would describe dropped layers
 )

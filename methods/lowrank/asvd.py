@@ -54,4 +54,5 @@ METHOD = Method(
     config=ASVDConfig,
     apply=apply,
     check=check,
+    calibration_need="activation-statistics",
 )

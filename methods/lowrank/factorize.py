@@ -61,9 +61,18 @@ class LowRankConfig(Config):
         [], description="fnmatch patterns of linear names to factorize; empty = every decoder linear (not lm_head)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _rank_replaces_ratio(cls, data: Any) -> Any:
+        # An explicit rank replaces the default ratio, so the stored config (which holds every
+        # field) validates again as itself: {rank: 4} is stored as {ratio: null, rank: 4}.
+        if isinstance(data, dict) and data.get("rank") is not None and "ratio" not in data:
+            return {**data, "ratio": None}
+        return data
+
     @model_validator(mode="after")
     def _one_rank_rule(self):
-        if self.rank is not None and "rank" in self.model_fields_set and "ratio" in self.model_fields_set:
+        if self.rank is not None and self.ratio is not None:
             raise ValueError("give either ratio or rank, not both")
         if self.rank is None and self.ratio is None:
             raise ValueError("give a ratio (fraction of parameters removed) or a rank")

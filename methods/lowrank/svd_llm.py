@@ -72,4 +72,5 @@ METHOD = Method(
     config=SVDLLMConfig,
     apply=apply,
     check=check,
+    calibration_need="hessian",  # Cholesky of X^T X
 )

@@ -172,4 +172,5 @@ METHOD = Method(
     config=SparseGPTConfig,
     apply=apply,
     check=check_layerwise_pruning,
+    calibration_need="hessian",
 )

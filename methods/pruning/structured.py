@@ -310,4 +310,10 @@ METHOD = Method(
     config=StructuredConfig,
     apply=apply,
     check=check,
+    # it draws data only for layer influence or activation importance
+    calibration_need=lambda c: "activation-statistics" if c.drop_layers or (
+        c.importance == "activation" and (c.mlp_ratio or c.attn_ratio)) else None,
+    changes_shapes=True,
+    follows=("precision", "distillation"),  # earlier stored forms would describe removed channels
+    test_params={"mlp_ratio": 0.25},  # the defaults remove nothing
 )

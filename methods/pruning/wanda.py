@@ -71,4 +71,5 @@ METHOD = Method(
     config=WandaConfig,
     apply=apply,
     check=check_layerwise_pruning,
+    calibration_need="activation-statistics",
 )

@@ -243,4 +243,6 @@ METHOD = Method(
     config=AWQConfig,
     apply=apply,
     check=check,
+    calibration_need="activation-statistics",
+    test_params={"group_size": 32, "grid": 4},  # tiny models' 64 inputs reject the default g128
 )

@@ -234,4 +234,5 @@ METHOD = Method(
     config=GPTQConfig,
     apply=apply,
     check=check,
+    calibration_need="hessian",
 )

@@ -42,9 +42,10 @@ def check_group_size(in_features: dict[str, int], group_size: int | None) -> Non
     bad = {n: d for n, d in in_features.items() if d % group_size}
     if bad:
         name, dim = next(iter(bad.items()))
+        fits = [g for g in (2**k for k in range(3, 13)) if all(d % g == 0 for d in in_features.values())]
         raise ValueError(
             f"group_size {group_size} does not divide the input dimension {dim} of layer {name} "
-            f"({len(bad)} layers affected)"
+            f"({len(bad)} layers affected); group sizes that divide every layer: {', '.join(map(str, fits)) or 'none'}"
         )
 
 

@@ -130,4 +130,5 @@ METHOD = Method(
     config=SmoothQuantConfig,
     apply=apply,
     check=check,
+    calibration_need="activation-statistics",
 )

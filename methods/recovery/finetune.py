@@ -218,4 +218,5 @@ METHOD = Method(
     description="bounded recovery fine-tuning (full or LoRA) on the calibration split, pruning masks held fixed",
     config=FinetuneConfig,
     apply=apply,
+    calibration_need="training",
 )

@@ -1,11 +1,14 @@
 """SlimBench: benchmark LLM compression and acceleration methods on equal terms.
 
-    slimbench run configs/quickstart.yaml            # run every cell (resumes)
+    slimbench run configs/quickstart.yaml            # run every cell (resumes); `run quickstart` works too
     slimbench run SUITE --set tasks.0.max_windows=8  # override a suite field
     slimbench validate SUITE                         # check a suite, run nothing
     slimbench list methods|tasks|models|corpora      # what is registered
     slimbench report --results results --html        # leaderboard, plots, HTML page
     slimbench compare RESULTS_A RESULTS_B            # two result sets, like with like
+    slimbench verify RESULTS --rerun 2               # check a results folder, re-run 2 sampled cells
+    slimbench new method NAME --family F             # a documented method template
+    slimbench check-method NAME                      # the contract every method passes
 
 For developers: each subcommand lives in its own module of this package, which defines
 ``register(subparsers)``: it adds its parser and sets ``fn`` to the function that runs it
@@ -60,3 +63,13 @@ def main(argv: list[str] | None = None, prog: str = "slimbench") -> int:
     except SuiteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        report_plugin_problems()
+
+
+def report_plugin_problems() -> None:
+    """A broken plugin is skipped, not fatal: say so once, after the command's own output."""
+    from slimbench.registry import plugin_problems
+
+    for problem in plugin_problems():
+        print(f"warning: {problem}", file=sys.stderr)

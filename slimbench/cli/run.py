@@ -12,6 +12,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from slimbench.suite import load_suite
 
     suite = load_suite(args.suite, args.set)  # every validation error happens here, before any work
+    for warning in suite.warnings:
+        print(f"warning: {warning}")
     cells = suite.cells()
     store = ResultStore(args.results)
     done = sum(store.has_ok(c.run_id) for c in cells)
@@ -57,7 +59,7 @@ def add_set_option(p: argparse.ArgumentParser) -> None:
 
 def register(sub) -> None:
     r = sub.add_parser("run", help="run every cell of a suite (skips cells that already have an ok record)")
-    r.add_argument("suite", help="suite YAML file, e.g. configs/quickstart.yaml")
+    r.add_argument("suite", help="suite YAML file, or the name of a built-in suite (quickstart, tiny, ...)")
     r.add_argument("--results", default="results", help="results folder (default: results)")
     add_set_option(r)
     r.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done, run nothing")

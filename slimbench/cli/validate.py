@@ -12,6 +12,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     suite = load_suite(args.suite, args.set)
     print(f"{suite.source}: valid, {len(suite.cells())} cells")
+    for warning in suite.warnings:
+        print(f"warning: {warning}")
     return 0
 
 

@@ -1,0 +1,166 @@
+"""`verify RESULTS [--rerun K]`: a results folder someone sends in is read as data, checked
+record by record and across records, and sampled cells re-run here must agree."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import benchmark
+from slimbench.runner import run_cells
+from slimbench.store import ResultStore
+from slimbench.suite import load_suite
+from slimbench.verify import rerun, verify_folder
+
+torch.set_num_threads(1)
+
+SUITE = """
+models: [tiny-llama]
+methods: [baseline, {name: rtn, bits: 4, group_size: 32}]
+tasks: [{name: perplexity, seqlen: 32, max_windows: 2}]
+hardware: {threads: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """A results folder of two ok cells, written by the runner."""
+    root = tmp_path_factory.mktemp("verify")
+    path = root / "suite.yaml"
+    path.write_text(SUITE)
+    results = root / "results"
+    assert run_cells(load_suite(path).cells(), ResultStore(results), show_progress=False, log=lambda s: None).ok
+    return results
+
+
+@pytest.fixture
+def results(clean, tmp_path):
+    """A private copy to tamper with."""
+    return shutil.copytree(clean, tmp_path / "results")
+
+
+def files(results):
+    return sorted((results / "runs").glob("*.json"))
+
+
+def edit(path, change):
+    rec = json.loads(path.read_text())
+    change(rec)
+    path.write_text(json.dumps(rec))
+
+
+def errors(results) -> list[str]:
+    return [str(f) for f in verify_folder(results).errors]
+
+
+def test_a_clean_folder_verifies_and_its_reruns_agree(results, capsys):
+    v = verify_folder(results)
+    assert v.errors == [] and len(v.records) == 2
+    rerun(v, 2, log=lambda s: None)
+    assert [r["status"] for r in v.reruns] == ["agree", "agree"]
+    assert benchmark.main(["verify", str(results), "--rerun", "1"]) == 0
+    assert "1 agree, 0 disagree" in capsys.readouterr().out
+
+
+def test_a_changed_metric_disagrees_on_rerun(results):
+    first = files(results)[0]
+    edit(first, lambda r: r["metrics"]["perplexity"].update(value=r["metrics"]["perplexity"]["value"] * 0.9))
+    v = verify_folder(results)
+    assert v.errors == []  # the file itself is well-formed: only a re-run can tell
+    rerun(v, 2, log=lambda s: None)
+    (bad,) = v.disagreements
+    assert bad["file"] == first.name and any(p.startswith("perplexity: recorded") for p in bad["problems"])
+
+
+def test_an_edited_spec_no_longer_matches_its_run_id(results):
+    rtn = next(p for p in files(results) if json.loads(p.read_text())["method"]["name"] == "rtn")
+    edit(rtn, lambda r: r["method"]["steps"][0]["params"].update(bits=8))
+    assert any("is not the hash of its spec" in e for e in errors(results))
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"schema": 1, "metrics": {"perplexity": {"value": 3.5}}', "not valid JSON"),  # truncated
+        ("[1, 2, 3]", "a JSON list, not a record"),
+        ('{"hello": "world"}', "not a SlimBench record"),
+    ],
+)
+def test_unreadable_or_foreign_files_are_errors_naming_the_file(results, content, message):
+    (results / "runs" / "0000000000000000.json").write_text(content)
+    assert any(e.startswith("error: 0000000000000000.json: ") and message in e for e in errors(results))
+
+
+def test_non_finite_values_are_not_json(results):
+    first = files(results)[0]
+    first.write_text(first.read_text().replace('"value": ', '"value": NaN, "was": ', 1))
+    assert any("NaN is not a JSON number" in e for e in errors(results))
+
+
+def test_unknown_schema_and_incomplete_environment(results):
+    a, b = files(results)
+    edit(a, lambda r: r.update(schema=99))
+    edit(b, lambda r: r["environment"].pop("torch"))
+    found = errors(results)
+    assert any("schema 99 is not one this version reads" in e for e in found)
+    assert any("environment incomplete: no torch" in e for e in found)
+
+
+def test_duplicate_and_contradictory_cells(results):
+    a = files(results)[0]
+    copy = results / "runs" / f"{a.stem}.failed.20200101T000000000000Z.json"
+    shutil.copy(a, copy)  # an ok record under a second name: the same cell twice
+    assert any("duplicate: 2 ok records of cell" in e for e in errors(results))
+    edit(copy, lambda r: r["metrics"]["perplexity"].update(value=1.5))
+    assert any("contradictory: 2 ok records of cell" in e for e in errors(results))
+
+
+def test_nothing_in_the_folder_is_executed(results, tmp_path):
+    marker = tmp_path / "executed"
+    payload = f"open({str(marker)!r}, 'w').write('pwned')\n"
+    runs = results / "runs"
+    for name in ("sitecustomize.py", "__init__.py", "evil.py"):
+        (runs / name).write_text(payload)
+        (results / name).write_text(payload)
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, (payload,))
+
+    (runs / "model.pkl").write_bytes(pickle.dumps(Boom()))
+    # a cell whose model is a folder shipped inside the results, with code to run
+    model_dir = results / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"auto_map": {"AutoModelForCausalLM": "modeling.M"}}')
+    (model_dir / "modeling.py").write_text(payload)
+    first = files(results)[0]
+
+    def point_at_the_folder(r):
+        r["model"].update(name=str(model_dir), trust_remote_code=True)
+
+    edit(first, point_at_the_folder)
+    v = verify_folder(results)
+    rerun(v, 2, log=lambda s: None)
+    assert not marker.exists()
+    skipped = [r for r in v.reruns if r["status"] == "skipped"]
+    assert skipped and "trust_remote_code" in skipped[0]["reason"]
+    assert any("not a record file (ignored, never opened)" in str(f) for f in v.findings)
+
+
+def test_a_local_model_path_is_not_rerun(results):
+    first = files(results)[0]
+    edit(first, lambda r: r["model"].update(name="/home/someone/model"))
+    v = verify_folder(results)
+    rerun(v, 2, log=lambda s: None)
+    assert any(r["status"] == "skipped" and "local path" in r["reason"] for r in v.reruns)
+
+
+def test_cli_exit_status_and_missing_folder(results, tmp_path, capsys):
+    assert benchmark.main(["verify", str(tmp_path / "nothing")]) == 1
+    assert "no runs/ folder" in capsys.readouterr().out
+    edit(files(results)[0], lambda r: r.update(status="maybe"))
+    assert benchmark.main(["verify", str(results)]) == 1
