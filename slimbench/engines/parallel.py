@@ -21,8 +21,9 @@ Every rank keeps its own KV caches (by id); the coordinator's ``RemoteCache`` is
 ``crop`` and release travel with the next request. Communication is timed inside the ranks:
 ``comm_seconds`` is the time spent in send / recv / all_reduce (which includes waiting for the
 peer: in a one-sequence pipeline the next stage waits for the previous one to compute, the
-pipeline bubble), ``comm_bytes`` the payload bytes sent; ``compute_seconds`` is the rest of the
-forward pass.
+pipeline bubble), ``comm_bytes`` the payload bytes sent (for all-reduce the tensor each rank
+contributes; gloo's ring moves about 2(N-1)/N of it each way), ``recv_bytes`` those received by
+``recv``; ``compute_seconds`` is the rest of the forward pass.
 """
 
 from __future__ import annotations
@@ -144,14 +145,15 @@ class Counters:
     forward_calls: int = 0
     forward_seconds: float = 0.0
     comm_seconds: float = 0.0
-    comm_bytes: int = 0
+    comm_bytes: int = 0  # payload sent (send) or contributed (all-reduce)
+    recv_bytes: int = 0
     comm_calls: int = 0
 
 
 COUNTERS = Counters()  # one per worker process
 
 
-def timed_comm(fn, tensor: torch.Tensor, *args, **kwargs):
+def timed_comm(fn, tensor: torch.Tensor, *args, received: bool = False, **kwargs):
     if tensor.is_cuda:
         torch.cuda.synchronize(tensor.device)
     t0 = time.perf_counter()
@@ -160,7 +162,11 @@ def timed_comm(fn, tensor: torch.Tensor, *args, **kwargs):
         torch.cuda.synchronize(tensor.device)
     COUNTERS.comm_seconds += time.perf_counter() - t0
     COUNTERS.comm_calls += 1
-    COUNTERS.comm_bytes += tensor.numel() * tensor.element_size()
+    nbytes = tensor.numel() * tensor.element_size()
+    if received:
+        COUNTERS.recv_bytes += nbytes
+    else:
+        COUNTERS.comm_bytes += nbytes
 
 
 class Injected(nn.Module):
@@ -268,7 +274,7 @@ class RankState:
                 cache.crop(keep - cache.get_seq_length())
         if self.mode == "pipeline" and self.rank > 0:
             hidden = torch.empty(*ids.shape, self.model.config.hidden_size, dtype=self.model.dtype, device=self.device)
-            timed_comm(dist.recv, hidden, src=self.rank - 1)
+            timed_comm(dist.recv, hidden, src=self.rank - 1, received=True)
             self.injected.value = hidden
         runner = self.model if self.returns_logits else self.model.base_model
         out = runner(input_ids=ids, cache=cache, use_cache=req["use_cache"])
@@ -381,6 +387,7 @@ class DistributedModel(nn.Module):
         self._next_cache = 0
         self.host_seconds = 0.0  # coordinator wall time of forward requests
         self.pipe_bytes = 0  # request + reply payload bytes through the pipes
+        self.size_base: dict[str, Any] = {}  # the single-process model's sizes (set by the method)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -439,12 +446,12 @@ class DistributedModel(nn.Module):
         self.group.close()
 
     def slimbench_size(self) -> dict[str, Any]:
-        """Sizes for the harness' method report: the ranks' parts together."""
+        """Sizes for the harness' method report: the single model's, memory summed over the ranks."""
         infos = self.group.infos
         return {
-            "parameters": sum(i["parameters"] for i in infos),
+            "parameters": sum(i["parameters"] for i in infos),  # replicated parts counted per rank
+            **self.size_base,
             "memory_bytes": sum(i["memory_bytes"] for i in infos),
-            "per_rank": infos,
         }
 
 

@@ -124,8 +124,11 @@ class WorkerGroup:
         *,
         name: str,
         timeout_s: float,
+        start_timeout_s: float | None = None,
         env: dict[str, str] | None = None,
     ):
+        """``timeout_s`` bounds each request; start-up (importing torch, receiving the model) is
+        bounded by ``start_timeout_s`` (default: the larger of ``timeout_s`` and 600 s)."""
         import torch.multiprocessing as tmp  # registers the shared-memory tensor reductions
 
         ctx = tmp.get_context("spawn")
@@ -155,7 +158,7 @@ class WorkerGroup:
                     os.environ[k] = v
         self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns)
         atexit.register(self._finalizer)
-        self.infos = self._collect(range(len(payloads)), what="start-up")
+        self.infos = self._collect(range(len(payloads)), what="start-up", timeout_s=start_timeout_s or max(timeout_s, 600.0))
 
     @property
     def pids(self) -> list[int]:
@@ -165,19 +168,26 @@ class WorkerGroup:
         self.close()
         return WorkerError(f"{self.name}: {message}")
 
-    def _collect(self, ranks, *, what: str) -> list[Any]:
+    def _death(self, rank: int, what: str) -> str:
+        code = self.procs[rank].exitcode
+        signal_note = f" (signal {-code})" if code is not None and code < 0 else ""
+        return f"worker {rank} (pid {self.procs[rank].pid}) died during {what} with exit code {code}{signal_note}"
+
+    def _collect(self, ranks, *, what: str, timeout_s: float | None = None) -> list[Any]:
         """Wait for one reply from each rank; raise WorkerError on error, death or timeout."""
         pending = set(ranks)
         replies: dict[int, Any] = {}
-        deadline = time.monotonic() + self.timeout_s
+        timeout_s = timeout_s or self.timeout_s
+        deadline = time.monotonic() + timeout_s
         while pending:
             for rank in sorted(pending):
                 conn = self.conns[rank]
                 if conn.poll(0):
                     try:
                         status, value = conn.recv()
-                    except (EOFError, OSError):
-                        status, value = "error", "its pipe closed without a reply"
+                    except (EOFError, OSError):  # it died: say how, once its exit code is known
+                        self.procs[rank].join(2.0)
+                        raise self._fail(self._death(rank, what)) from None
                     if status == "error":
                         raise self._fail(f"worker {rank} (pid {self.procs[rank].pid}) failed during {what}: {value}")
                     replies[rank] = value
@@ -185,12 +195,9 @@ class WorkerGroup:
             for rank in sorted(pending):
                 proc = self.procs[rank]
                 if not proc.is_alive() and not self.conns[rank].poll(0):
-                    raise self._fail(
-                        f"worker {rank} (pid {proc.pid}) died during {what} with exit code {proc.exitcode}"
-                        + (f" (signal {-proc.exitcode})" if proc.exitcode and proc.exitcode < 0 else "")
-                    )
+                    raise self._fail(self._death(rank, what))
             if pending and time.monotonic() > deadline:
-                raise self._fail(f"no reply from worker(s) {sorted(pending)} within {self.timeout_s} s during {what}")
+                raise self._fail(f"no reply from worker(s) {sorted(pending)} within {timeout_s} s during {what}")
             if pending:
                 self.conns[min(pending)].poll(POLL_SLICE_S)
         return [replies[r] for r in sorted(replies)]
@@ -212,3 +219,22 @@ class WorkerGroup:
             self.closed = True
             self._finalizer()
             atexit.unregister(self._finalizer)
+
+
+class EchoState:
+    """A trivial worker for tests of the group's mechanics (no model): echo, sleep, raise, exit."""
+
+    def __init__(self, rank: int, payload: Any):
+        self.rank = rank
+
+    def info(self) -> dict[str, int]:
+        return {"pid": os.getpid(), "rank": self.rank}
+
+    def handle(self, req: dict[str, Any]) -> Any:
+        if req["op"] == "sleep" and self.rank in req.get("ranks", (self.rank,)):
+            time.sleep(req["seconds"])
+        elif req["op"] == "raise" and self.rank == req["rank"]:
+            raise RuntimeError(f"requested failure on rank {self.rank}")
+        elif req["op"] == "exit" and self.rank == req["rank"]:
+            os._exit(3)
+        return {"rank": self.rank, "echo": req.get("value")}
