@@ -119,9 +119,11 @@ def test_impossible_splits_are_refused_before_any_process_starts(arch, mode, wor
 
 def test_refuses_a_model_it_cannot_split():
     lm = load_tiny("llama")
-    METHODS.get("dynamic-int8").apply(lm, METHODS.get("dynamic-int8").config(), MethodContext(hardware=HardwareSpec(threads=1)))
+    METHODS.get("dynamic-int8").apply(
+        lm, METHODS.get("dynamic-int8").config(), MethodContext(hardware=HardwareSpec(threads=1))
+    )
     method = METHODS.get("parallel")
-    with pytest.raises(ValueError, match="shards nn.Linear weights"):
+    with pytest.raises(ValueError, match=r"shards nn\.Linear weights"):
         method.check(lm, method.config(mode="tensor"))
     with pytest.raises(ValueError, match="layers_per_stage"):
         method.config(mode="tensor", layers_per_stage=[1, 1])
@@ -150,7 +152,7 @@ def test_a_killed_worker_becomes_an_error_and_the_group_is_shut_down(echo_group)
 
 
 def test_a_worker_exception_carries_its_traceback(echo_group):
-    with pytest.raises(WorkerError, match="worker 0 .* RuntimeError: requested failure on rank 0"):
+    with pytest.raises(WorkerError, match=r"worker 0 .* RuntimeError: requested failure on rank 0"):
         echo_group.request({"op": "raise", "rank": 0})
     assert gone(echo_group.pids)
 
@@ -173,7 +175,9 @@ def test_a_worker_crash_inside_a_cell_becomes_a_failed_record(tmp_path):
     cell = CellSpec(
         model=ModelSpec(name="tiny-llama"),
         method=MethodSpec(steps=(StepSpec(name="parallel", params=cfg.to_dict()),)),
-        task=TaskSpec(name="efficiency", version="1", params={"prompt_len": 8, "new_tokens": 2, "repeats": 1, "warmup": 0}),
+        task=TaskSpec(
+            name="efficiency", version="1", params={"prompt_len": 8, "new_tokens": 2, "repeats": 1, "warmup": 0}
+        ),
         hardware=HardwareSpec(threads=1),
     )
     killed = []
@@ -192,6 +196,6 @@ def test_a_worker_crash_inside_a_cell_becomes_a_failed_record(tmp_path):
         DistributedModel.stats = real_stats
     assert summary.failed == [cell.run_id]
     (record,) = store.records(include_failed=True)
-    assert record["status"] == "failed" and "WorkerError" == record["error"]["type"]
+    assert record["status"] == "failed" and record["error"]["type"] == "WorkerError"
     assert "worker 1" in record["error"]["message"] and "died" in record["error"]["message"]
     assert gone(killed)

@@ -73,7 +73,7 @@ def test_output_equals_greedy_for_every_draft(draft):
 
 
 def test_identical_draft_accepts_everything():
-    lm, report = speculative_lm({"model": "tiny-llama"}, num_draft_tokens=3)
+    lm, _ = speculative_lm({"model": "tiny-llama"}, num_draft_tokens=3)
     stats = lm.generator.stats
     lm.generate(torch.tensor([[1, 2, 3, 4]]), 13)  # 1 from the prefill + 3 steps of k+1 = 4
     s = stats.summary()
@@ -175,7 +175,11 @@ def test_runs_as_a_suite_cell(tmp_path):
     cell = CellSpec(
         model=ModelSpec(name="tiny-llama"),
         method=MethodSpec(steps=(StepSpec(name="speculative", params=cfg.to_dict()),)),
-        task=TaskSpec(name="efficiency", version=TASKS.get("efficiency").version, params={"prompt_len": 8, "new_tokens": 4, "repeats": 1, "warmup": 0}),
+        task=TaskSpec(
+            name="efficiency",
+            version=TASKS.get("efficiency").version,
+            params={"prompt_len": 8, "new_tokens": 4, "repeats": 1, "warmup": 0},
+        ),
         hardware=HW,
     )
     store = ResultStore(tmp_path)

@@ -27,7 +27,9 @@ from slimbench.method import Method, MethodReport
 
 class OnnxRuntimeConfig(Config):
     threads: int | None = Field(None, ge=1, le=512, description="ORT intra-op threads (default: the cell's threads)")
-    optimization: Literal["disable", "basic", "extended", "all"] = Field("all", description="ORT graph optimization level")
+    optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ORT graph optimization level"
+    )
     opset: int | None = Field(None, ge=17, le=23, description="ONNX opset (default: the exporter's)")
     tolerance: float = Field(1e-4, gt=0, description="max |logit difference| / max |logit| allowed vs eager")
     check_prompt_len: int = Field(32, ge=1, le=8192, description="self-check prompt tokens (corpus text)")

@@ -12,11 +12,11 @@ tolerance; quality is measured by the tasks).
 from __future__ import annotations
 
 from pydantic import Field
+from slimbench.methods.acceleration.onnx_runtime import agreement, prompt
 
 from slimbench.config import Config
 from slimbench.engines import onnxruntime as ortx
 from slimbench.method import Method, MethodReport
-from slimbench.methods.acceleration.onnx_runtime import agreement, prompt
 
 
 class OrtInt8Config(Config):

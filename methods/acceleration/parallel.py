@@ -31,12 +31,22 @@ from slimbench.method import Method, MethodReport
 
 
 class ParallelConfig(Config):
-    mode: Literal["pipeline", "tensor"] = Field("pipeline", description="split decoder layers (pipeline) or weights (tensor)")
+    mode: Literal["pipeline", "tensor"] = Field(
+        "pipeline", description="split decoder layers (pipeline) or weights (tensor)"
+    )
     world_size: int = Field(2, ge=2, le=64, description="worker processes")
-    layers_per_stage: list[int] | None = Field(None, description="pipeline: decoder layers of each process (default: even)")
-    threads_per_worker: int | None = Field(None, ge=1, le=512, description="torch threads per worker (default: cell threads / world_size, at least 1)")
+    layers_per_stage: list[int] | None = Field(
+        None, description="pipeline: decoder layers of each process (default: even)"
+    )
+    threads_per_worker: int | None = Field(
+        None, ge=1, le=512, description="torch threads per worker (default: cell threads / world_size, at least 1)"
+    )
     timeout_s: float = Field(600.0, gt=0, description="longest wait for a worker's reply before the cell fails")
-    tolerance: float | None = Field(None, gt=0, description="max |logit difference| / max |logit| allowed vs one process (default 1e-4 fp32, 3e-2 half)")
+    tolerance: float | None = Field(
+        None,
+        gt=0,
+        description="max |logit difference| / max |logit| allowed vs one process (default 1e-4 fp32, 3e-2 half)",
+    )
     check_prompt_len: int = Field(64, ge=1, le=8192, description="self-check prompt tokens (corpus text)")
     check_new_tokens: int = Field(16, ge=1, le=4096, description="self-check greedy tokens")
     corpus: str = Field("shakespeare", description="where the self-check prompt comes from")
@@ -48,7 +58,9 @@ class ParallelConfig(Config):
             if self.mode != "pipeline":
                 raise ValueError("layers_per_stage applies to mode: pipeline only")
             if len(self.layers_per_stage) != self.world_size:
-                raise ValueError(f"layers_per_stage has {len(self.layers_per_stage)} entries for world_size {self.world_size}")
+                raise ValueError(
+                    f"layers_per_stage has {len(self.layers_per_stage)} entries for world_size {self.world_size}"
+                )
         return self
 
 
@@ -63,7 +75,10 @@ def check(lm, cfg: ParallelConfig) -> None:
     if lm.cache_factory is not None:
         raise ValueError("parallel: each worker keeps its own dynamic KV cache; it cannot follow a kv-cache step")
     if lm.device.type == "cuda" and torch.cuda.device_count() < cfg.world_size:
-        raise ValueError(f"parallel: NCCL needs one GPU per process: {cfg.world_size} processes, {torch.cuda.device_count()} GPU(s) visible")
+        raise ValueError(
+            f"parallel: NCCL needs one GPU per process: {cfg.world_size} processes, "
+            f"{torch.cuda.device_count()} GPU(s) visible"
+        )
     check_split(lm.model, cfg.mode, cfg.world_size, cfg.layers_per_stage)
 
 
@@ -113,8 +128,15 @@ def apply(lm, cfg: ParallelConfig, ctx) -> MethodReport:
     single = size_report(model, {})
     threads = cfg.threads_per_worker or max(1, ctx.hardware.threads // cfg.world_size)
     t0 = time.perf_counter()
-    dm = launch(model, cfg.mode, cfg.world_size, threads=threads, timeout_s=cfg.timeout_s,
-                split=cfg.layers_per_stage, device=lm.device.type)
+    dm = launch(
+        model,
+        cfg.mode,
+        cfg.world_size,
+        threads=threads,
+        timeout_s=cfg.timeout_s,
+        split=cfg.layers_per_stage,
+        device=lm.device.type,
+    )
     launch_s = time.perf_counter() - t0
     lm.model = dm
     single["parameters"] = count_parameters(model)
@@ -145,7 +167,8 @@ def apply(lm, cfg: ParallelConfig, ctx) -> MethodReport:
         execution="native",
         details=details,
         notes=[
-            f"logits equal the single process within {result['logits_max_abs_diff']:.2g} (max |logit| {result['logits_max_abs']:.3g})",
+            f"logits equal the single process within {result['logits_max_abs_diff']:.2g} "
+            f"(max |logit| {result['logits_max_abs']:.3g})",
             f"communication {100 * (result['comm_share'] or 0):.0f}% of the ranks' forward time in the self-check "
             "(send/recv/all-reduce, including waiting for the peer)",
             "memory_bytes is the sum over worker processes (replicated parts counted per process); "
@@ -157,7 +180,10 @@ def apply(lm, cfg: ParallelConfig, ctx) -> MethodReport:
 METHOD = Method(
     name="parallel",
     family="acceleration",
-    description="pipeline (layers) or tensor (sharded linears, all-reduce) parallelism over worker processes; gloo on CPU, NCCL on CUDA",
+    description=(
+        "pipeline (layers) or tensor (sharded linears, all-reduce) parallelism over worker processes; "
+        "gloo on CPU, NCCL on CUDA"
+    ),
     config=ParallelConfig,
     apply=apply,
     check=check,

@@ -41,8 +41,13 @@ NOT_IN_DRAFT = ("speculative", "parallel")  # a draft runs in this process, one 
 
 
 class DraftSpec(Config):
-    model: str | None = Field(None, description="model to draft with (registered name, hub id, folder); None: the target's own spec")
-    steps: list[dict[str, Any]] = Field(default_factory=list, description="method steps applied to the draft after loading, e.g. [{name: layer-drop, keep_every: 2}]")
+    model: str | None = Field(
+        None, description="model to draft with (registered name, hub id, folder); None: the target's own spec"
+    )
+    steps: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="method steps applied to the draft after loading, e.g. [{name: layer-drop, keep_every: 2}]",
+    )
 
     @model_validator(mode="after")
     def _valid_steps(self):
@@ -74,11 +79,15 @@ class DraftSpec(Config):
 
 
 class SpeculativeConfig(Config):
-    draft: Literal["prompt-lookup"] | DraftSpec = Field("prompt-lookup", description="prompt-lookup, {model: NAME}, {steps: [...]} or both")
+    draft: Literal["prompt-lookup"] | DraftSpec = Field(
+        "prompt-lookup", description="prompt-lookup, {model: NAME}, {steps: [...]} or both"
+    )
     num_draft_tokens: int = Field(4, ge=1, le=64, description="tokens the draft proposes per step (k)")
     ngram_max: int = Field(3, ge=1, le=16, description="prompt-lookup: longest n-gram matched")
     ngram_min: int = Field(1, ge=1, le=16, description="prompt-lookup: shortest n-gram matched")
-    verify: Literal["first", "every"] = Field("first", description="compare with plain greedy on the first call, or on every call")
+    verify: Literal["first", "every"] = Field(
+        "first", description="compare with plain greedy on the first call, or on every call"
+    )
     check_prompt_len: int = Field(128, ge=2, le=8192, description="self-check prompt tokens (corpus text)")
     check_new_tokens: int = Field(64, ge=1, le=4096, description="self-check generated tokens")
     check_repeats: int = Field(3, ge=1, le=100, description="self-check timed A/B pairs (plain greedy vs speculative)")
@@ -119,7 +128,10 @@ def load_draft(lm, draft: DraftSpec, hw) -> tuple[Any, dict[str, Any] | None]:
 
 def check(lm, cfg: SpeculativeConfig) -> None:
     if lm.generator is not None:
-        raise ValueError(f"speculative: the model already has a generator ({type(lm.generator).__name__}); only one can drive generation")
+        raise ValueError(
+            f"speculative: the model already has a generator ({type(lm.generator).__name__}); "
+            "only one can drive generation"
+        )
     _, cache = lm.prefill(torch.tensor([[lm.prefix_token_id] * 2]))
     if not (hasattr(cache, "crop") and hasattr(cache, "get_seq_length")):
         raise ValueError(
@@ -131,7 +143,9 @@ def check(lm, cfg: SpeculativeConfig) -> None:
         from slimbench.specs import HardwareSpec, ModelSpec
 
         spec = ModelSpec(name=cfg.draft.model)
-        draft = resolve(spec, source="speculative", field="draft.model")(spec, HardwareSpec(threads=torch.get_num_threads()))
+        draft = resolve(spec, source="speculative", field="draft.model")(
+            spec, HardwareSpec(threads=torch.get_num_threads())
+        )
         diff = vocabulary_difference(lm.tokenizer, draft.tokenizer)
         if diff:
             raise ValueError(
@@ -142,7 +156,11 @@ def check(lm, cfg: SpeculativeConfig) -> None:
 
 def make_drafter(lm, cfg: SpeculativeConfig, hw) -> tuple[Any, dict[str, Any]]:
     if cfg.draft == "prompt-lookup":
-        return PromptLookupDrafter(cfg.ngram_max, cfg.ngram_min), {"kind": "prompt-lookup", "ngram_max": cfg.ngram_max, "ngram_min": cfg.ngram_min}
+        return PromptLookupDrafter(cfg.ngram_max, cfg.ngram_min), {
+            "kind": "prompt-lookup",
+            "ngram_max": cfg.ngram_max,
+            "ngram_min": cfg.ngram_min,
+        }
     draft_lm, report = load_draft(lm, cfg.draft, hw)
     diff = vocabulary_difference(lm.tokenizer, draft_lm.tokenizer)
     if diff:  # also after the steps, in case a step changed the tokenizer
@@ -212,10 +230,14 @@ def apply(lm, cfg: SpeculativeConfig, ctx) -> MethodReport:
     result = self_check(lm, gen, cfg)
     notes = [
         "output verified token for token against the target's greedy decoding",
-        f"speed-up {result['speedup']:.2f}x on the self-check prompt ({cfg.check_new_tokens} tokens, median of {cfg.check_repeats} A/B pairs)",
+        f"speed-up {result['speedup']:.2f}x on the self-check prompt ({cfg.check_new_tokens} tokens, "
+        f"median of {cfg.check_repeats} A/B pairs)",
     ]
     if "memory_bytes" in draft_info:
-        notes.append(f"the draft model's {draft_info['memory_bytes'] / 2**20:.1f} MiB are held besides the target and not in its memory_bytes")
+        notes.append(
+            f"the draft model's {draft_info['memory_bytes'] / 2**20:.1f} MiB are held besides the target "
+            "and not in its memory_bytes"
+        )
     return MethodReport(
         execution="native",
         details={"draft": draft_info, "num_draft_tokens": cfg.num_draft_tokens, "self_check": result},
@@ -226,7 +248,10 @@ def apply(lm, cfg: SpeculativeConfig, ctx) -> MethodReport:
 METHOD = Method(
     name="speculative",
     family="acceleration",
-    description="assisted greedy decoding (prompt-lookup, another model, or a compressed copy of the target as draft); identical output, verified",
+    description=(
+        "assisted greedy decoding (prompt-lookup, another model, or a compressed copy of the target as "
+        "draft); identical output, verified"
+    ),
     config=SpeculativeConfig,
     apply=apply,
     check=check,

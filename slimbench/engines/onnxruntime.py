@@ -21,6 +21,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,9 @@ def unsupported(lm) -> str | None:
     from slimbench.modeling import CompressedLinear
 
     if not isinstance(lm.model, PreTrainedModel):
-        return f"exports a transformers model; the model is a {type(lm.model).__name__} (from an earlier execution step)"
+        return (
+            f"exports a transformers model; the model is a {type(lm.model).__name__} (from an earlier execution step)"
+        )
     if lm.device.type != "cpu":
         return "runs ONNX Runtime's CPU execution provider; the model is on " + lm.device.type
     if lm.model.dtype != torch.float32:
@@ -118,12 +121,20 @@ def export(model: nn.Module, path: Path, opset: int | None = None) -> dict[str, 
     names = [f"past.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
     t0 = time.perf_counter()
     kwargs = {"opset_version": opset} if opset else {}
-    torch.onnx.export(
-        Exportable(model).eval(), (ids, kv), str(path), dynamo=True, external_data=True,
-        dynamic_shapes=({0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in kv)),
-        input_names=["input_ids", *names], output_names=["logits", *(x.replace("past", "present") for x in names)],
-        verbose=False, **kwargs,
-    )
+    with warnings.catch_warnings():  # the exporter warns about every renamed axis and deprecated pytree API
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Exportable(model).eval(),
+            (ids, kv),
+            str(path),
+            dynamo=True,
+            external_data=True,
+            dynamic_shapes=({0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in kv)),
+            input_names=["input_ids", *names],
+            output_names=["logits", *(x.replace("past", "present") for x in names)],
+            verbose=False,
+            **kwargs,
+        )
     return {"export_seconds": time.perf_counter() - t0, "layers": n, "kv_shapes": shapes}
 
 
@@ -170,8 +181,12 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool) -> float:
 
     t0 = time.perf_counter()
     quantize_dynamic(
-        str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
-        op_types_to_quantize=["MatMul"], use_external_data_format=True,
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        per_channel=per_channel,
+        op_types_to_quantize=["MatMul"],
+        use_external_data_format=True,
     )
     return time.perf_counter() - t0
 
@@ -205,8 +220,18 @@ class OrtCache:
 class OrtModel(nn.Module):
     """An ONNX Runtime session with the call contract of ``slimbench.lm`` (an engine model)."""
 
-    def __init__(self, path: Path, config, shapes, *, threads: int, optimization: str, workdir: Path,
-                 parameters: int, stored_format: str):
+    def __init__(
+        self,
+        path: Path,
+        config,
+        shapes,
+        *,
+        threads: int,
+        optimization: str,
+        workdir: Path,
+        parameters: int,
+        stored_format: str,
+    ):
         super().__init__()
         import onnxruntime as ort
 
@@ -214,8 +239,10 @@ class OrtModel(nn.Module):
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[optimization]
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.path, self.config, self.shapes = path, config, shapes
@@ -242,7 +269,11 @@ class OrtModel(nn.Module):
         ids = input_ids.detach().cpu().to(torch.long).numpy()
         if cache is None:
             b = ids.shape[0]
-            past = [OrtValue.ortvalue_from_numpy(np.zeros((b, h, 0, d), np.float32)) for h, d in self.shapes for _ in range(2)]
+            past = [
+                OrtValue.ortvalue_from_numpy(np.zeros((b, h, 0, d), np.float32))
+                for h, d in self.shapes
+                for _ in range(2)
+            ]
             length = 0
         else:
             past, length = cache.values, cache.length
@@ -269,15 +300,25 @@ class OrtModel(nn.Module):
         self._cleanup()
 
 
-def build(lm, *, threads: int, optimization: str = "all", opset: int | None = None, workdir: Path | None = None) -> tuple[OrtModel, dict]:
+def build(
+    lm, *, threads: int, optimization: str = "all", opset: int | None = None, workdir: Path | None = None
+) -> tuple[OrtModel, dict]:
     """Export ``lm.model`` and open it in ONNX Runtime; returns the engine model and export facts."""
     from slimbench.modeling import count_parameters
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="slimbench-onnx-"))
     path = workdir / "model.onnx"
     facts = export(lm.model, path, opset)
-    model = OrtModel(path, lm.model.config, facts["kv_shapes"], threads=threads, optimization=optimization,
-                     workdir=workdir, parameters=count_parameters(lm.model), stored_format="onnx fp32")
+    model = OrtModel(
+        path,
+        lm.model.config,
+        facts["kv_shapes"],
+        threads=threads,
+        optimization=optimization,
+        workdir=workdir,
+        parameters=count_parameters(lm.model),
+        stored_format="onnx fp32",
+    )
     return model, facts
 
 
@@ -287,9 +328,16 @@ def requantize(model: OrtModel, per_channel: bool) -> tuple[OrtModel, float]:
     seconds = quantize_int8(model.path, dst, per_channel)
     workdir = model.workdir
     model._cleanup.detach()  # the folder now belongs to the new model
-    out = OrtModel(dst, model.config, model.shapes, threads=model.threads, optimization=model.optimization,
-                   workdir=workdir, parameters=model.parameters,
-                   stored_format=f"onnx int8 dynamic ({'per-channel' if per_channel else 'per-tensor'} weights)")
+    out = OrtModel(
+        dst,
+        model.config,
+        model.shapes,
+        threads=model.threads,
+        optimization=model.optimization,
+        workdir=workdir,
+        parameters=model.parameters,
+        stored_format=f"onnx int8 dynamic ({'per-channel' if per_channel else 'per-tensor'} weights)",
+    )
     for p in model_files(model.path):  # the fp32 graph is no longer needed
         if not p.name.startswith("model.int8"):
             p.unlink()

@@ -28,6 +28,7 @@ contributes; gloo's ring moves about 2(N-1)/N of it each way), ``recv_bytes`` th
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
@@ -57,20 +58,29 @@ class Layout:
 
 
 LLAMA = Layout(
-    layers="model.layers", embed="model.embed_tokens", exit=("model.norm",),
+    layers="model.layers",
+    embed="model.embed_tokens",
+    exit=("model.norm",),
     column=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
-    row=("self_attn.o_proj", "mlp.down_proj"), attention="self_attn",
+    row=("self_attn.o_proj", "mlp.down_proj"),
+    attention="self_attn",
 )
 LAYOUTS: dict[str, Layout] = {
     **{t: LLAMA for t in ("llama", "mistral", "qwen2", "qwen3")},
     "opt": Layout(
-        layers="model.decoder.layers", embed="model.decoder.embed_tokens", zero=("model.decoder.embed_positions",),
-        entry=("model.decoder.project_in",), exit=("model.decoder.final_layer_norm", "model.decoder.project_out"),
+        layers="model.decoder.layers",
+        embed="model.decoder.embed_tokens",
+        zero=("model.decoder.embed_positions",),
+        entry=("model.decoder.project_in",),
+        exit=("model.decoder.final_layer_norm", "model.decoder.project_out"),
         column=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "fc1"),
-        row=("self_attn.out_proj", "fc2"), attention="self_attn",
+        row=("self_attn.out_proj", "fc2"),
+        attention="self_attn",
     ),
     # GPT-2's q/k/v are one fused Conv1D: sharding it needs a per-architecture split, not done here.
-    "gpt2": Layout(layers="transformer.h", embed="transformer.wte", zero=("transformer.wpe",), exit=("transformer.ln_f",)),
+    "gpt2": Layout(
+        layers="transformer.h", embed="transformer.wte", zero=("transformer.wpe",), exit=("transformer.ln_f",)
+    ),
 }
 
 
@@ -97,7 +107,7 @@ def put(root: nn.Module, path: str, value: nn.Module) -> None:
 
 
 def head_counts(config) -> tuple[int, int]:
-    q = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    q = getattr(config, "num_attention_heads", None) or config.n_head
     return q, getattr(config, "num_key_value_heads", None) or q
 
 
@@ -117,9 +127,13 @@ def check_split(model: nn.Module, mode: str, world: int, split: list[int] | None
     depth = len(get(model, layout.layers))
     if mode == "pipeline":
         if world > depth:
-            raise ValueError(f"pipeline over {world} processes needs at least {world} decoder layers; the model has {depth}")
+            raise ValueError(
+                f"pipeline over {world} processes needs at least {world} decoder layers; the model has {depth}"
+            )
         if split is not None and (len(split) != world or sum(split) != depth or min(split) < 1):
-            raise ValueError(f"split {split} must give {world} positive layer counts summing to the model's {depth} layers")
+            raise ValueError(
+                f"split {split} must give {world} positive layer counts summing to the model's {depth} layers"
+            )
         return
     q, kv = head_counts(model.config)
     if q % world or kv % world:
@@ -333,8 +347,11 @@ def setup_rank(rank: int, payload: dict[str, Any]) -> RankState:
     torch.set_num_threads(payload["threads"])
     device = torch.device(f"cuda:{rank}" if payload["backend"] == "nccl" else "cpu")
     dist.init_process_group(
-        payload["backend"], init_method=f"tcp://127.0.0.1:{payload['port']}", rank=rank,
-        world_size=payload["world"], timeout=datetime.timedelta(seconds=payload["timeout_s"]),
+        payload["backend"],
+        init_method=f"tcp://127.0.0.1:{payload['port']}",
+        rank=rank,
+        world_size=payload["world"],
+        timeout=datetime.timedelta(seconds=payload["timeout_s"]),
     )
     model = payload["model"]
     layout = layout_for(model, payload["mode"])
@@ -364,10 +381,8 @@ class RemoteCache:
         self.crop_to = self.length
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.owner.released.append(self.cid)
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 @dataclass
@@ -396,10 +411,18 @@ class DistributedModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: RemoteCache | None = None, use_cache: bool = False, **kwargs):
         unsupported = {k for k, v in kwargs.items() if v is not None and k not in ("return_dict",)}
         if unsupported:
-            raise TypeError(f"a {self.mode}-parallel model takes input_ids, cache and use_cache only, not {sorted(unsupported)}")
+            raise TypeError(
+                f"a {self.mode}-parallel model takes input_ids, cache and use_cache only, not {sorted(unsupported)}"
+            )
         if cache is not None and not isinstance(cache, RemoteCache):
-            raise TypeError(f"a {self.mode}-parallel model keeps its KV caches in the workers; got a {type(cache).__name__}")
-        req: dict[str, Any] = {"op": "forward", "ids": pack(input_ids), "use_cache": bool(use_cache or cache is not None)}
+            raise TypeError(
+                f"a {self.mode}-parallel model keeps its KV caches in the workers; got a {type(cache).__name__}"
+            )
+        req: dict[str, Any] = {
+            "op": "forward",
+            "ids": pack(input_ids),
+            "use_cache": bool(use_cache or cache is not None),
+        }
         req["cache"] = cache.cid if cache is not None else None
         req["crop"] = cache.crop_to if cache is not None else None
         if cache is None and req["use_cache"]:
@@ -455,14 +478,22 @@ class DistributedModel(nn.Module):
         }
 
 
-def launch(model: nn.Module, mode: str, world: int, *, threads: int, timeout_s: float, split=None, device: str = "cpu") -> DistributedModel:
+def launch(
+    model: nn.Module, mode: str, world: int, *, threads: int, timeout_s: float, split=None, device: str = "cpu"
+) -> DistributedModel:
     """Start ``world`` ranks holding ``model`` split by ``mode``; returns the coordinator's module."""
     check_split(model, mode, world, split)
     backend = "nccl" if device == "cuda" else "gloo"
     depth = len(get(model, layout_for(model, mode).layers))
     payload = {
-        "model": model.cpu(), "mode": mode, "world": world, "port": free_loopback_port(), "backend": backend,
-        "threads": threads, "timeout_s": timeout_s, "bounds": stage_bounds(depth, world, split),
+        "model": model.cpu(),
+        "mode": mode,
+        "world": world,
+        "port": free_loopback_port(),
+        "backend": backend,
+        "threads": threads,
+        "timeout_s": timeout_s,
+        "bounds": stage_bounds(depth, world, split),
     }
     # Loopback only: gloo and NCCL pick the interface to bind from these.
     env = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}

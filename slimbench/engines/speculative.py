@@ -26,6 +26,7 @@ The target must expose the call contract of ``slimbench.lm`` and a cache with ``
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -181,13 +182,14 @@ class SpeculativeGenerator:
             self.verified_calls += 1
         return out
 
-    def _timed(self, lm, fn, attr: str):
+    @contextlib.contextmanager
+    def _clock(self, lm, attr: str):
+        """Add the block's wall time (device synchronised) to ``stats.<attr>``."""
         lm.synchronize()
         t0 = time.perf_counter()
-        result = fn()
+        yield
         lm.synchronize()
         setattr(self.stats, attr, getattr(self.stats, attr) + time.perf_counter() - t0)
-        return result
 
     def _speculate(self, lm, ids: torch.Tensor, n: int, on_tokens) -> torch.Tensor:
         st = self.stats
@@ -195,7 +197,8 @@ class SpeculativeGenerator:
         ids = ids.cpu()
         self.drafter.start(ids)
         # The cache may be pre-allocated: leave room for the k proposals of the last step.
-        logits, cache = self._timed(lm, lambda: lm.prefill(ids, capacity=ids.shape[1] + n + self.k), "verify_seconds")
+        with self._clock(lm, "verify_seconds"):
+            logits, cache = lm.prefill(ids, capacity=ids.shape[1] + n + self.k)
         seqs = torch.cat([ids, logits.argmax(-1, keepdim=True).cpu()], dim=1)
         cached = ids.shape[1]  # the newest token is not yet in the target's cache
         if on_tokens is not None:
@@ -203,12 +206,14 @@ class SpeculativeGenerator:
         while seqs.shape[1] - ids.shape[1] < n:
             room = n - (seqs.shape[1] - ids.shape[1]) - 1  # proposals beyond n would be wasted
             k = min(self.k, room)
-            draft = self._timed(lm, lambda k=k: self.drafter.propose(seqs, k), "draft_seconds") if k else None
+            draft = None
+            if k:
+                with self._clock(lm, "draft_seconds"):
+                    draft = self.drafter.propose(seqs, k)
             draft = draft if draft is not None and draft.shape[1] else seqs.new_zeros((seqs.shape[0], 0))
             step_in = torch.cat([seqs[:, -1:], draft], dim=1)
-            out = self._timed(
-                lm, lambda: lm.model(input_ids=step_in.to(lm.device), cache=cache, use_cache=True), "verify_seconds"
-            )
+            with self._clock(lm, "verify_seconds"):
+                out = lm.model(input_ids=step_in.to(lm.device), cache=cache, use_cache=True)
             cache = out.cache
             greedy = out.logits.argmax(-1).cpu()  # [B, d+1]: the target's choice after each prefix
             match = (greedy[:, :-1] == draft).int().cumprod(dim=1).sum(dim=1)  # accepted per row

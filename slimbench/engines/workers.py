@@ -21,6 +21,7 @@ than copying a few hundred kilobytes.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
 import time
@@ -88,21 +89,17 @@ def worker_main(setup: Callable[[int, Any], Any], rank: int, conn, payload: Any,
                 conn.send(("ok", None))
                 return
             conn.send(("ok", state.handle(request)))
-    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the coordinator
-        try:
+    except BaseException as exc:
+        with contextlib.suppress(OSError, ValueError):
             conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"))
-        except (OSError, ValueError):
-            pass
         os._exit(1)  # skip atexit handlers that could block on a broken process group
 
 
 # -- the coordinator side ----------------------------------------------------------------------
 def _shutdown(procs: list, conns: list, grace_s: float = 5.0) -> None:
     for conn in conns:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             conn.send("stop")
-        except (OSError, ValueError):
-            pass
     deadline = time.monotonic() + grace_s
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
@@ -158,7 +155,9 @@ class WorkerGroup:
                     os.environ[k] = v
         self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns)
         atexit.register(self._finalizer)
-        self.infos = self._collect(range(len(payloads)), what="start-up", timeout_s=start_timeout_s or max(timeout_s, 600.0))
+        self.infos = self._collect(
+            range(len(payloads)), what="start-up", timeout_s=start_timeout_s or max(timeout_s, 600.0)
+        )
 
     @property
     def pids(self) -> list[int]:
