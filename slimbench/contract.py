@@ -155,8 +155,16 @@ def counting_calibration() -> Iterator[list[int]]:
 def run_once(method: Method, arch: str, params: dict[str, Any]) -> tuple[Any, MethodReport | None, str, dict]:
     """(lm, report or None, refusal reason, facts measured around the run)."""
     from slimbench.modeling import memory_bytes
+    from slimbench.registry import METHODS
 
     lm = load_tiny(arch)
+    ctx = MethodContext(hardware=HardwareSpec(threads=1))
+    try:
+        for name in method.requires:  # the steps this method must follow, with their own test params
+            before_method = METHODS.get(name)
+            before_method.run(lm, before_method.config(**contract_params(before_method)), ctx)
+    except ValueError as err:
+        return lm, None, f"{', '.join(method.requires)} (required earlier): {err}", {}
     original_model = lm.model
     before = memory_bytes(lm.model)
     cfg = method.config(**params)
@@ -165,7 +173,7 @@ def run_once(method: Method, arch: str, params: dict[str, Any]) -> tuple[Any, Me
     except ValueError as err:
         return lm, None, str(err) or type(err).__name__, {}
     with counting_calibration() as calls:
-        rep = method.run(lm, cfg, MethodContext(hardware=HardwareSpec(threads=1)))
+        rep = method.run(lm, cfg, ctx)
     return lm, rep, "", {"bytes_before": before, "original_model": original_model, "calibration_draws": len(calls)}
 
 
@@ -247,6 +255,13 @@ def stored_bytes_problems(lm: Any, rep: MethodReport, sizes: dict) -> list[str]:
     from slimbench.modeling import storage_state
 
     problems = []
+    if callable(getattr(lm.model, "slimbench_size", None)):  # an engine reports its own sizes
+        files = getattr(lm.model, "slimbench_files", None)
+        if callable(files):
+            on_disk = sum(p.stat().st_size for p in files())
+            if on_disk != sizes["stored_bytes"]:
+                problems.append(f"reports {sizes['stored_bytes']:,} stored bytes, its files have {on_disk:,}")
+        return problems  # no files of its own: its sizes are the harness-measured model's
     state = storage_state(lm.model, rep.storage)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "stored.safetensors"

@@ -112,6 +112,9 @@ class Method:
     follows: tuple[str, ...] | None = None
     # Whether the method changes layer shapes; None: the family's default (SHAPE_CHANGING).
     changes_shapes: bool | None = None
+    # Methods that must come earlier in the same chain (e.g. ort-int8 quantizes the graph that
+    # onnx-runtime exported). Validation refuses a chain without them; the contract runs them first.
+    requires: tuple[str, ...] = ()
     # True: refuses to run without a CUDA device (validation rejects a CPU suite).
     requires_gpu: bool = False
     # For calibration-based methods (config inherits CalibrationConfig): what the budget must
@@ -147,6 +150,10 @@ class Method:
 
     def chain_problem(self, earlier: list[Method]) -> str | None:
         """Why this method may not follow the ``earlier`` steps of a chain; None if it may."""
+        missing = [r for r in self.requires if r not in {prev.name for prev in earlier}]
+        if missing:
+            need = ", ".join(missing)
+            return f"{self.name} needs {need} earlier in the chain: steps [{need}, {self.name}]"
         for prev in earlier:
             if prev.family == "baseline":
                 return f"{prev.name} is the unchanged model, a reference on its own: drop it from the chain"

@@ -256,7 +256,7 @@ def parse_methods(raw: Any, source: str, problems: Problems) -> list[MethodSpec]
 
 def check_chain(methods: list[Any], source: str, field: str) -> None:
     """Composition rules: each step may follow every step before it (Method.follows)."""
-    for j, method in enumerate(methods[1:], start=1):
+    for j, method in enumerate(methods):  # the first step too: it may require an earlier one
         problem = method.chain_problem(methods[:j])
         if problem:
             raise SuiteError(f"invalid chain: {problem}", source=source, field=f"{field}[{j}]")
@@ -315,7 +315,7 @@ def check_against_models(suite: Suite, problems: Problems) -> None:
     Runs every method's shape-only ``check`` on a weightless skeleton of the model (see
     slimbench.shapes), so `validate` reports what the run would otherwise fail on after loading.
     A later step of a chain is checked on the original shapes only while no earlier step
-    changes shapes; the runner checks every step again before applying it.
+    changes shapes or the execution (an acceleration step); the runner checks every step again before applying it.
     """
     from slimbench.calibration import budget_problems
     from slimbench.shapes import skeleton
@@ -348,8 +348,8 @@ def check_against_models(suite: Suite, problems: Problems) -> None:
                     for e in errors:
                         problems.add(f"{step.name}: calibration budget: {e}", where)
                     problems.warnings += [f"{where}: {step.name}: calibration budget: {w}" for w in warnings]
-                if method.changes_shapes:
-                    break
+                if method.changes_shapes or method.family == "acceleration":
+                    break  # later steps see other shapes, or an engine instead of the model
 
 
 def load_suite(path: str | Path, overrides: list[str] = (), *, check_models: bool = True) -> Suite:

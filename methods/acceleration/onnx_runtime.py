@@ -108,4 +108,5 @@ METHOD = Method(
     config=OnnxRuntimeConfig,
     apply=apply,
     check=check,
+    check_reads_weights=True,  # its check inspects the loaded model (device, engine), not shapes
 )

@@ -33,6 +33,10 @@ def check(lm, cfg: OrtInt8Config) -> None:
             f"ort-int8: quantizes the ONNX graph of an onnx-runtime step; the model is a "
             f"{type(lm.model).__name__}: use steps [onnx-runtime, ort-int8]"
         )
+    if getattr(lm.model.config, "model_type", None) == "opt":
+        # onnxruntime 1.31's quantize_dynamic fails shape inference on the exported OPT graph
+        # ("Inferred shape and existing shape differ"): refused rather than failing mid-cell.
+        raise ValueError("ort-int8: ONNX Runtime's int8 quantizer cannot process the exported OPT graph")
     if "int8" in lm.model.stored_format:
         raise ValueError("ort-int8: the ONNX model is already int8")
 
@@ -69,4 +73,6 @@ METHOD = Method(
     config=OrtInt8Config,
     apply=apply,
     check=check,
+    requires=("onnx-runtime",),
+    check_reads_weights=True,  # its check inspects the loaded model (device, engine), not shapes
 )

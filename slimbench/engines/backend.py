@@ -14,7 +14,9 @@ An ``EngineModel`` is an ``nn.Module`` with the call contract of ``slimbench.lm`
 ``.logits`` (``[B, T, V]`` torch tensor on ``lm.device``) and ``.cache``; a ``config`` (the HF
 config: ``max_position_embeddings``, ``model_type``); ``slimbench_size() -> dict`` (parameters,
 memory_bytes, stored_bytes, stored_format, effective_bits: what the engine really holds and
-stores, which the harness reports instead of walking torch modules); ``close()``.
+stores, which the harness reports instead of walking torch modules); optionally
+``slimbench_files() -> [Path]``, the files ``stored_bytes`` counts (the method contract checks
+their size); ``close()``.
 
 An ``EngineCache`` is whatever the engine keeps between calls, behind ``get_seq_length()`` and
 ``crop(-n)`` (drop the last n tokens: speculative decoding needs it; transformers' convention).

@@ -247,7 +247,8 @@ class OrtModel(nn.Module):
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.path, self.config, self.shapes = path, config, shapes
         self.threads, self.optimization = threads, optimization
-        self.parameters, self.stored_format = parameters, stored_format
+        # not `parameters`: that would shadow nn.Module.parameters()
+        self.n_parameters, self.stored_format = parameters, stored_format
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # The temporary folder lives as long as this model (the int8 step reads the file from it).
@@ -287,13 +288,17 @@ class OrtModel(nn.Module):
     def slimbench_size(self) -> dict[str, Any]:
         sizes = graph_sizes(self.path)
         return {
-            "parameters": self.parameters,
+            "parameters": self.n_parameters,
             "memory_bytes": sizes["memory_bytes"],
             "stored_bytes": sizes["stored_bytes"],
             "stored_format": self.stored_format,
             "effective_bits": sizes["effective_bits"],
-            "bits_per_parameter": 8 * sizes["stored_bytes"] / self.parameters,
+            "bits_per_parameter": 8 * sizes["stored_bytes"] / self.n_parameters,
         }
+
+    def slimbench_files(self) -> list[Path]:
+        """The files ``stored_bytes`` counts (the graph and its external data)."""
+        return model_files(self.path)
 
     def close(self) -> None:
         self.session = None
@@ -335,7 +340,7 @@ def requantize(model: OrtModel, per_channel: bool) -> tuple[OrtModel, float]:
         threads=model.threads,
         optimization=model.optimization,
         workdir=workdir,
-        parameters=model.parameters,
+        parameters=model.n_parameters,
         stored_format=f"onnx int8 dynamic ({'per-channel' if per_channel else 'per-tensor'} weights)",
     )
     for p in model_files(model.path):  # the fp32 graph is no longer needed
