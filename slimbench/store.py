@@ -108,6 +108,31 @@ def record_problem(obj: Any) -> str | None:
     return None
 
 
+# Units of machine-dependent measurements (latency, throughput, memory): they differ between
+# two runs of the same cell, so comparisons of records leave them out.
+MEASURED_UNITS = frozenset({"s", "ms", "us", "tokens/s", "GB/s", "MiB", "MB", "GiB"})
+VOLATILE_FIELDS = ("started_at", "finished_at", "timings", "non_finite_replaced")
+VOLATILE_REPORT_FIELDS = ("compress_seconds", "compress_peak_memory_mb")
+
+
+def comparable_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A record without what varies between two runs of the same cell (clock times, timings,
+    memory readings): two executors running one suite must give equal comparable records."""
+    rec = {k: v for k, v in record.items() if k not in VOLATILE_FIELDS}
+    metrics = record.get("metrics") or {}
+    rec["metrics"] = {
+        k: m for k, m in metrics.items() if not (isinstance(m, dict) and m.get("unit") in MEASURED_UNITS)
+    }
+    report = record.get("method_report")
+    if isinstance(report, dict):
+        report = {k: v for k, v in report.items() if k not in VOLATILE_REPORT_FIELDS}
+        report["steps"] = [{k: v for k, v in s.items() if k != "seconds"} for s in report.get("steps", [])]
+        rec["method_report"] = report
+    if isinstance(record.get("error"), dict):
+        rec["error"] = {k: v for k, v in record["error"].items() if k != "traceback"}
+    return rec
+
+
 def _warn_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 

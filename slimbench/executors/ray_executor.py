@@ -35,13 +35,17 @@ SHARE = 0.001  # what a group without a timed task takes of its node's unit (Ray
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _group_task(cells_json: list[str], suite_source: str, limit: int | None, cpus: float):
+def _group_task(cells_json: list[str], suite_source: str, limit: int | None, cpus: float, preload: tuple):
     """Runs on a Ray worker: one group, its events yielded back to the driver."""
+    import importlib
+
     import psutil
 
     from slimbench.cli import offline_defaults
 
     offline_defaults()
+    for module in preload:  # plugins registered by import
+        importlib.import_module(module)
     from slimbench.runner import iter_group
 
     cells = [CellSpec.model_validate_json(j) for j in cells_json]
@@ -76,6 +80,7 @@ class RayExecutor:
         max_groups: int | None = None,
         memory_limit: int | None = None,
         timeout: float | None = None,
+        preload: tuple[str, ...] = (),
     ):
         if ray is None:
             raise SuiteError(
@@ -90,6 +95,7 @@ class RayExecutor:
         self.max_groups = max_groups
         self.memory_limit = memory_limit
         self.timeout = timeout
+        self.preload = tuple(preload)
         self.name = "ray"
         self.slots = max_groups or 1
         self.startup_seconds: float | None = None
@@ -180,7 +186,8 @@ class RayExecutor:
         if self._node_resource:
             opts["resources"] = {NODE_RESOURCE: 1.0 if req.exclusive else SHARE}
         limit = req.memory_bytes or self.memory_limit
-        gen = self._remote.options(**opts).remote([c.model_dump_json() for c in cells], suite_source, limit, req.cpus)
+        cells_json = [c.model_dump_json() for c in cells]
+        gen = self._remote.options(**opts).remote(cells_json, suite_source, limit, req.cpus, self.preload)
         self._tasks[gid] = [gen, None]
 
     def poll(self, timeout: float) -> list[tuple[int, tuple]]:
