@@ -115,6 +115,7 @@ class RayExecutor:
             for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_UPDATE_DOWNLOAD_COUNTS", "TOKENIZERS_PARALLELISM")
             if k in os.environ
         }
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # SlimBench runs offline: no usage report
         t0 = time.perf_counter()
         try:
             if self.address:
