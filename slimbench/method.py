@@ -60,6 +60,9 @@ class Method:
     # Bump when a change changes what the method produces: the version is part of every run
     # id, so old records of this method are not reused for the new code.
     version: str = "1"
+    # What the method needs beyond the suite's hardware, e.g. {"gpus": 1, "memory_gb": 16}
+    # (keys cpus, gpus, memory_gb): the scheduler reserves the larger of the two.
+    resources: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

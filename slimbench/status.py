@@ -183,7 +183,7 @@ def format_status(rows: list[CellState], eta: float | None, *, verbose_done: boo
             continue
         extra = f"  ({r.detail})" if r.detail else ""
         lines.append(f"  {r.state:<8} {r.run_id}  {r.label}{extra}")
-    if eta is not None:
+    if eta is not None and len(rows) > counts["done"]:
         lines.append(
             f"ETA: about {human_seconds(eta)} of compute for the {len(rows) - counts['done']} cells not done "
             "(estimated per model load, compression and task from the finished cells; divide by the workers in use)"

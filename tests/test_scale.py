@@ -385,3 +385,18 @@ def test_eta_is_built_per_kind_not_from_the_first_cell(tmp_path):
     run_cells(cells[:2], store, show_progress=False, log=lambda s: None)
     learned = CostModel.from_records(store.history())
     assert learned.estimate("evaluate", cells[5]) > 0 and learned.seen["load"]
+
+
+def test_a_method_can_raise_the_request(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from slimbench.executors.resources import Machine, group_resources
+    from slimbench.registry import METHODS
+
+    cells = load_suite(suite_file(tmp_path, QUALITY)).cells()
+    mag = [c for c in cells if c.method.name == "magnitude"]
+    base = [c for c in cells if c.method.name == "baseline"]
+    monkeypatch.setitem(METHODS.entries, "magnitude", replace(METHODS.get("magnitude"), resources={"memory_gb": 1e6}))
+    assert group_resources(mag).memory_bytes == int(1e15)
+    assert group_resources(base).memory_bytes == 0  # the suite's hardware asks for none
+    assert "or its method" in Machine.this().refusal(group_resources(mag))

@@ -1,8 +1,9 @@
 """What a group of cells asks of a machine, what this machine has, and the node lock.
 
 A group's request comes from the suite's hardware: ``threads`` CPUs, one GPU for
-``device: cuda``, ``memory_gb`` of memory (none reserved when unset). A group whose task is
-timed asks for the whole node.
+``device: cuda``, ``memory_gb`` of memory (none reserved when unset), raised to what its
+method steps declare (``Method.resources``). A group whose task is timed asks for the whole
+node.
 """
 
 from __future__ import annotations
@@ -46,13 +47,27 @@ def cell_is_timed(cell: CellSpec) -> bool:
     return cell.task.name in TASKS and TASKS.get(cell.task.name).timed
 
 
+def method_needs(cell: CellSpec) -> dict[str, float]:
+    """The largest of each request the group's method steps declare (``Method.resources``)."""
+    from slimbench.registry import METHODS
+
+    need: dict[str, float] = {}
+    for step in cell.method.steps:
+        declared = getattr(METHODS.get(step.name), "resources", None) if step.name in METHODS else None
+        for key, value in (declared or {}).items():
+            need[key] = max(need.get(key, 0), float(value))
+    return need
+
+
 def group_resources(cells: list[CellSpec]) -> Resources:
     hw = cells[0].hardware
+    need = method_needs(cells[0])
     cpus = hw.threads  # the threads a cell sets are the CPUs it keeps busy
+    memory_gb = max(hw.memory_gb or 0, need.get("memory_gb", 0))
     return Resources(
-        cpus=cpus,
-        gpus=1 if hw.device == "cuda" else 0,
-        memory_bytes=int(hw.memory_gb * 1e9) if hw.memory_gb else 0,
+        cpus=max(cpus, need.get("cpus", 0)),
+        gpus=max(1 if hw.device == "cuda" else 0, need.get("gpus", 0)),
+        memory_bytes=int(memory_gb * 1e9),
         exclusive=any(cell_is_timed(c) for c in cells),
     )
 
@@ -82,8 +97,8 @@ class Machine:
             return f"it asks for {req.gpus:g} GPU(s) and this machine has {self.gpus}"
         if req.memory_bytes > self.memory_bytes:
             return (
-                f"it asks for {req.memory_bytes / GIB:.1f} GiB (hardware.memory_gb) and this machine has "
-                f"{self.memory_bytes / GIB:.1f} GiB"
+                f"it asks for {req.memory_bytes / GIB:.1f} GiB (hardware.memory_gb, or its method) "
+                f"and this machine has {self.memory_bytes / GIB:.1f} GiB"
             )
         return None
 
