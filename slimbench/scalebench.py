@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def timed_run(cmd: list[str], label: str) -> tuple[float, str]:
-    print(f"-- {label}: {' '.join(cmd)}", flush=True)
+    print(f"-- {label}: {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ray_here:
             pass
         elif namespace_ok():
-            ray_cmd = ["unshare", "--net", "sh", "-c", "ip link set lo up && exec " + " ".join(ray_cmd)]
+            ray_cmd = ["unshare", "--net", "sh", "-c", "ip link set lo up && exec " + shlex.join(ray_cmd)]
         else:
             ray_cmd = None
             print("-- Ray skipped: needs `unshare --net` as root (or --ray-here)")
