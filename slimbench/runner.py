@@ -4,18 +4,22 @@ Cells that share a model and a method config form a group: the model is loaded a
 compressed once, then every task of the group is evaluated on it (compress once, evaluate
 many). A cell that already has an ``ok`` record is skipped. Anything that raises inside a
 group becomes ``failed`` records for the affected cells; the sweep goes on.
+
+This module is what runs *inside* a worker (``iter_group``: one group, yielding records);
+``slimbench.executors`` decides where groups run and ``slimbench.executors.sweep`` is the
+driver that claims cells, hands groups to an executor and writes the records.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from slimbench.config import build_config
 from slimbench.lm import LanguageModel
@@ -37,13 +41,6 @@ from slimbench.registry import METHODS, TASKS
 from slimbench.specs import CellSpec, MethodSpec
 from slimbench.store import ResultStore, utc_now
 from slimbench.task import TaskContext
-
-
-@dataclass
-class RunSummary:
-    ok: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
 
 
 def load_model(cell: CellSpec) -> LanguageModel:
@@ -140,6 +137,21 @@ def size_report(model: torch.nn.Module, storage: dict[str, dict[str, torch.Tenso
 
 
 # -- records -------------------------------------------------------------------------------
+_PROCESS_ENV: dict[str, Any] | None = None
+
+
+def cell_environment() -> dict[str, Any]:
+    """The environment of the cell running now, as it runs.
+
+    The process' facts (versions, CPU, git state) are read once per process; the torch
+    threads are read for each cell, after ``load_model`` set the cell's own.
+    """
+    global _PROCESS_ENV
+    if _PROCESS_ENV is None:
+        _PROCESS_ENV = environment()
+    return {**_PROCESS_ENV, "torch_threads": torch.get_num_threads()}
+
+
 def base_record(cell: CellSpec, suite_source: str, env: dict, lm: LanguageModel | None) -> dict[str, Any]:
     return {
         "schema": 1,
@@ -153,6 +165,22 @@ def base_record(cell: CellSpec, suite_source: str, env: dict, lm: LanguageModel 
     }
 
 
+def make_record(cell, suite_source, lm, status, started, *, metrics=None, details=None, report=None, error=None,
+                timings=None, env=None) -> dict[str, Any]:
+    rec = base_record(cell, suite_source, env or cell_environment(), lm)
+    rec.update(
+        status=status,
+        error=error,
+        metrics=metrics or {},
+        task_details=details or {},
+        method_report=report,
+        timings=timings or {},
+        started_at=started,
+        finished_at=utc_now(),
+    )
+    return rec
+
+
 def failure(exc: BaseException, stage: str) -> dict[str, Any]:
     return {
         "stage": stage,
@@ -160,6 +188,27 @@ def failure(exc: BaseException, stage: str) -> dict[str, Any]:
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(exc))[-4000:],
     }
+
+
+def non_finite_metric(cell: CellSpec, metrics: dict[str, dict]) -> dict[str, Any] | None:
+    """The failure of a cell whose metric is NaN or infinite (None if every value is finite).
+
+    A NaN perplexity is not a bad score but no score: the cell fails, saying why, instead of
+    an ``ok`` record that a leaderboard would rank.
+    """
+    quality = TASKS.get(cell.task.name).quality_metric if cell.task.name in TASKS else None
+    for name, m in metrics.items():
+        v = m.get("value")
+        if not isinstance(v, int | float) or math.isfinite(v):
+            continue
+        kind = "NaN" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        if name == quality or quality is None:
+            model = "model" if cell.method.name == "baseline" else "compressed model"
+            why = f"the {model} produces non-finite logits"
+        else:
+            why = "the measurement is not a finite number"
+        return {"stage": "evaluate", "type": "NonFiniteMetric", "message": f"{name} is {kind}: {why}"}
+    return None
 
 
 def evaluate_cell(lm: LanguageModel, cell: CellSpec, method_report: dict, progress) -> tuple[dict, dict]:
@@ -170,7 +219,7 @@ def evaluate_cell(lm: LanguageModel, cell: CellSpec, method_report: dict, progre
     return {k: m.to_dict() for k, m in result.metrics.items()}, result.details
 
 
-# -- the sweep -------------------------------------------------------------------------------
+# -- one group -------------------------------------------------------------------------------
 def group_cells(cells: list[CellSpec]) -> dict[tuple[str, str, str], list[CellSpec]]:
     groups: dict[tuple[str, str, str], list[CellSpec]] = {}
     for c in cells:
@@ -179,79 +228,85 @@ def group_cells(cells: list[CellSpec]) -> dict[tuple[str, str, str], list[CellSp
     return groups
 
 
-def run_group(
+def load_and_compress(head: CellSpec, progress=None, stage: dict | None = None) -> tuple[LanguageModel, dict]:
+    """The load + compress stage of a group: the model, compressed, and the method report.
+
+    One function, so that a cache of compressed models can wrap it. ``stage["name"]`` says
+    which step is running (for the failure record); ``stage["load_seconds"]`` is filled in.
+    """
+    stage = {} if stage is None else stage
+    stage["name"] = "load"
+    t0 = time.perf_counter()
+    lm = load_model(head)
+    stage["load_seconds"] = time.perf_counter() - t0
+    stage["name"] = "compress"
+    return lm, apply_method(lm, head.method, head.hardware, progress)
+
+
+def iter_group(
     pending: list[CellSpec],
-    store: ResultStore,
     suite_source: str,
-    env: dict,
     *,
     progress=None,
-    on_cell: Callable[[CellSpec, str], None] = lambda c, status: None,
-    log: Callable[[str], None] = print,
-) -> None:
-    """Load, compress once, evaluate every pending cell of one (model, method, hardware) group."""
+    memory_limit: int | None = None,
+    lock=None,
+) -> Iterator[tuple]:
+    """Load, compress once, evaluate every pending cell of one (model, method, hardware) group.
+
+    Yields events for the driver, which writes the records:
+    ``("started", host, pid)``, ``("stage", kind, run_id, seconds)`` after the load, the
+    compression (kind ``load``/``compress``, the group's first cell) and each evaluation
+    (``evaluate``, that cell): what the ETA learns from; and ``("record", record)``.
+    Every stage holds the node lock, shared, or exclusive for a timed task.
+    """
+    import socket
+
+    from slimbench.executors.resources import MemoryGuard, cell_is_timed, node_lock
+
+    lock = lock or node_lock()
+    guard = MemoryGuard(memory_limit)
     head = pending[0]
-    lm, method_report, stage = None, None, "load"
+    yield ("started", socket.gethostname(), os.getpid())
+    lm, method_report, stage = None, None, {"name": "load"}
     started = utc_now()
+    t0 = time.perf_counter()
     try:
-        lm = load_model(head)
-        stage = "compress"
-        method_report = apply_method(lm, head.method, head.hardware, progress)
-    except Exception as exc:  # a failing cell becomes a record, never a crashed sweep
-        err = failure(exc, stage)
-        log(f"FAILED {head.model.name} | {head.method.label()} ({stage}): {type(exc).__name__}: {exc}")
+        with lock.hold(), guard:
+            lm, method_report = load_and_compress(head, progress, stage)
+    except Exception as exc:  # a failing group becomes records, never a crashed sweep
+        err = failure(exc, stage["name"])
         for c in pending:
-            write_record(store, c, suite_source, env, lm, "failed", started, error=err)
-            on_cell(c, "failed")
+            yield ("record", make_record(c, suite_source, lm, "failed", started, error=err))
         return
+    load_s = stage.get("load_seconds", 0.0)
+    yield ("stage", "load", head.run_id, load_s)
+    yield ("stage", "compress", head.run_id, time.perf_counter() - t0 - load_s)
     release_memory()  # what compression freed should not count as inference memory
+    timings = {"load_seconds": load_s}
     for c in pending:
         started = utc_now()
+        t1 = time.perf_counter()
         try:
-            metrics, details = evaluate_cell(lm, c, method_report, progress)
-            write_record(store, c, suite_source, env, lm, "ok", started, metrics, details, method_report)
-            on_cell(c, "ok")
+            timed = cell_is_timed(c)
+            # a timed task gets a guard that wakes rarely: its samples must not steal the clock's cycles
+            guard.interval = 1.0 if timed else 0.05
+            with lock.hold(exclusive=timed), guard:
+                metrics, details = evaluate_cell(lm, c, method_report, progress)
         except Exception as exc:  # likewise for one task
-            log(f"FAILED {c.model.name} | {c.method.label()} | {c.task.name}: {type(exc).__name__}: {exc}")
-            err = failure(exc, "evaluate")
-            write_record(store, c, suite_source, env, lm, "failed", started, report=method_report, error=err)
-            on_cell(c, "failed")
+            rec = make_record(c, suite_source, lm, "failed", started, report=method_report,
+                              error=failure(exc, "evaluate"))
+        else:
+            err = non_finite_metric(c, metrics)
+            rec = make_record(c, suite_source, lm, "failed" if err else "ok", started, metrics=metrics,
+                              details=details, report=method_report, error=err,
+                              timings={**timings, "evaluate_seconds": time.perf_counter() - t1})
+        yield ("stage", "evaluate", c.run_id, time.perf_counter() - t1)
+        yield ("record", rec)
+    del lm
+    release_memory()
 
 
-def _isolated_worker(cells_json: list[str], root: str, suite_source: str, env: dict) -> None:
-    cells = [CellSpec.model_validate_json(j) for j in cells_json]
-    run_group(cells, ResultStore(root), suite_source, env, log=lambda s: print(s, flush=True))
-
-
-def run_group_isolated(
-    pending: list[CellSpec], store: ResultStore, suite_source: str, env: dict, timeout: float | None, log
-) -> None:
-    """The same group in a fresh process: its memory is its own, and a hang can be cut off."""
-    import multiprocessing
-
-    proc = multiprocessing.get_context("spawn").Process(
-        target=_isolated_worker, args=([c.model_dump_json() for c in pending], str(store.root), suite_source, env)
-    )
-    started = utc_now()
-    proc.start()
-    proc.join(timeout)
-    timed_out = proc.is_alive()
-    if timed_out:
-        proc.kill()
-        proc.join()
-    reason = (
-        f"the group exceeded its timeout of {timeout} s and was killed"
-        if timed_out
-        else f"the worker process exited with code {proc.exitcode} before writing a record"
-    )
-    written = {r["run_id"] for r in store.records(include_failed=True) if r.get("started_at", "") >= started}
-    for c in pending:  # cells the worker did not get to (timeout, crash) still get a record
-        if c.run_id not in written:
-            log(f"FAILED {c.model.name} | {c.method.label()} | {c.task.name}: {reason}")
-            err = {"stage": "isolation", "type": "Timeout" if timed_out else "WorkerDied", "message": reason}
-            write_record(store, c, suite_source, env, None, "failed", started, error=err)
-
-
+# -- the sweep -------------------------------------------------------------------------------
 def run_cells(
     cells: list[CellSpec],
     store: ResultStore,
@@ -260,48 +315,19 @@ def run_cells(
     show_progress: bool = True,
     isolate: bool = False,
     timeout: float | None = None,
+    executor=None,
+    memory_limit: int | None = None,
     log: Callable[[str], None] = print,
-) -> RunSummary:
-    """Run every cell without an ok record; in-process, or one process per group (``isolate``)."""
-    summary = RunSummary()
-    env = environment()
-    bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=not show_progress)
-    inner = (lambda **kw: tqdm(leave=False, disable=not show_progress, **kw)) if show_progress else None
-    for group in group_cells(cells).values():
-        pending = [c for c in group if not store.has_ok(c.run_id)]
-        summary.skipped += [c.run_id for c in group if c not in pending]
-        bar.update(len(group) - len(pending))
-        if not pending:
-            continue
-        bar.set_postfix_str(f"{pending[0].model.name} | {pending[0].method.label()}"[:60])
-        if isolate:
-            run_group_isolated(pending, store, suite_source, env, timeout, log)
-            for c in pending:
-                (summary.ok if store.has_ok(c.run_id) else summary.failed).append(c.run_id)
-            bar.update(len(pending))
-        else:
-
-            def on_cell(c: CellSpec, status: str) -> None:
-                (summary.ok if status == "ok" else summary.failed).append(c.run_id)
-                bar.update(1)
-
-            run_group(pending, store, suite_source, env, progress=inner, on_cell=on_cell, log=log)
-            release_memory()
-    bar.close()
-    return summary
-
-
-def write_record(
-    store, cell, suite_source, env, lm, status, started, metrics=None, details=None, report=None, error=None
 ):
-    rec = base_record(cell, suite_source, env, lm)
-    rec.update(
-        status=status,
-        error=error,
-        metrics=metrics or {},
-        task_details=details or {},
-        method_report=report,
-        started_at=started,
-        finished_at=utc_now(),
-    )
-    store.write(rec)
+    """Run every cell without an ok record and write its record; returns a RunSummary.
+
+    ``executor``: where groups run (default: this process, one group after another; with
+    ``isolate`` or a ``timeout``, one fresh worker process per group).
+    """
+    from slimbench.executors import LocalExecutor
+    from slimbench.executors.sweep import sweep
+
+    if executor is None:
+        workers = 1 if (isolate or timeout is not None) else None
+        executor = LocalExecutor(workers=workers, isolate=isolate, timeout=timeout, memory_limit=memory_limit)
+    return sweep(cells, store, executor, suite_source=suite_source, show_progress=show_progress, log=log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal
 
 import torch
@@ -18,6 +19,12 @@ class HardwareSpec(Config):
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads: int = Field(2, ge=1, le=512, description="torch intra-op threads (CPU)")
+    memory_gb: float | None = Field(
+        None, gt=0, description="memory a cell may use (GB): what the scheduler reserves and the worker's limit"
+    )
+
+    # Where a cell may run, not what it computes: left out of the run id.
+    SCHEDULING_FIELDS: typing.ClassVar[frozenset[str]] = frozenset({"memory_gb"})
 
     @field_validator("device")
     @classmethod
@@ -150,4 +157,6 @@ class CellSpec(Config):
 
     @property
     def run_id(self) -> str:
-        return stable_hash(self.to_dict())
+        d = self.to_dict()
+        d["hardware"] = {k: v for k, v in d["hardware"].items() if k not in HardwareSpec.SCHEDULING_FIELDS}
+        return stable_hash(d)

@@ -49,3 +49,6 @@ class Task:
     # The per-example score in ``details["per_example"]`` whose paired difference decides
     # whether a delta of the quality metric is within noise (None: the quality metric itself).
     paired_metric: str | None = None
+    # A timed task measures time (latency, throughput): it never shares the machine with
+    # another running cell (an exclusive node lock locally, a whole-node resource on Ray).
+    timed: bool = False

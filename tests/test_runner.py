@@ -100,9 +100,23 @@ def test_rerun_skips_ok_cells_and_keeps_failures(swept, tmp_path):
     assert len(after) == len(before) + 6  # the failed cells were retried, each a new record
 
 
+def fake_record(run_id="abc", status="ok", **extra):
+    """The fields that make a dict a record (the store skips anything less)."""
+    return {
+        "run_id": run_id,
+        "status": status,
+        "model": {"name": "m"},
+        "method": {"name": "baseline", "label": "baseline"},
+        "task": {"name": "t", "version": "1", "params": {}},
+        "hardware": {},
+        "metrics": {},
+        **extra,
+    }
+
+
 def test_store_never_overwrites(tmp_path):
     store = ResultStore(tmp_path)
-    rec = {"run_id": "abc", "status": "ok", "x": 1}
+    rec = fake_record(x=1)
     store.write(rec)
     with pytest.raises(FileExistsError):
         store.write({**rec, "x": 2})

@@ -2,6 +2,8 @@
 
     slimbench run configs/quickstart.yaml            # run every cell (resumes); `run quickstart` works too
     slimbench run SUITE --set tasks.0.max_windows=8  # override a suite field
+    slimbench run SUITE --workers 2                  # 2 worker processes (--executor ray: Ray tasks)
+    slimbench status RESULTS --suite SUITE           # done / running / failed / pending, ETA
     slimbench validate SUITE                         # check a suite, run nothing
     slimbench list methods|tasks|models|corpora      # what is registered
     slimbench report --results results --html        # leaderboard, plots, HTML page

@@ -5,46 +5,117 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from slimbench.errors import SuiteError
+
+
+def positive(kind: type, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive ({what}), got {text}")
+        return value
+
+    return parse
+
+
+def build_executor(args: argparse.Namespace):
+    """The executor the options ask for (nothing started yet)."""
+    memory_limit = int(args.memory_limit * 2**30) if args.memory_limit else None
+    if args.executor == "ray":
+        from slimbench.executors.ray_executor import RayExecutor  # imports Ray only here
+
+        return RayExecutor(address=args.address, max_groups=args.workers, memory_limit=memory_limit,
+                           timeout=args.timeout)
+    from slimbench.executors import LocalExecutor
+
+    workers = args.workers
+    if workers is None and (args.isolate or args.timeout is not None):
+        workers = 1  # a group can only be cut off (timeout) or kept apart (isolate) in its own process
+    return LocalExecutor(workers, isolate=args.isolate, timeout=args.timeout, memory_limit=memory_limit)
+
+
+def report_is_current(store, out: Path) -> bool:
+    md = out / "leaderboard.md"
+    if not md.exists():
+        return False
+    files = store.record_files()
+    return not files or md.stat().st_mtime >= max(p.stat().st_mtime for p in files)
+
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from slimbench.runner import run_cells
-    from slimbench.store import ResultStore
+    from slimbench.store import ResultStore, check_results_folder
     from slimbench.suite import load_suite
 
+    if args.address and args.executor != "ray":
+        raise SuiteError("--address names a Ray cluster; use it with --executor ray")
     suite = load_suite(args.suite, args.set)  # every validation error happens here, before any work
     for warning in suite.warnings:
         print(f"warning: {warning}")
+    check_results_folder(args.results)
     cells = suite.cells()
     store = ResultStore(args.results)
-    done = sum(store.has_ok(c.run_id) for c in cells)
+    done = {c.run_id for c in cells if store.has_ok(c.run_id)}
     print(
         f"suite {suite.name}: {len(cells)} cells "
         f"({len(suite.models)} models x {len(suite.methods)} method configs x {len(suite.tasks)} tasks)"
-        + (f"; {done} already have an ok record and will be skipped" if done else "")
+        + (f"; {len(done)} already have an ok record and will be skipped" if done else "")
     )
     if args.dry_run:
         for c in cells:
-            state = "done" if store.has_ok(c.run_id) else "todo"
+            state = "done" if c.run_id in done else "todo"
             print(f"  {c.run_id}  {state}  {c.model.name} | {c.method.label()} | {c.task.label()}")
         return 0
-    summary = run_cells(
-        cells,
-        store,
-        suite_source=suite.source,
-        show_progress=not args.no_progress,
-        isolate=args.isolate or args.timeout is not None,
-        timeout=args.timeout,
-    )
+    report_dir = Path(args.report_dir or Path(args.results) / "report")
+    if len(done) == len(cells):  # the fast path: no executor, no model, no worker
+        print(f"nothing to run: every cell has an ok record in {store.runs}")
+        return finish(args, store, report_dir, ran=False)
+    summary = run_suite(args, suite, cells, store)
     print(
         f"ok {len(summary.ok)}, failed {len(summary.failed)}, skipped (already ok) {len(summary.skipped)}"
-        f" -> {store.runs}"
+        + (f", finished by another run {len(summary.elsewhere)}" if summary.elsewhere else "")
+        + f" -> {store.runs}"
     )
-    if not args.no_report:
-        from slimbench.report import write_report
-
-        out = write_report(store, Path(args.report_dir or Path(args.results) / "report"))
-        print(out.summary)
+    finish(args, store, report_dir, ran=True)
     return 1 if summary.failed else 0
+
+
+def run_suite(args: argparse.Namespace, suite, cells, store):
+    from slimbench.executors.sweep import sweep
+    from slimbench.runner import group_cells
+
+    executor = build_executor(args)
+    pending = [c for c in cells if not store.has_ok(c.run_id)]
+    try:
+        executor.start()  # connects to Ray, if asked: an unreachable cluster stops here
+        executor.check(list(group_cells(pending).values()))  # a request nobody can meet stops here
+    except BaseException:
+        executor.close()
+        raise
+    print(f"executor: {executor.name}")
+    return sweep(
+        cells,
+        store,
+        executor,
+        suite_source=suite.source,
+        show_progress=not args.no_progress,
+        claim_timeout=args.claim_timeout,
+    )
+
+
+def finish(args: argparse.Namespace, store, report_dir: Path, *, ran: bool) -> int:
+    if args.no_report:
+        return 0
+    if not ran and report_is_current(store, report_dir):
+        print(f"report: {report_dir / 'leaderboard.md'} is up to date")
+        return 0
+    from slimbench.report import write_report
+
+    out = write_report(store, report_dir)
+    print(out.summary)
+    return 0
 
 
 def add_set_option(p: argparse.ArgumentParser) -> None:
@@ -67,9 +138,48 @@ def register(sub) -> None:
     r.add_argument("--report-dir", help="where the report goes (default: RESULTS/report)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this machine (default); ray: groups as Ray tasks (needs the ray extra)",
+    )
+    r.add_argument(
+        "--workers",
+        type=positive(int, "a number of processes"),
+        metavar="N",
+        help="local: N worker processes (default: run in this process, one group after another); "
+        "ray: at most N groups at once",
+    )
+    r.add_argument(
+        "--address",
+        help="ray: address of a running Ray cluster (host:port, or auto); default: start a local Ray for the run",
+    )
+    r.add_argument(
         "--isolate",
         action="store_true",
         help="run each model x method group in a fresh process (own memory; a crash fails only its cells)",
     )
-    r.add_argument("--timeout", type=float, metavar="SECONDS", help="kill a group after this long (implies --isolate)")
+    r.add_argument(
+        "--timeout",
+        type=positive(float, "seconds"),
+        metavar="SECONDS",
+        help="kill a group after this long (runs groups in worker processes)",
+    )
+    r.add_argument(
+        "--memory-limit",
+        type=positive(float, "GiB"),
+        metavar="GIB",
+        help="memory a worker may use before its cell fails (default: 90%% of RAM shared by the workers; "
+        "hardware.memory_gb, where set, wins)",
+    )
+    from slimbench.claims import TIMEOUT_S
+
+    r.add_argument(
+        "--claim-timeout",
+        type=positive(float, "seconds"),
+        default=TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"take over a cell claimed by a run on another host after its heartbeat is this old "
+        f"(default {TIMEOUT_S:g}; a dead run on this host is taken over at once)",
+    )
     r.set_defaults(fn=cmd_run)
