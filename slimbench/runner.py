@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from slimbench import artifacts
 from slimbench.config import build_config
 from slimbench.lm import LanguageModel
 from slimbench.measure import PeakMemory, environment, release_memory
@@ -54,9 +55,12 @@ def load_model(cell: CellSpec) -> LanguageModel:
 
 
 # -- applying a method ---------------------------------------------------------------------
-def apply_method(lm: LanguageModel, spec: MethodSpec, hw, progress=None) -> dict[str, Any]:
-    """Apply every step, then measure what was achieved: the method report of the record."""
-    storage: dict[str, dict[str, torch.Tensor]] = {}
+def apply_method(lm: LanguageModel, spec: MethodSpec, hw, progress=None, storage=None) -> dict[str, Any]:
+    """Apply every step, then measure what was achieved: the method report of the record.
+
+    ``storage`` (optional, filled in): the stored forms the steps reported, for the artifact cache.
+    """
+    storage: dict[str, dict[str, torch.Tensor]] = {} if storage is None else storage
     steps, execution = [], "native"
     t0 = time.perf_counter()
     with PeakMemory(lm.device) as mem:
@@ -175,9 +179,16 @@ def run_group(
     lm, method_report, stage = None, None, "load"
     started = utc_now()
     try:
-        lm = load_model(head)
-        stage = "compress"
-        method_report = apply_method(lm, head.method, head.hardware, progress)
+        cached = artifacts.lookup(head, log)  # compress once across runs (slimbench/artifacts.py)
+        loaded = cached.load() if cached.hit else None
+        if loaded is not None:
+            lm, method_report = loaded
+        else:
+            lm = load_model(head)
+            stage = "compress"
+            storage: dict = {}
+            method_report = apply_method(lm, head.method, head.hardware, progress, storage)
+            cached.save(lm, method_report, storage)
     except Exception as exc:  # a failing cell becomes a record, never a crashed sweep
         err = failure(exc, stage)
         log(f"FAILED {head.model.name} | {head.method.label()} ({stage}): {type(exc).__name__}: {exc}")

@@ -25,6 +25,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             state = "done" if store.has_ok(c.run_id) else "todo"
             print(f"  {c.run_id}  {state}  {c.model.name} | {c.method.label()} | {c.task.label()}")
         return 0
+    from slimbench import artifacts
+    from slimbench.store import utc_now
+
+    artifacts.configure(args.artifacts, disabled=args.no_artifact_cache)
+    artifacts.preflight()  # a full or read-only cache folder: said now, before any cell
+    started = utc_now()
     summary = run_cells(
         cells,
         store,
@@ -37,6 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"ok {len(summary.ok)}, failed {len(summary.failed)}, skipped (already ok) {len(summary.skipped)}"
         f" -> {store.runs}"
     )
+    print(artifacts.counts_line(artifacts.run_counts(store.records(include_failed=True), started)))
     if not args.no_report:
         from slimbench.report import write_report
 
@@ -69,5 +76,12 @@ def register(sub) -> None:
         action="store_true",
         help="run each model x method group in a fresh process (own memory; a crash fails only its cells)",
     )
+    r.add_argument(
+        "--artifacts",
+        metavar="DIR",
+        help="cache of compressed models reused across runs (default: $SLIMBENCH_ARTIFACTS, "
+        "else ~/.cache/slimbench/artifacts); see docs/artifacts.md",
+    )
+    r.add_argument("--no-artifact-cache", action="store_true", help="compress every group afresh, save nothing")
     r.add_argument("--timeout", type=float, metavar="SECONDS", help="kill a group after this long (implies --isolate)")
     r.set_defaults(fn=cmd_run)
