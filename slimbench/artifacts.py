@@ -366,6 +366,7 @@ def remove(folder: Path, root: Path) -> bool:
 
 def fsync_tree(folder: Path) -> None:
     for p in folder.iterdir():
+        p.chmod(0o644)  # safetensors writes 0600; a cache may be shared by several users
         with open(p, "rb") as f:
             os.fsync(f.fileno())
     fd = os.open(folder, os.O_RDONLY)
@@ -457,7 +458,8 @@ class Entry:
     def _discard(self, why: str) -> None:
         self.log(f"warning: artifact {self.key} {why}; compressing again")
         self.replaced, self.manifest = why, None
-        remove(self.folder, self.root)
+        with contextlib.suppress(OSError):  # a read-only cache: the entry stays, unused
+            remove(self.folder, self.root)
         return None
 
     def summary(self) -> dict[str, Any]:
@@ -555,7 +557,7 @@ def lookup(cell: CellSpec, log: Callable[[str], None] = print) -> Entry:
     if entry.folder.exists():
         try:
             entry.manifest = verify(entry.folder, entry.key)
-        except (BrokenEntry, OSError) as exc:
+        except Exception as exc:  # BrokenEntry, an unreadable file, a manifest of the wrong shape
             entry._discard(f"is broken ({exc})")
     return entry
 
@@ -593,8 +595,8 @@ def list_entries(root: Path, *, check_files: bool = False) -> list[EntryInfo]:
             m = verify(folder, folder.name) if check_files else read_manifest(folder)
             info.model, info.method = m["model"]["name"], m["method"]["label"]
             info.created = parse_time(m["created_at"])
-        except (BrokenEntry, OSError, KeyError, ValueError) as exc:
-            info.problem = str(exc)
+        except Exception as exc:  # BrokenEntry, unreadable, or a manifest of the wrong shape
+            info.problem = str(exc) or type(exc).__name__
         used = folder / LAST_USED
         info.last_used = used.stat().st_mtime if used.exists() else None
         out.append(info)
@@ -637,21 +639,31 @@ def prune(root: Path, *, older_than_s: float | None = None, max_bytes: int | Non
 
 
 # -- what a run did ---------------------------------------------------------------------------------------
-def run_counts(records: list[dict[str, Any]], since: str) -> dict[str, int]:
-    """Groups compressed and reused among the records a run wrote (started at or after ``since``)."""
+def run_counts(records: list[dict[str, Any]], since: str) -> dict[str, float]:
+    """Groups compressed and reused among the records a run wrote (started at or after ``since``),
+    with the seconds spent compressing and loading artifacts."""
     groups: dict[str, dict[str, Any]] = {}
     for r in records:
         if r.get("started_at", "") >= since and r.get("method_report"):
             key = canonical_json([r["model"].get("name"), r["model"].get("revision"), r["method"], r["hardware"]])
-            groups[key] = r["method_report"].get("artifact") or {}
-    counts = {"compressed": 0, "reused": 0, "unchanged": 0}
-    for art in groups.values():
-        counts["reused" if art.get("reused") else "unchanged" if art.get("nothing_to_cache") else "compressed"] += 1
+            groups[key] = r["method_report"]
+    counts = {"compressed": 0, "reused": 0, "unchanged": 0, "compress_seconds": 0.0, "load_seconds": 0.0}
+    for rep in groups.values():
+        art = rep.get("artifact") or {}
+        if art.get("reused"):
+            counts["reused"] += 1
+            counts["load_seconds"] += art.get("load_seconds", 0.0)
+        elif art.get("nothing_to_cache"):
+            counts["unchanged"] += 1
+        else:
+            counts["compressed"] += 1
+            counts["compress_seconds"] += rep.get("compress_seconds", 0.0)
     return counts
 
 
-def counts_line(counts: dict[str, int]) -> str:
-    line = f"compressed {counts['compressed']}, reused {counts['reused']} from the artifact cache"
+def counts_line(counts: dict[str, float]) -> str:
+    line = (f"compressed {counts['compressed']}, reused {counts['reused']} from the artifact cache "
+            f"(compressing {counts['compress_seconds']:.1f} s, loading artifacts {counts['load_seconds']:.1f} s)")
     if configured_root() is None:
-        line += " (the cache is off)"
+        line += "; the cache is off"
     return line
