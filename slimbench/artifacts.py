@@ -39,7 +39,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -416,7 +416,7 @@ class Entry:
     reason: str | None = None  # why the result is not cached
     replaced: str | None = None  # what was wrong with an entry that is being rebuilt
     log: Callable[[str], None] = print
-    extra: dict[str, Any] = field(default_factory=dict)
+    verify_seconds: float = 0.0  # checking the checksums, part of what a reuse costs
 
     @property
     def hit(self) -> bool:
@@ -452,7 +452,8 @@ class Entry:
         with contextlib.suppress(OSError):  # a read-only cache still serves entries
             (self.folder / LAST_USED).touch()
         report = dict(self.manifest["method_report"])
-        report["artifact"] = {**self.summary(), "reused": True, "load_seconds": time.perf_counter() - t0}
+        seconds = self.verify_seconds + time.perf_counter() - t0
+        report["artifact"] = {**self.summary(), "reused": True, "load_seconds": seconds}
         return lm, report
 
     def _discard(self, why: str) -> None:
@@ -498,6 +499,9 @@ class Entry:
             report["artifact"] = self.not_cached()
             return
         self.manifest = manifest
+        if not fresh:  # the entry on disk is the first writer's: describe that one
+            with contextlib.suppress(Exception):
+                self.manifest = read_manifest(self.folder)
         seconds = time.perf_counter() - t0
         report["artifact"] = {**self.summary(), "reused": False, "saved": True, "save_seconds": seconds}
         if not fresh:
@@ -555,8 +559,10 @@ def lookup(cell: CellSpec, log: Callable[[str], None] = print) -> Entry:
     finally:
         hashes.flush()
     if entry.folder.exists():
+        t0 = time.perf_counter()
         try:
             entry.manifest = verify(entry.folder, entry.key)
+            entry.verify_seconds = time.perf_counter() - t0
         except Exception as exc:  # BrokenEntry, an unreadable file, a manifest of the wrong shape
             entry._discard(f"is broken ({exc})")
     return entry
