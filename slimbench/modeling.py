@@ -7,7 +7,7 @@ Methods never hard-code a model family: they ask this module for the linear laye
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import save as safetensors_save
@@ -15,12 +15,34 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 
-class CompressedLinear(nn.Module):
+class Rebuildable:
+    """A module type the artifact cache (slimbench/artifacts.py) can save and rebuild.
+
+    Its tensors are its parameters and buffers (saved through safetensors); its structure is
+    the JSON-able ``artifact_spec()``, from which ``from_artifact_spec`` builds an empty module
+    of the same layout that loading the tensors then fills. The cache stores the class by its
+    import path and refuses any class that is not a Rebuildable, so nothing else is ever
+    constructed from a cache entry. Bump ``artifact_version`` when the layout changes: entries
+    of another version are rebuilt instead of loaded.
+    """
+
+    artifact_version: ClassVar[str] = "1"
+
+    def artifact_spec(self) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} does not describe itself for the artifact cache")
+
+    @classmethod
+    def from_artifact_spec(cls, spec: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError(f"{cls.__name__} cannot be rebuilt by the artifact cache")
+
+
+class CompressedLinear(nn.Module, Rebuildable):
     """Base for linear layers held in a compressed form that a real kernel executes.
 
     Subclasses keep their stored tensors (packed codes, scales, ...) as registered
     parameters or buffers, so ``state_dict()`` is the real compressed checkpoint, and
-    implement the two methods below so the harness can measure them like any linear layer.
+    implement the two methods below so the harness can measure them like any linear layer,
+    plus Rebuildable's two so a compressed model can be saved and reloaded.
     """
 
     in_features: int

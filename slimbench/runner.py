@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from slimbench import artifacts
 from slimbench.config import build_config
 from slimbench.lm import LanguageModel
 from slimbench.measure import PeakMemory, environment, release_memory
@@ -52,8 +53,12 @@ def load_model(cell: CellSpec) -> LanguageModel:
 
 
 # -- applying a method ---------------------------------------------------------------------
-def apply_method(lm: LanguageModel, spec: MethodSpec, hw, progress=None) -> dict[str, Any]:
-    """Apply every step, then measure what was achieved: the method report of the record."""
+def apply_method(lm: LanguageModel, spec: MethodSpec, hw, progress=None, storage=None) -> dict[str, Any]:
+    """Apply every step, then measure what was achieved: the method report of the record.
+
+    ``storage`` (optional, filled in): the stored forms the steps reported, for the artifact cache.
+    """
+    filled = storage  # the caller's dict, refilled at the end (renames rebind the local one)
     storage: dict[str, dict[str, torch.Tensor]] = {}
     steps, execution = [], "native"
     t0 = time.perf_counter()
@@ -79,6 +84,9 @@ def apply_method(lm: LanguageModel, spec: MethodSpec, hw, progress=None) -> dict
                 }
             )
     seconds = time.perf_counter() - t0
+    if filled is not None:
+        filled.clear()
+        filled.update(storage)
     return {
         "execution": execution,
         "steps": steps,
@@ -99,8 +107,14 @@ def tensor_ids(model: torch.nn.Module, storage: dict[str, Any]) -> dict[str, int
 def follow_renames(model: torch.nn.Module, storage: dict[str, Any], held: dict[str, int]) -> dict[str, Any]:
     """Earlier steps' stored forms, keyed by the names their tensors have now: a step that
     wraps the model (an accelerator replacing ``lm.model``) renames every parameter."""
-    name_of = {t.untyped_storage().data_ptr(): k for k, t in unique_tensors(model).items()}
-    return {name_of.get(held.get(k), k): v for k, v in storage.items()}
+    tensors = unique_tensors(model)
+    name_of = {t.untyped_storage().data_ptr(): k for k, t in tensors.items()}
+    out = {}
+    for k, v in storage.items():
+        if k in held and held[k] not in name_of and k not in tensors:
+            continue  # the weight itself is gone (a later step replaced its module): its old form too
+        out[name_of.get(held.get(k), k)] = v
+    return out
 
 
 SIZE_KEYS = ("parameters", "memory_bytes", "stored_bytes", "stored_format", "effective_bits", "bits_per_parameter")
@@ -237,10 +251,18 @@ def load_and_compress(head: CellSpec, progress=None, stage: dict | None = None) 
     stage = {} if stage is None else stage
     stage["name"] = "load"
     t0 = time.perf_counter()
+    cached = artifacts.lookup(head, log=lambda s: print(s, flush=True))  # compress once, across runs
+    loaded = cached.load() if cached.hit else None
+    if loaded is not None:
+        stage["load_seconds"] = time.perf_counter() - t0
+        return loaded
     lm = load_model(head)
     stage["load_seconds"] = time.perf_counter() - t0
     stage["name"] = "compress"
-    return lm, apply_method(lm, head.method, head.hardware, progress)
+    storage: dict = {}
+    method_report = apply_method(lm, head.method, head.hardware, progress, storage)
+    cached.save(lm, method_report, storage)  # never raises: a problem becomes a reason in the report
+    return lm, method_report
 
 
 def iter_group(

@@ -40,7 +40,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from slimbench.config import Config
-from slimbench.modeling import get_weight, iter_linears
+from slimbench.modeling import Rebuildable, get_weight, iter_linears
 
 Allocation = Literal["uniform", "sensitivity"]
 RANKS_FILE = "lowrank_ranks.json"
@@ -84,7 +84,7 @@ class LowRankConfig(Config):
         return self.rank is not None
 
 
-class FactorizedLinear(nn.Module):
+class FactorizedLinear(nn.Module, Rebuildable):
     """``y = up(down(x))``: down is in->k (no bias), up is k->out (carries the original bias)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, dtype=None, device=None):
@@ -95,6 +95,13 @@ class FactorizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
+
+    def artifact_spec(self) -> dict[str, Any]:
+        return {"in": self.in_features, "out": self.out_features, "rank": self.rank, "bias": self.up.bias is not None}
+
+    @classmethod
+    def from_artifact_spec(cls, spec: dict[str, Any]) -> FactorizedLinear:
+        return cls(spec["in"], spec["out"], spec["rank"], spec["bias"])
 
     def effective_weight(self) -> torch.Tensor:
         """The [out, in] product this layer computes with."""

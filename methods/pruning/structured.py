@@ -80,7 +80,7 @@ def slice_linear(mod: nn.Module, idx: torch.Tensor, dim: Literal["out", "in"]) -
     if dim == "out" and getattr(mod, "bias", None) is not None:
         mod.bias = nn.Parameter(mod.bias.data.index_select(0, idx).clone(), requires_grad=mod.bias.requires_grad)
     if conv:
-        mod.nf = mod.weight.shape[1]
+        mod.nx, mod.nf = mod.weight.shape
     elif dim == "out":
         mod.out_features = len(idx)
     else:
@@ -160,6 +160,9 @@ def prune_mlp(model: nn.Module, remove: int, stats: Stats, cfg: StructuredConfig
         for name in spec.inputs:
             slice_linear(get_path(layer, name), idx, "out")
         slice_linear(get_path(layer, spec.output), idx, "in")
+        mlp = get_path(layer, spec.output.rpartition(".")[0]) if "." in spec.output else layer
+        if hasattr(mlp, "intermediate_size"):  # unused by forward, but a rebuild from the config has the new size
+            mlp.intermediate_size = int(idx.numel())
     setattr(model.config, spec.size_field, int(idx.numel()))
 
 

@@ -21,7 +21,7 @@ checkpoint and the per-token compute shrink; both are measured by the harness.
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -40,6 +40,13 @@ class DynamicInt8Linear(Int8WeightLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__(in_features, out_features, bias)
         self._packed = None  # fbgemm's prepacked weight: derived, not part of the checkpoint
+
+    def artifact_spec(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+
+    @classmethod
+    def from_artifact_spec(cls, spec: dict[str, Any]) -> DynamicInt8Linear:
+        return cls(spec["in_features"], spec["out_features"], spec["bias"])
 
     @classmethod
     def from_linear(cls, mod: nn.Module) -> DynamicInt8Linear:

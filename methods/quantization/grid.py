@@ -129,3 +129,33 @@ def stored_form(codes: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
     if not p.symmetric:  # integer zero-points, packed like the codes
         out["qzeros"] = pack_bits(p.zero.reshape(-1), p.bits)
     return out
+
+
+def decode_stored_form(parts: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
+    """The fp32 [out, in] weight ``scale * (code - zero)`` that :func:`stored_form` stands for.
+
+    The form does not hold the bit width: it is the one whose packed size matches the codes
+    (unique for any matrix of 8 weights or more). Columns map to groups through ``g_idx``
+    where present (act-order), else in runs of ``in / groups``. Raises ValueError for a form
+    it cannot read (extra parts such as AWQ's ``input_scale`` are the caller's business).
+    """
+    numel = out_features * in_features
+    bits = [b for b in range(1, 9) if (numel * b + 7) // 8 == parts["qweight"].numel()]
+    if len(bits) != 1:
+        n = parts["qweight"].numel()
+        raise ValueError(f"packed codes of {n} bytes do not fit a {out_features}x{in_features} matrix")
+    b = bits[0]
+    scale = parts["scales"].float().reshape(out_features, -1)
+    groups = scale.shape[1]
+    if "qzeros" in parts:
+        zero = unpack_bits(parts["qzeros"], b, scale.numel()).float().view(out_features, groups)
+    else:
+        zero = torch.full_like(scale, float(2 ** (b - 1)))
+    if "g_idx" in parts:
+        cols = parts["g_idx"].long()
+    elif in_features % groups:
+        raise ValueError(f"{groups} groups do not divide {in_features} input channels")
+    else:
+        cols = torch.arange(in_features) // (in_features // groups)
+    codes = unpack_bits(parts["qweight"], b, numel).view(out_features, in_features).float()
+    return scale[:, cols] * (codes - zero[:, cols])

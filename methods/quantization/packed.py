@@ -117,6 +117,14 @@ class PackedLinear(CompressedLinear):
             layer.qweight.copy_(pack_bits(codes, params.bits))
         return layer
 
+    # -- the artifact cache: the layout is ``meta``, the tensors are the buffers ----------------
+    def artifact_spec(self) -> dict[str, Any]:
+        return dict(self.meta)
+
+    @classmethod
+    def from_artifact_spec(cls, spec: dict[str, Any]) -> PackedLinear:
+        return cls(spec)
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._derived = None  # scales changed: the kernel's view of them must be rebuilt
         super()._load_from_state_dict(*args, **kwargs)

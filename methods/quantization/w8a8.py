@@ -12,7 +12,7 @@ int8 speed-up is ``dynamic-int8``'s fbgemm kernel): native here means a real int
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -75,6 +75,14 @@ class W8A8Linear(Int8WeightLinear):
     def __init__(self, in_features: int, out_features: int, granularity: str, bias: bool):
         super().__init__(in_features, out_features, bias)
         self.granularity = granularity
+
+    def artifact_spec(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "granularity": self.granularity, "bias": self.bias is not None}
+
+    @classmethod
+    def from_artifact_spec(cls, spec: dict[str, Any]) -> W8A8Linear:
+        return cls(spec["in_features"], spec["out_features"], spec["granularity"], spec["bias"])
 
     @classmethod
     def from_linear(cls, mod: nn.Module, granularity: str) -> W8A8Linear:

@@ -72,12 +72,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if len(done) == len(cells):  # the fast path: no executor, no model, no worker
         print(f"nothing to run: every cell has an ok record in {store.runs}")
         return finish(args, store, report_dir, ran=False)
+    from slimbench import artifacts
+    from slimbench.store import utc_now
+
+    artifacts.configure(args.artifacts, disabled=args.no_artifact_cache)  # workers inherit it (environment)
+    artifacts.preflight()  # a full or read-only cache folder: said now, before any cell
+    started = utc_now()
     summary = run_suite(args, suite, cells, store)
     print(
         f"ok {len(summary.ok)}, failed {len(summary.failed)}, skipped (already ok) {len(summary.skipped)}"
         + (f", finished by another run {len(summary.elsewhere)}" if summary.elsewhere else "")
         + f" -> {store.runs}"
     )
+    print(artifacts.counts_line(artifacts.run_counts(store.records(include_failed=True), started)))
     finish(args, store, report_dir, ran=True)
     return 1 if summary.failed else 0
 
@@ -182,4 +189,11 @@ def register(sub) -> None:
         help=f"take over a cell claimed by a run on another host after its heartbeat is this old "
         f"(default {TIMEOUT_S:g}; a dead run on this host is taken over at once)",
     )
+    r.add_argument(
+        "--artifacts",
+        metavar="DIR",
+        help="cache of compressed models reused across runs (default: $SLIMBENCH_ARTIFACTS, "
+        "else ~/.cache/slimbench/artifacts); see docs/artifacts.md",
+    )
+    r.add_argument("--no-artifact-cache", action="store_true", help="compress every group afresh, save nothing")
     r.set_defaults(fn=cmd_run)

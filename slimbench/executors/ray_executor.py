@@ -112,7 +112,8 @@ class RayExecutor:
             return
         env = {
             k: os.environ[k]
-            for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_UPDATE_DOWNLOAD_COUNTS", "TOKENIZERS_PARALLELISM")
+            for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_UPDATE_DOWNLOAD_COUNTS", "TOKENIZERS_PARALLELISM",
+                      "SLIMBENCH_CACHE", "SLIMBENCH_ARTIFACTS")  # the model and artifact caches the run chose
             if k in os.environ
         }
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # SlimBench runs offline: no usage report
