@@ -13,7 +13,8 @@ from slimbench.lm import LanguageModel
 from slimbench.specs import HardwareSpec
 
 Execution = Literal["native", "simulated"]
-FAMILIES = ("baseline", "precision", "quantization", "pruning", "lowrank", "distillation", "recovery", "acceleration", "search")
+FAMILIES = ("baseline", "precision", "quantization", "pruning", "lowrank", "distillation", "recovery", "acceleration",
+            "search")
 
 
 @dataclass
