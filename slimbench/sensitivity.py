@@ -290,7 +290,8 @@ def _measure(lm, layers, layers_path, units, todo, compress, ids, n_kl, prof, pa
                         entry["not_applicable"].append(cand)
                     else:
                         kl, nll, nbytes = m
-                        entry["candidates"][cand] = {"kl": kl, "val_nll_delta": nll - ref_nll, "bytes": nbytes}
+                        delta = None if math.isnan(ref_nll) else nll - ref_nll  # None: no validation windows
+                        entry["candidates"][cand] = {"kl": kl, "val_nll_delta": delta, "bytes": nbytes}
                     done += 1
                     if bar is not None:
                         bar.update(1)
