@@ -292,3 +292,31 @@ def test_collect_reads_records():
     assert key[:2] == ("m", "quantization") and len(pts) == 2
     text = render(groups)
     assert "| searched | auto (rtn:3:g64) -> search:kl | 0.000 |" in text and "| yes |" in text
+
+
+def test_auto_through_the_runner_and_the_table(tmp_path):
+    """A suite of uniform and searched cells: records hold the plan, the table compares them."""
+    from slimbench.cli import main
+    from slimbench.runner import run_cells
+    from slimbench.store import ResultStore
+    from slimbench.suite import load_suite
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(
+        "models: [tiny-llama]\n"
+        "methods:\n"
+        "  - {name: rtn, bits: [2, 3, 4], group_size: 32}\n"
+        "  - {name: auto, bits: [2, 3, 4], group_sizes: [32], budget_like: [rtn:3:g32], probe_windows: 2,\n"
+        "     probe_seqlen: 32, val_windows: 1, verify_windows: 2, verify_seqlen: 32}\n"
+        "tasks: [{name: perplexity, seqlen: 32, max_windows: 2}]\n"
+        "hardware: {threads: 1}\n"
+    )
+    store = ResultStore(tmp_path / "results")
+    summary = run_cells(load_suite(path).cells(), store, show_progress=False, log=lambda s: None)
+    assert not summary.failed and len(summary.ok) == 4
+    rec = next(r for r in store.records() if r["method"]["steps"][0]["name"] == "auto")
+    details = rec["method_report"]["steps"][0]["details"]
+    assert len(details["plan"]) == 14 and details["search"]["chosen"]
+    like = next(r for r in store.records() if r["method"]["steps"][0]["params"].get("bits") == 3)
+    assert rec["method_report"]["stored_bytes"] <= like["method_report"]["stored_bytes"] * (1 + 1e-4)
+    assert main(["search-table", "--results", str(tmp_path / "results")]) == 0

@@ -18,7 +18,7 @@ from slimbench.registry import MODELS
 from slimbench.runner import apply_method
 from slimbench.specs import HardwareSpec, MethodSpec, ModelSpec, StepSpec
 
-HW = HardwareSpec(threads=2)
+HW = HardwareSpec(threads=1)
 CAL = {"calib_samples": 2, "calib_seqlen": 32}
 # Each family's main method at a tiny budget.
 MAIN = {

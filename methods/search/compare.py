@@ -144,7 +144,8 @@ def render(groups: dict[tuple, list[Point]], tolerance: float = 1e-4) -> str:
         f = fronts(points)
         if f["reference"] is not None:
             rx, ry = f["reference"]
-            lines += ["", f"Hypervolume in (stored MB, ln perplexity), reference ({rx:.3f} MB, ln {math.exp(ry):.2f}): "
+            lines += ["", "Hypervolume in (stored MB, ln perplexity), reference "
+                      f"({rx:.3f} MB, perplexity {math.exp(ry):.2f}): "
                       f"uniform {f['hv_uniform']:.4f}, searched {f['hv_searched']:.4f}; searched front dominates "
                       f"the uniform front: {'yes' if f['searched_dominates'] else 'no'}"]
         lines.append("")
