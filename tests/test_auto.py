@@ -209,6 +209,7 @@ def test_auto_quantization_meets_budget_and_replays(arch):
     assert search["chosen"] in search["verify_val_nll"]
     assert search["verify_val_nll"][search["chosen"]] == min(search["verify_val_nll"].values())
     assert set(rep.details["plan"]) == {n for n, _ in iter_linears(lm.model)}
+    assert "dense" not in rep.details["plan"].values()  # not an RTN setting: not offered by default
     # Re-running the saved plan gives the same weights and the same stored form, no search.
     replay = load_tiny(arch)
     rep2, size2 = run_auto(replay, plan=rep.details["plan"])
@@ -240,7 +241,10 @@ def test_auto_config_errors():
         cfg(budget_like="rtn:3:g60")
     with pytest.raises(ValueError, match="packed"):
         cfg(family="pruning", budget_bits=20, format="packed")
+    with pytest.raises(ValueError, match="not among the candidates"):
+        cfg(budget_like="rtn:3:g32")  # the default groups are per-channel and 64
     cfg(plan={"model.layers.0.mlp.up_proj": "rtn:4:pc"})  # a plan alone is enough
+    assert not cfg(budget_bits=4).dense_allowed and cfg(family="pruning", budget_bits=20).dense_allowed
 
 
 def test_auto_check_rejects_a_plan_for_another_model(tiny_llama):

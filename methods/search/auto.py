@@ -74,6 +74,9 @@ class AutoConfig(CalibrationConfig, ProbeConfig, FormatConfig):
     budget_bits: float | None = Field(None, gt=0, description="budget: effective bits per decoder-linear weight")
     budget_bytes: int | None = Field(None, gt=0, description="budget: bytes of the whole stored checkpoint")
     budget_like: str | None = Field(None, description="budget: the linear bytes of a uniform choice, e.g. rtn:3:g64")
+    allow_dense: bool | None = Field(
+        None, description="may a linear stay uncompressed; null = yes for pruning (sparsity 0), no for quantization"
+    )
     objectives: list[Literal["kl", "val"]] = Field(["kl", "val"], description="losses a plan is allocated on")
     include_uniform: bool = Field(True, description="also verify the best-predicted uniform choice that fits")
     verify_windows: int = Field(8, ge=1, le=4096, description="validation windows of the end-to-end check")
@@ -86,8 +89,10 @@ class AutoConfig(CalibrationConfig, ProbeConfig, FormatConfig):
         if self.plan is None and len(given) != 1:
             raise ValueError("give exactly one of budget_bits, budget_bytes, budget_like (or an explicit plan); "
                              f"got {given or 'none'}")
-        if self.budget_like is not None:
-            parse_choice(self.budget_like)
+        if self.budget_like is not None and self.plan is None:
+            like = parse_choice(self.budget_like).key
+            if like not in [*self.candidate_keys(), "dense"]:
+                raise ValueError(f"budget_like {like} is not among the candidates {self.candidate_keys()}")
         for key in (self.plan or {}).values():
             parse_choice(key)
         if self.format == "packed" and self.family != "quantization":
@@ -97,6 +102,10 @@ class AutoConfig(CalibrationConfig, ProbeConfig, FormatConfig):
         if any(not 0 < s < 1 for s in self.sparsities):
             raise ValueError(f"sparsities must lie in (0, 1) (dense is always a choice); got {self.sparsities}")
         return self
+
+    @property
+    def dense_allowed(self) -> bool:
+        return self.family == "pruning" if self.allow_dense is None else self.allow_dense
 
     def candidate_keys(self) -> list[str]:
         if self.family == "quantization":
@@ -214,12 +223,15 @@ def profile_for(lm, cfg: AutoConfig, calib_fn, ctx) -> dict[str, Any]:
                                prepare=prepare)
 
 
-def unit_options(prof: dict[str, Any], objective: str, dense_bytes: dict[str, int]) -> dict[str, list]:
+def unit_options(prof: dict[str, Any], objective: str, dense_bytes: dict[str, int] | None,
+                 keys: list[str]) -> dict[str, list]:
+    """Per unit, (choice, bytes, loss) of the measured candidates in ``keys``, and ``dense`` if given."""
     loss_key = "kl" if objective == "kl" else "val_nll_delta"
     out = {}
     for u, e in prof["units"].items():
-        opts = [(k, v["bytes"], v[loss_key]) for k, v in e["candidates"].items()]
-        opts.append(("dense", dense_bytes[u], 0.0))
+        opts = [(k, v["bytes"], v[loss_key]) for k, v in e["candidates"].items() if k in keys]
+        if dense_bytes is not None:
+            opts.append(("dense", dense_bytes[u], 0.0))
         out[u] = opts
     return out
 
@@ -256,23 +268,20 @@ def expand(unit_plan: dict[str, str], units: dict[str, list[str]]) -> dict[str, 
     return {n: key for u, key in unit_plan.items() for n in units[u]}
 
 
-def candidate_plans(prof, cfg: AutoConfig, units, budget: int, dense_bytes) -> dict[str, dict[str, str]]:
+def candidate_plans(options: dict[str, dict[str, list]], cfg: AutoConfig, budget: int) -> dict[str, dict[str, str]]:
     """Name -> {unit: key}: one allocation per objective, and the best-predicted fitting uniform choice."""
-    plans: dict[str, dict[str, str]] = {}
-    for obj in cfg.objectives:
-        plans[f"search:{obj}"] = allocate(unit_options(prof, obj, dense_bytes), budget)
+    plans = {f"search:{obj}": allocate(options[obj], budget) for obj in cfg.objectives}
     if cfg.include_uniform:
-        kl_opts = unit_options(prof, "kl", dense_bytes)
         best = None
-        for key in {k for opts in kl_opts.values() for k, _, _ in opts}:
-            rows = [next((o for o in opts if o[0] == key), None) for opts in kl_opts.values()]
+        for key in cfg.candidate_keys():
+            rows = [next((o for o in opts if o[0] == key), None) for opts in options["kl"].values()]
             if None in rows or sum(r[1] for r in rows) > budget:
-                continue
+                continue  # not measured for every unit, or over the budget
             loss = sum(r[2] for r in rows)
             if best is None or loss < best[1]:
                 best = (key, loss)
         if best is not None:
-            plans[f"uniform:{best[0]}"] = dict.fromkeys(units, best[0])
+            plans[f"uniform:{best[0]}"] = dict.fromkeys(options["kl"], best[0])
     return plans
 
 
@@ -309,6 +318,40 @@ def summarize_plan(plan: dict[str, str], numel: dict[str, int]) -> dict[str, Any
     return {k: {"linears": counts[k], "weight_share": round(share[k], 4)} for k in sorted(counts)}
 
 
+def search(lm, cfg: AutoConfig, calib_fn, ctx) -> tuple[dict[str, str], dict[str, Any], list[str]]:
+    """Profile, allocate, verify: (the chosen {linear: key}, what the record keeps, notes)."""
+    adapter = adapter_for(lm.model)
+    mods = dict(iter_linears(lm.model))
+    units = units_of(lm.model, adapter.layers_path, cfg.unit)
+    numel = sum(get_weight(mods[n]).numel() for names in units.values() for n in names)
+    prof = profile_for(lm, cfg, calib_fn, ctx)
+    dense = {u: sum(get_weight(mods[n]).numel() * get_weight(mods[n]).element_size() for n in names)
+             for u, names in units.items()} if cfg.dense_allowed else None
+    options = {o: unit_options(prof, o, dense, cfg.candidate_keys()) for o in ("kl", "val")}
+    budget = linear_budget(lm, cfg, prof, units)
+    plans = candidate_plans(options, cfg, budget)
+    val = verify(lm, {k: expand(p, units) for k, p in plans.items()}, cfg, calib_fn)
+    chosen = min(val, key=val.get)
+    table = {o: {u: {k: (b, loss) for k, b, loss in v} for u, v in options[o].items()} for o in options}
+    details = {
+        "budget_linear_bytes": budget,
+        "budget_effective_bits": 8 * budget / numel,
+        "chosen": chosen,
+        "verify_val_nll": val,
+        "predicted_loss_sum": {k: {o: sum(table[o][u][key][1] for u, key in p.items()) for o in table}
+                               for k, p in plans.items()},
+        "plan_bytes": {k: sum(table["kl"][u][key][0] for u, key in p.items()) for k, p in plans.items()},
+        "profile": {"path": prof["meta"]["path"], "seconds": prof["meta"].get("seconds"), "units": len(units),
+                    "unit": cfg.unit, "candidates": cfg.candidate_keys(), "dense_allowed": cfg.dense_allowed,
+                    "reference_val_nll": prof["meta"].get("reference_val_nll")},
+        "verify": {"split": "validation", "windows": cfg.verify_windows, "seqlen": cfg.verify_seqlen},
+    }
+    notes = []
+    if chosen.startswith("uniform:"):
+        notes.append(f"the end-to-end check preferred the uniform {chosen.split(':', 1)[1]} to every searched plan")
+    return expand(plans[chosen], units), details, notes
+
+
 def apply(lm, cfg: AutoConfig, ctx) -> MethodReport:
     cache: dict[str, Any] = {}
 
@@ -317,45 +360,15 @@ def apply(lm, cfg: AutoConfig, ctx) -> MethodReport:
             cache["calib"] = sample_calibration(lm, cfg)
         return cache["calib"]
 
-    adapter = adapter_for(lm.model)
-    mods = dict(iter_linears(lm.model))
-    numel = {n: get_weight(m).numel() for n, m in mods.items()}
-    details: dict[str, Any] = {"family": cfg.family}
-    notes: list[str] = []
     if cfg.plan is not None:
-        plan = dict(cfg.plan)
-        details["search"] = None
-        notes.append("explicit plan applied (no search)")
+        plan, search_details, notes = dict(cfg.plan), None, ["explicit plan applied (no search)"]
     else:
-        units = units_of(lm.model, adapter.layers_path, cfg.unit)
-        prof = profile_for(lm, cfg, calib_fn, ctx)
-        dense_bytes = {u: sum(numel[n] * get_weight(mods[n]).element_size() for n in names)
-                       for u, names in units.items()}
-        budget = linear_budget(lm, cfg, prof, units)
-        plans = candidate_plans(prof, cfg, units, budget, dense_bytes)
-        val = verify(lm, {k: expand(p, units) for k, p in plans.items()}, cfg, calib_fn)
-        chosen = min(val, key=val.get)
-        plan = expand(plans[chosen], units)
-        opts = {o: unit_options(prof, o, dense_bytes) for o in ("kl", "val")}
-        table = {o: {u: {k: (b, loss) for k, b, loss in v} for u, v in opts[o].items()} for o in opts}
-        details["search"] = {
-            "budget_linear_bytes": budget,
-            "budget_effective_bits": 8 * budget / sum(numel[n] for ns in units.values() for n in ns),
-            "chosen": chosen,
-            "verify_val_nll": val,
-            "predicted_loss_sum": {k: {o: sum(table[o][u][key][1] for u, key in p.items()) for o in opts}
-                                   for k, p in plans.items()},
-            "plan_bytes": {k: sum(table["kl"][u][key][0] for u, key in p.items()) for k, p in plans.items()},
-            "profile": {"path": prof["meta"]["path"], "seconds": prof["meta"].get("seconds"),
-                        "units": len(units), "unit": cfg.unit, "candidates": cfg.candidate_keys(),
-                        "reference_val_nll": prof["meta"].get("reference_val_nll")},
-            "verify": {"split": "validation", "windows": cfg.verify_windows, "seqlen": cfg.verify_seqlen},
-        }
-        if chosen.startswith("uniform:"):
-            notes.append(f"the end-to-end check preferred the uniform {chosen.split(':', 1)[1]} to every searched plan")
+        plan, search_details, notes = search(lm, cfg, calib_fn, ctx)
+    numel = {n: get_weight(m).numel() for n, m in iter_linears(lm.model)}
     choices = {n: parse_choice(k) for n, k in plan.items()}
     calib = calib_fn()[0] if any(c.method in CALIBRATED for c in choices.values()) else None
     storage, stats = apply_plan(lm, choices, cfg, calib, cfg.format)
+    details: dict[str, Any] = {"family": cfg.family, "search": search_details}
     details["plan"] = {n: choices[n].key for n in plan}  # re-run with {name: auto, plan: <this>}
     details["plan_summary"] = summarize_plan(details["plan"], numel)
     if stats:
@@ -368,7 +381,8 @@ def apply(lm, cfg: AutoConfig, ctx) -> MethodReport:
         details.update(fmt)
     else:
         execution = "simulated"
-        notes.append("masks in a dense model (unstructured zeros); stored in the sparse format")
+        if stats:
+            notes.append("masks in a dense model (unstructured zeros); stored in the sparse format")
     return MethodReport(execution=execution, storage=storage, details=details, notes=notes)
 
 
