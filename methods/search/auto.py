@@ -18,7 +18,8 @@ Budgets (one of): ``budget_bits`` (effective bits over the decoder linears, coun
 harness counts them: codes, scales and zero-points, or bitmask and values), ``budget_bytes``
 (the whole stored checkpoint: the fixed part and a conservative allowance for the
 safetensors header are taken off first), or ``budget_like`` (the linear bytes a uniform choice
-would store, e.g. ``rtn:3:g64``: "at equal stored bytes"). A decode-latency budget is not
+would store, e.g. ``rtn:3:g64``: "at equal stored bytes"). Without one: 4 bits (quantization)
+or ``wanda:0.5`` (pruning). A decode-latency budget is not
 offered: every choice here executes simulated (fake-quant or masks in dense matrices), so
 latency does not depend on the plan.
 
@@ -57,6 +58,7 @@ from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight, iter_linears, serialized_bytes, set_weight, unique_tensors
 from slimbench.sensitivity import ProbeConfig, sensitivity_profile, units_of
 
+BUDGETS = ("budget_bits", "budget_bytes", "budget_like")
 HEADER_ALLOWANCE = 200  # bytes of safetensors header per stored tensor (real entries are ~120)
 
 
@@ -83,9 +85,18 @@ class AutoConfig(CalibrationConfig, ProbeConfig, FormatConfig):
     verify_seqlen: int = Field(256, ge=8, le=8192, description="tokens per verification window")
     plan: dict[str, str] | None = Field(None, description="explicit {linear: choice}: apply it, no search")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_budget(cls, data: Any) -> Any:
+        """No budget and no plan: 4 effective bits (quantization) or Wanda 50%'s bytes (pruning)."""
+        if isinstance(data, dict) and not any(data.get(k) is not None for k in (*BUDGETS, "plan")):
+            default = {"budget_like": "wanda:0.5"} if data.get("family") == "pruning" else {"budget_bits": 4.0}
+            return {**data, **default}
+        return data
+
     @model_validator(mode="after")
     def _one_budget(self):
-        given = [b for b in ("budget_bits", "budget_bytes", "budget_like") if getattr(self, b) is not None]
+        given = [b for b in BUDGETS if getattr(self, b) is not None]
         if self.plan is None and len(given) != 1:
             raise ValueError("give exactly one of budget_bits, budget_bytes, budget_like (or an explicit plan); "
                              f"got {given or 'none'}")
