@@ -323,3 +323,14 @@ def test_auto_through_the_runner_and_the_table(tmp_path):
     like = next(r for r in store.records() if r["method"]["steps"][0]["params"].get("bits") == 3)
     assert rec["method_report"]["stored_bytes"] <= like["method_report"]["stored_bytes"] * (1 + 1e-4)
     assert main(["search-table", "--results", str(tmp_path / "results")]) == 0
+
+
+def test_auto_whole_checkpoint_budget(tiny_llama):
+    """budget_bytes bounds the serialised checkpoint, header included."""
+    uniform = load_tiny("llama")
+    rtn = METHODS.get("rtn")
+    target = size_report(uniform.model, rtn.apply(uniform, rtn.config(bits=3, group_size=32), CTX).storage)
+    rep, size = run_auto(tiny_llama, budget_bytes=target["stored_bytes"], bits=[2, 3, 4], group_sizes=[None, 32],
+                         objectives=["kl"], **SMALL)
+    assert size["stored_bytes"] <= target["stored_bytes"]
+    assert rep.details["search"]["budget_linear_bytes"] < target["stored_bytes"]
