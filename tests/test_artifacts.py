@@ -418,7 +418,7 @@ def test_cache_list_and_prune(cache, capsys):
         os.utime(e.folder / artifacts.LAST_USED, (t, t))
     assert main(["cache", "list", "--artifacts", str(cache)]) == 0
     out = capsys.readouterr().out
-    assert out.count("tiny-llama") == 3 and "rtn(bits=3,group_size=32)" in out and "40 d ago" in out
+    assert out.count("tiny-llama") == 3 and "rtn(3-bit, g32)" in out and "40 d ago" in out
     sizes = [artifacts.folder_bytes(e.folder) for e in entries]
     assert main(["cache", "prune", "--artifacts", str(cache), "--older-than", "30d"]) == 0
     assert not entries[0].folder.exists() and entries[1].folder.exists()

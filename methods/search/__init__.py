@@ -1,0 +1,1 @@
+"""Search methods: choose per-layer settings of other methods under a budget."""

@@ -1,0 +1,408 @@
+"""`auto`: per-layer settings chosen under a budget from a sensitivity profile, verified end to end.
+
+1. **Profile** (``slimbench.sensitivity``): for every linear of the decoder layers (or every
+   decoder layer, ``unit: layer``) and every candidate setting of the family, the KL to the
+   uncompressed model on calibration windows and the NLL change on validation windows when that
+   unit alone is compressed. Cached on disk and shared by every search on the same model.
+2. **Allocate** (``allocate.allocate``): minimise the summed loss under the byte budget, one
+   plan per objective (``kl``: the calibration KL; ``val``: the validation NLL change), plus the
+   uniform setting with the lowest predicted loss that fits (``include_uniform``).
+3. **Verify**: apply each plan to the model and measure its NLL on ``verify_windows``
+   validation windows; keep the best. The summed single-unit losses ignore interactions
+   between units, which the end-to-end check catches.
+4. **Apply** the chosen plan; the record's method report holds it as an explicit
+   ``{linear: choice}`` map, and ``{name: auto, plan: {...}}`` re-applies exactly that plan
+   without searching.
+
+Budgets (one of): ``budget_bits`` (effective bits over the decoder linears, counted as the
+harness counts them: codes, scales and zero-points, or bitmask and values), ``budget_bytes``
+(the whole stored checkpoint: the fixed part and a conservative allowance for the
+safetensors header are taken off first), or ``budget_like`` (the linear bytes a uniform choice
+would store, e.g. ``rtn:3:g64``: "at equal stored bytes"). Without one: 4 bits (quantization)
+or ``wanda:0.5`` (pruning). A decode-latency budget is not
+offered: every choice here executes simulated (fake-quant or masks in dense matrices), so
+latency does not depend on the plan.
+
+Choices (``methods/search/choices.py``): ``rtn:B:pc|gG`` for the quantization family,
+``magnitude:S`` / ``wanda:S`` for pruning, ``dense`` (sparsity 0). The test split is never
+touched here: the profile uses the calibration and validation splits, the verification the
+validation split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from slimbench.methods.pruning.masks import build_mask, layer_stats, summarize_layers
+from slimbench.methods.pruning.sparse_format import sparse_storage
+from slimbench.methods.pruning.wanda import WandaConfig, WandaLayer
+from slimbench.methods.quantization.grid import GridConfig, quantize_matrix
+from slimbench.methods.quantization.packed import FormatConfig, finish_layer, format_report
+from slimbench.methods.search.allocate import BudgetError, allocate
+from slimbench.methods.search.choices import (
+    CALIBRATED,
+    Choice,
+    compress_weight,
+    is_transposed,
+    parse_choice,
+    stored_nbytes,
+)
+
+from slimbench.calibration import CalibrationConfig, sample_calibration
+from slimbench.layerwise import adapter_for, sequential
+from slimbench.method import Method, MethodReport
+from slimbench.modeling import get_weight, iter_linears, serialized_bytes, set_weight, unique_tensors
+from slimbench.sensitivity import ProbeConfig, sensitivity_profile, units_of
+
+BUDGETS = ("budget_bits", "budget_bytes", "budget_like")
+HEADER_ALLOWANCE = 200  # bytes of safetensors header per stored tensor (real entries are ~120)
+
+
+class AutoConfig(CalibrationConfig, ProbeConfig, FormatConfig):
+    family: Literal["quantization", "pruning"] = Field("quantization", description="which methods' settings to mix")
+    bits: list[int] = Field([2, 3, 4, 5, 6, 8], description="quantization: candidate bit widths (RTN)")
+    group_sizes: list[int | None] = Field([None, 64], description="quantization: candidate groups (null = per channel)")
+    symmetric: bool = Field(False, description="quantization: symmetric grids")
+    prune_methods: list[Literal["magnitude", "wanda"]] = Field(
+        ["magnitude", "wanda"], description="pruning: candidate methods"
+    )
+    sparsities: list[float] = Field(
+        [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], description="pruning: candidate sparsities (dense is always a choice)"
+    )
+    budget_bits: float | None = Field(None, gt=0, description="budget: effective bits per decoder-linear weight")
+    budget_bytes: int | None = Field(None, gt=0, description="budget: bytes of the whole stored checkpoint")
+    budget_like: str | None = Field(None, description="budget: the linear bytes of a uniform choice, e.g. rtn:3:g64")
+    allow_dense: bool | None = Field(
+        None, description="may a linear stay uncompressed; null = yes for pruning (sparsity 0), no for quantization"
+    )
+    objectives: list[Literal["kl", "val"]] = Field(["kl", "val"], description="losses a plan is allocated on")
+    include_uniform: bool = Field(True, description="also verify the best-predicted uniform choice that fits")
+    verify_windows: int = Field(8, ge=1, le=4096, description="validation windows of the end-to-end check")
+    verify_seqlen: int = Field(256, ge=8, le=8192, description="tokens per verification window")
+    plan: dict[str, str] | None = Field(None, description="explicit {linear: choice}: apply it, no search")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_budget(cls, data: Any) -> Any:
+        """No budget and no plan: 4 effective bits (quantization) or Wanda 50%'s bytes (pruning)."""
+        if isinstance(data, dict) and not any(data.get(k) is not None for k in (*BUDGETS, "plan")):
+            default = {"budget_like": "wanda:0.5"} if data.get("family") == "pruning" else {"budget_bits": 4.0}
+            return {**data, **default}
+        return data
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        given = [b for b in BUDGETS if getattr(self, b) is not None]
+        if self.plan is None and len(given) != 1:
+            raise ValueError("give exactly one of budget_bits, budget_bytes, budget_like (or an explicit plan); "
+                             f"got {given or 'none'}")
+        if self.budget_like is not None and self.plan is None:
+            like = parse_choice(self.budget_like).key
+            if like not in [*self.candidate_keys(), "dense"]:
+                raise ValueError(f"budget_like {like} is not among the candidates {self.candidate_keys()}")
+        for key in (self.plan or {}).values():
+            parse_choice(key)
+        if self.format == "packed" and self.family != "quantization":
+            raise ValueError("format 'packed' is a quantization format; pruning plans are stored sparse")
+        if "val" in self.objectives and self.plan is None and self.val_windows == 0:
+            raise ValueError("objective 'val' needs val_windows > 0")
+        if any(not 0 < s < 1 for s in self.sparsities):
+            raise ValueError(f"sparsities must lie in (0, 1) (dense is always a choice); got {self.sparsities}")
+        return self
+
+    @property
+    def dense_allowed(self) -> bool:
+        return self.family == "pruning" if self.allow_dense is None else self.allow_dense
+
+    def candidate_keys(self) -> list[str]:
+        if self.family == "quantization":
+            return [Choice("rtn", bits=b, group_size=g).key for b in self.bits for g in self.group_sizes]
+        return [Choice(m, sparsity=s).key for m in self.prune_methods for s in self.sparsities]
+
+
+# -- checks ------------------------------------------------------------------------------------
+def check(lm, cfg: AutoConfig) -> None:
+    adapter_for(lm.model)  # the profile and Wanda run decoder layer by decoder layer
+    if cfg.plan is None:
+        return
+    names = {n for n, _ in iter_linears(lm.model)}
+    unknown = sorted(set(cfg.plan) - names)
+    if unknown:
+        raise ValueError(f"plan names linears the model lacks: {unknown[:3]} ({len(unknown)} in all)")
+    for name, key in cfg.plan.items():
+        ch = parse_choice(key)
+        w = get_weight(lm.model.get_submodule(name))
+        if not ch.applicable(w.shape[1]):
+            raise ValueError(f"plan: {key} does not fit {name} ({w.shape[1]} input channels)")
+
+
+# -- applying a plan ---------------------------------------------------------------------------
+class _Untouched:
+    """A layer-wise compressor for linears a Wanda pass must leave alone."""
+
+    def add_batch(self, inp, out) -> None:
+        pass
+
+    def compress(self) -> None:
+        return None
+
+
+def apply_plan(lm, plan: dict[str, Choice], cfg: AutoConfig, calib: torch.Tensor | None, fmt: str = "fake"):
+    """Compress every linear as the plan says; (storage, per-linear stats)."""
+    model = lm.model
+    storage: dict[str, dict[str, torch.Tensor]] = {}
+    stats: dict[str, dict[str, Any]] = {}
+    pruned: list[str] = []
+    for name, ch in plan.items():
+        mod = model.get_submodule(name)
+        if ch.method == "rtn":
+            w = get_weight(mod)
+            grid = GridConfig(bits=ch.bits, group_size=ch.group_size, symmetric=cfg.symmetric)
+            codes, _, params = quantize_matrix(w, grid)
+            stored = finish_layer(model, name, codes.view_as(w), params, ch.group_size, fmt)
+            if stored is not None:
+                storage[f"{name}.weight"] = stored
+        elif ch.method == "magnitude":
+            w = get_weight(mod)
+            keep = build_mask(w.abs(), ch.sparsity, None, "layer")
+            set_weight(mod, w * keep)
+            stats[name] = layer_stats(keep)
+            pruned.append(name)
+    wanda = {n: ch for n, ch in plan.items() if ch.method == "wanda"}
+    if wanda:  # after magnitude: Wanda calibrates on the outputs of the already-pruned layers
+        make = lambda n, m: WandaLayer(m, WandaConfig(sparsity=wanda[n].sparsity)) if n in wanda else _Untouched()
+        for n, st in sequential(model, calib, make, true_sequential=False, device=lm.device).items():
+            if st is not None:
+                stats[n] = st
+                pruned.append(n)
+    if pruned:
+        storage.update(sparse_storage(model, pruned, None))
+    return storage, stats
+
+
+# -- the search --------------------------------------------------------------------------------
+def activation_norms(lm, calib: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per linear, the sum of squares of each input channel over the calibration tokens
+    (Wanda's statistic, from the uncompressed model)."""
+    norms: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def f(mod, args, out):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            norms[name] = norms.get(name, 0) + x.pow(2).sum(0).cpu()
+
+        return f
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in iter_linears(lm.model)]
+    try:
+        with torch.no_grad():
+            for sample in calib:
+                lm.model(input_ids=sample.unsqueeze(0).to(lm.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return norms
+
+
+def profile_for(lm, cfg: AutoConfig, calib_fn, ctx) -> dict[str, Any]:
+    mods = dict(iter_linears(lm.model))
+    norms: dict[str, torch.Tensor] = {}
+    uses_calib = cfg.family == "pruning" and bool(CALIBRATED & set(cfg.prune_methods))
+
+    def compress(name: str, w: torch.Tensor, key: str):
+        ch = parse_choice(key)
+        if not ch.applicable(w.shape[1]):
+            return None
+        w_hat, stored = compress_weight(w, ch, symmetric=cfg.symmetric, sq_norm=norms.get(name),
+                                        transposed=is_transposed(mods[name]))
+        return w_hat, (w.numel() * w.element_size() if stored is None else stored_nbytes(stored))
+
+    extra: dict[str, Any] = {"symmetric": cfg.symmetric}
+    if uses_calib:  # Wanda's masks depend on the calibration sample: part of the key
+        extra["calibration"] = {k: getattr(cfg, k) for k in CalibrationConfig.model_fields}
+    probe = ProbeConfig(**{k: getattr(cfg, k) for k in ProbeConfig.model_fields})
+    def prepare(todo: set[str]) -> None:  # Wanda's statistic, from the intact model, only if needed
+        if any(parse_choice(k).method in CALIBRATED for k in todo):
+            norms.update(activation_norms(lm, calib_fn()[0]))
+
+    return sensitivity_profile(lm, family=cfg.family, candidates=cfg.candidate_keys(), compress=compress,
+                               probe=probe, corpus=cfg.calib_corpus, key_extra=extra, progress=ctx.progress,
+                               prepare=prepare)
+
+
+def unit_options(prof: dict[str, Any], objective: str, dense_bytes: dict[str, int] | None,
+                 keys: list[str]) -> dict[str, list]:
+    """Per unit, (choice, bytes, loss) of the measured candidates in ``keys``, and ``dense`` if given."""
+    loss_key = "kl" if objective == "kl" else "val_nll_delta"
+    out = {}
+    for u, e in prof["units"].items():
+        opts = [(k, v["bytes"], v[loss_key]) for k, v in e["candidates"].items() if k in keys]
+        if dense_bytes is not None:
+            opts.append(("dense", dense_bytes[u], 0.0))
+        out[u] = opts
+    return out
+
+
+def linear_budget(lm, cfg: AutoConfig, prof: dict[str, Any], units: dict[str, list[str]]) -> int:
+    """Bytes the decoder linears may take, from whichever budget the config gives."""
+    mods = dict(iter_linears(lm.model))
+    numel = sum(get_weight(mods[n]).numel() for names in units.values() for n in names)
+    if cfg.budget_bits is not None:
+        return math.floor(cfg.budget_bits * numel / 8)
+    if cfg.budget_like is not None:
+        key = parse_choice(cfg.budget_like).key
+        total = 0
+        for u, names in units.items():
+            e = prof["units"][u]["candidates"]
+            if key == "dense":
+                total += sum(get_weight(mods[n]).numel() * get_weight(mods[n]).element_size() for n in names)
+            elif key not in e:
+                raise BudgetError(f"budget_like {key}: not a candidate measured for {u} (add it to the candidates)")
+            else:
+                total += e[key]["bytes"]
+        return total
+    linear_keys = {f"{n}.weight" for names in units.values() for n in names}
+    fixed = {k: t for k, t in unique_tensors(lm.model).items() if k not in linear_keys}
+    allowance = HEADER_ALLOWANCE * 5 * len(linear_keys)  # up to 5 stored tensors per linear
+    budget = cfg.budget_bytes - serialized_bytes(fixed) - allowance
+    if budget <= 0:
+        raise BudgetError(f"budget_bytes {cfg.budget_bytes:,} does not even hold the uncompressed non-linear "
+                          f"tensors ({serialized_bytes(fixed):,} bytes)")
+    return budget
+
+
+def expand(unit_plan: dict[str, str], units: dict[str, list[str]]) -> dict[str, str]:
+    return {n: key for u, key in unit_plan.items() for n in units[u]}
+
+
+def candidate_plans(options: dict[str, dict[str, list]], cfg: AutoConfig, budget: int) -> dict[str, dict[str, str]]:
+    """Name -> {unit: key}: one allocation per objective, and the best-predicted fitting uniform choice."""
+    plans = {f"search:{obj}": allocate(options[obj], budget) for obj in cfg.objectives}
+    if cfg.include_uniform:
+        best = None
+        for key in cfg.candidate_keys():
+            rows = [next((o for o in opts if o[0] == key), None) for opts in options["kl"].values()]
+            if None in rows or sum(r[1] for r in rows) > budget:
+                continue  # not measured for every unit, or over the budget
+            loss = sum(r[2] for r in rows)
+            if best is None or loss < best[1]:
+                best = (key, loss)
+        if best is not None:
+            plans[f"uniform:{best[0]}"] = dict.fromkeys(options["kl"], best[0])
+    return plans
+
+
+@torch.no_grad()
+def verify(lm, plans: dict[str, dict[str, str]], cfg: AutoConfig, calib_fn) -> dict[str, float]:
+    """Validation NLL of each plan applied to the model (restored after each)."""
+    from slimbench.tasks.perplexity import JOIN, windows
+
+    from slimbench.corpora import encode_split
+
+    win = windows(encode_split(lm, cfg.calib_corpus, "validation", JOIN), cfg.verify_seqlen, cfg.verify_windows)
+    mods = dict(iter_linears(lm.model))
+    originals = {n: get_weight(m).clone() for n, m in mods.items()}
+    out: dict[str, float] = {}
+    for name, plan in plans.items():
+        choices = {n: parse_choice(k) for n, k in plan.items()}
+        calib = calib_fn()[0] if any(c.method in CALIBRATED for c in choices.values()) else None
+        try:
+            apply_plan(lm, choices, cfg, calib)
+            out[name] = float(torch.cat([lm.token_nll(b.unsqueeze(0)).double().mean(1) for b in win]).mean())
+        finally:
+            for n, w in originals.items():
+                set_weight(mods[n], w)
+    return out
+
+
+def summarize_plan(plan: dict[str, str], numel: dict[str, int]) -> dict[str, Any]:
+    """Counts of each choice, and the share of decoder-linear weights each covers."""
+    total = sum(numel.values())
+    counts = Counter(plan.values())
+    share = Counter()
+    for n, k in plan.items():
+        share[k] += numel[n] / total
+    return {k: {"linears": counts[k], "weight_share": round(share[k], 4)} for k in sorted(counts)}
+
+
+def search(lm, cfg: AutoConfig, calib_fn, ctx) -> tuple[dict[str, str], dict[str, Any], list[str]]:
+    """Profile, allocate, verify: (the chosen {linear: key}, what the record keeps, notes)."""
+    adapter = adapter_for(lm.model)
+    mods = dict(iter_linears(lm.model))
+    units = units_of(lm.model, adapter.layers_path, cfg.unit)
+    numel = sum(get_weight(mods[n]).numel() for names in units.values() for n in names)
+    prof = profile_for(lm, cfg, calib_fn, ctx)
+    dense = {u: sum(get_weight(mods[n]).numel() * get_weight(mods[n]).element_size() for n in names)
+             for u, names in units.items()} if cfg.dense_allowed else None
+    options = {o: unit_options(prof, o, dense, cfg.candidate_keys()) for o in ("kl", "val")}
+    budget = linear_budget(lm, cfg, prof, units)
+    plans = candidate_plans(options, cfg, budget)
+    val = verify(lm, {k: expand(p, units) for k, p in plans.items()}, cfg, calib_fn)
+    chosen = min(val, key=val.get)
+    table = {o: {u: {k: (b, loss) for k, b, loss in v} for u, v in options[o].items()} for o in options}
+    details = {
+        "budget_linear_bytes": budget,
+        "budget_effective_bits": 8 * budget / numel,
+        "chosen": chosen,
+        "verify_val_nll": val,
+        "predicted_loss_sum": {k: {o: sum(table[o][u][key][1] for u, key in p.items()) for o in table}
+                               for k, p in plans.items()},
+        "plan_bytes": {k: sum(table["kl"][u][key][0] for u, key in p.items()) for k, p in plans.items()},
+        "profile": {"path": prof["meta"]["path"], "seconds": prof["meta"].get("seconds"), "units": len(units),
+                    "unit": cfg.unit, "candidates": cfg.candidate_keys(), "dense_allowed": cfg.dense_allowed,
+                    "reference_val_nll": prof["meta"].get("reference_val_nll")},
+        "verify": {"split": "validation", "windows": cfg.verify_windows, "seqlen": cfg.verify_seqlen},
+    }
+    notes = []
+    if chosen.startswith("uniform:"):
+        notes.append(f"the end-to-end check preferred the uniform {chosen.split(':', 1)[1]} to every searched plan")
+    return expand(plans[chosen], units), details, notes
+
+
+def apply(lm, cfg: AutoConfig, ctx) -> MethodReport:
+    cache: dict[str, Any] = {}
+
+    def calib_fn():  # drawn once, only if a calibrated choice needs it
+        if "calib" not in cache:
+            cache["calib"] = sample_calibration(lm, cfg)
+        return cache["calib"]
+
+    if cfg.plan is not None:
+        plan, search_details, notes = dict(cfg.plan), None, ["explicit plan applied (no search)"]
+    else:
+        plan, search_details, notes = search(lm, cfg, calib_fn, ctx)
+    numel = {n: get_weight(m).numel() for n, m in iter_linears(lm.model)}
+    choices = {n: parse_choice(k) for n, k in plan.items()}
+    calib = calib_fn()[0] if any(c.method in CALIBRATED for c in choices.values()) else None
+    storage, stats = apply_plan(lm, choices, cfg, calib, cfg.format)
+    details: dict[str, Any] = {"family": cfg.family, "search": search_details}
+    details["plan"] = {n: choices[n].key for n in plan}  # re-run with {name: auto, plan: <this>}
+    details["plan_summary"] = summarize_plan(details["plan"], numel)
+    if stats:
+        details.update(summarize_layers(stats))
+    if calib is not None:
+        details["calibration"] = calib_fn()[1]
+    if any(c.method == "rtn" for c in choices.values()):
+        execution, fmt_notes, fmt = format_report(lm.model, cfg.format)
+        notes += fmt_notes
+        details.update(fmt)
+    else:
+        execution = "simulated"
+        if stats:
+            notes.append("masks in a dense model (unstructured zeros); stored in the sparse format")
+    return MethodReport(execution=execution, storage=storage, details=details, notes=notes)
+
+
+METHOD = Method(
+    name="auto",
+    family="search",
+    description="per-layer settings (RTN bits/groups, or magnitude/Wanda sparsity) allocated under a bytes/bits "
+    "budget from a cached sensitivity profile, verified on validation text; re-runnable from its plan",
+    config=AutoConfig,
+    apply=apply,
+    check=check,
+)
