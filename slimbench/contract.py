@@ -273,7 +273,11 @@ def stored_bytes_problems(lm: Any, rep: MethodReport, sizes: dict) -> list[str]:
         weight = weight_for(lm.model, key)
         if weight is None:
             continue
-        need = information_bits(weight, rep.details.get("group_size"))
+        group_size = rep.details.get("group_size")
+        scales = parts.get("scales")
+        if scales is not None and scales.numel() % weight.shape[0] == 0:  # the form says how many grids a
+            group_size = math.ceil(weight.shape[1] / (scales.numel() // weight.shape[0]))  # row has (mixed plans)
+        need = information_bits(weight, group_size)
         have = 8 * sum(t.numel() * t.element_size() for t in parts.values())
         if have < need:
             problems.append(f"the stored form of {key} has {have:,} bits, fewer than the {need:,.0f} bits of "

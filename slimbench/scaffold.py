@@ -82,6 +82,47 @@ METHOD = Method(
 '''
 
 BODIES: dict[str, dict[str, str]] = {
+    "search": {
+        "summary": "per linear, the fewest RTN bits whose relative weight error stays under a tolerance (simulated)",
+        "kwargs": "",
+        "code": '''import torch
+from pydantic import Field
+from slimbench.methods.quantization.grid import GridConfig, check_group_size, quantize_matrix, stored_form
+
+from slimbench.method import Method, MethodContext, MethodReport
+from slimbench.modeling import get_weight, iter_linears, set_weight
+
+
+class __CLASS__Config(GridConfig):
+    """The shared grid's group_size and symmetric, inherited (its `bits` is unused: searched).
+    A search allocates settings per layer: say what it chooses from and what bounds it."""
+
+    candidate_bits: list[int] = Field([2, 3, 4, 8], description="bit widths to choose from, per linear")
+    tolerance: float = Field(0.05, gt=0, le=1, description="largest allowed |W - Q(W)| / |W| per linear")
+
+
+def check(lm, cfg: __CLASS__Config) -> None:
+    check_group_size({n: get_weight(m).shape[1] for n, m in iter_linears(lm.model)}, cfg.group_size)
+
+
+@torch.no_grad()
+def apply(lm, cfg: __CLASS__Config, ctx: MethodContext) -> MethodReport:
+    storage, plan = {}, {}
+    for name, mod in iter_linears(lm.model):
+        w = get_weight(mod).float()
+        for bits in sorted(cfg.candidate_bits):  # the first (fewest bits) that is accurate enough
+            codes, dequantized, params = quantize_matrix(w, cfg.model_copy(update={"bits": bits}))
+            if (w - dequantized).norm() <= cfg.tolerance * w.norm() or bits == max(cfg.candidate_bits):
+                break
+        set_weight(mod, dequantized)
+        storage[f"{name}.weight"] = stored_form(codes, params)
+        plan[name] = bits  # the per-layer choice: what a search must report, so it can be re-run
+    return MethodReport(
+        execution="simulated",
+        storage=storage,
+        details={"plan": plan, "group_size": cfg.group_size, "layers": len(storage)},
+    )''',
+    },
     "quantization": {
         "summary": "round-to-nearest weight quantization of every linear layer (fake-quantized, simulated)",
         "kwargs": "",

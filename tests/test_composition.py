@@ -37,7 +37,8 @@ def test_defaults_come_from_the_family():
     for family in FAMILIES:  # and only acceleration may follow acceleration
         if family != "acceleration":
             assert "acceleration" not in method(family).follows
-    assert set(method("recovery").follows) == {"precision", "quantization", "pruning", "lowrank", "distillation"}
+    assert set(method("recovery").follows) == {"precision", "quantization", "pruning", "lowrank", "distillation",
+                                                     "search"}
     assert method("baseline").follows == ()
     assert set(DEFAULT_FOLLOWS) == set(FAMILIES)
 

@@ -405,4 +405,8 @@ METHOD = Method(
     config=AutoConfig,
     apply=apply,
     check=check,
+    calibration_need="activation-statistics",  # Wanda choices: per-channel input norms
+    # The contract checks behaviour, not search quality: few candidates and tiny probes.
+    test_params={"bits": [2, 4], "group_sizes": [32], "budget_bits": 3.5, "objectives": ["kl"], "probe_windows": 2,
+                 "probe_seqlen": 32, "val_windows": 1, "verify_windows": 2, "verify_seqlen": 32},
 )
