@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -17,7 +17,11 @@ class HardwareSpec(Config):
 
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    threads: int = Field(2, ge=1, le=512, description="torch intra-op threads (CPU)")
+    threads: Annotated[int, Field(ge=1, le=512)] | Literal["auto"] = Field(
+        2,
+        description="torch intra-op threads (CPU); auto: probe each count when the cell starts and use the "
+        "fastest now (slimbench.machine.resolve_threads; the choice is recorded)",
+    )
 
     @field_validator("device")
     @classmethod
