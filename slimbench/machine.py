@@ -10,8 +10,9 @@ Limits (measured once per machine and cached as JSON under ``models.cache_dir()/
 
 The cache key is the CPU model, core count, CPU affinity, thread count, torch version and the
 device (GPU name on CUDA): change any and the limits are measured again. A measurement taken
-while other processes used the cores (see :class:`Contention`) is returned, flagged ``noisy``,
-and *not* cached, so a later idle cell measures again instead of inheriting a bad number.
+while other processes used the cores (see :class:`Contention`) is flagged ``noisy``; a noisy
+cached entry is measured again by the first request that finds the machine quiet, so a bad
+number is not inherited forever (and a loaded machine does not pay the measurement every cell).
 
 Hygiene: :func:`snapshot` (load average, affinity, thread counts), :class:`Contention` (CPU
 time other processes took on our cores during a block) and :func:`resolve_threads` (the
@@ -257,11 +258,29 @@ def _matmul_fn(dtype: str, n: int, device: torch.device) -> Callable[[], Any]:
     return lambda: a @ b
 
 
+def product_size(dtype: str, device: torch.device, max_n: int, min_seconds: float = 0.02) -> int:
+    """The smallest n (256, 512, ... up to ``max_n``) whose product takes ``min_seconds``: big enough
+    to reach the kernel's speed, small enough that a slow dtype (fp16 on a CPU without fp16
+    arithmetic) does not take minutes."""
+    n = 256
+    while n < max_n:
+        fn = _matmul_fn(dtype, n, device)
+        fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if time.perf_counter() - t0 >= min_seconds:
+            break
+        n *= 2
+    return n
+
+
 def measure_flops(dtype: str, device: torch.device | str = "cpu", n: int | None = None,
                   repeats: int = 5) -> dict[str, Any]:
     """Attainable matrix-product FLOP/s for ``dtype``: ``2 n^3`` over the best time of an n x n x n product."""
     device = torch.device(device)
-    n = n or (8192 if device.type == "cuda" else 1024)
+    n = n or product_size(dtype, device, max_n=8192 if device.type == "cuda" else 2048)
     fn = _matmul_fn(dtype, n, device)
     secs = _best_seconds(fn, device, repeats)
     return {
@@ -343,17 +362,30 @@ def machine_limits(threads: int | None = None, device: torch.device | str = "cpu
     threads = threads or torch.get_num_threads()
     identity = machine_identity(threads, device)
     path = limits_path(identity)
-    if not refresh and path.exists():
-        try:
-            data = json.loads(path.read_text())
-            if data.get("identity") == identity:
-                return {**data, "source": "cache", "path": str(path)}
-        except (OSError, ValueError):
-            pass  # a corrupt cache file is measured again
+    cached = None if refresh else read_limits(path, identity)
+    if cached is not None and (not cached["noisy"] or machine_busy()):
+        # A noisy entry is measured again only when the machine is quiet now: measuring under
+        # the same load would only pay the cost again.
+        return {**cached, "source": "cache", "path": str(path)}
     data = measure_limits(threads, device, **measure_kw)
-    if not data["noisy"]:
+    if cached is None or not data["noisy"]:
         write_json_atomic(path, data)
-    return {**data, "source": "measured", "path": str(path) if not data["noisy"] else None}
+    return {**data, "source": "measured", "path": str(path)}
+
+
+def read_limits(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, or corrupt: measured again
+        return None
+    return data if data.get("identity") == identity else None
+
+
+def machine_busy(seconds: float = 0.2, threshold: float = DEFAULT_LOAD_THRESHOLD) -> bool:
+    """Whether other processes take more than ``threshold`` cores of ours right now."""
+    with Contention() as c:
+        time.sleep(seconds)
+    return c.other_cores > threshold
 
 
 def limits_summary(limits: dict[str, Any]) -> dict[str, Any]:
