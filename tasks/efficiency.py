@@ -147,13 +147,17 @@ class EfficiencyRun:
         self.load_after: dict[str, Any] | None = None
         self.compiles_during_timed = 0
         self.interleaved: dict[str, Any] | None = None
+        self.warmup_cost: dict[str, Any] = {}
 
     # -- steps ---------------------------------------------------------------------------------
     def warm(self) -> None:
+        """Untimed repeats; what they cost (compilation of this regime's shapes included) is kept."""
+        graphs, t0 = compile_counter(), time.perf_counter()
         for _ in range(self.cfg.warmup):
             self.lm.prefill(self.ids, capacity=self.capacity)
             self.lm.generate(self.ids, self.cfg.new_tokens)
         self.lm.synchronize()
+        self.warmup_cost = {"seconds": time.perf_counter() - t0, "graphs_compiled": compile_counter() - graphs}
 
     def _generate_timed(self) -> list[tuple[float, int]]:
         lm, stamps = self.lm, []
@@ -254,6 +258,7 @@ class EfficiencyRun:
             "load_before": self.load_before,
             "load_after": self.load_after,
             "other_cores_per_repeat": [round(x, 3) for x in self.other_cores],
+            "warmup": self.warmup_cost,
             "itl_samples_ms": self.itl,
             "memory_kind": mem["kind"],
             "memory_before_mb": mem["start"] / 2**20,

@@ -68,12 +68,21 @@ def parse_variants(args: argparse.Namespace) -> list[tuple[str, Any]]:
         raise SuiteError("no variants given", source="accel-bench", field="--variants")
     out = []
     for label, steps in raw:
-        specs = parse_methods([steps if isinstance(steps, list) else [steps]], f"accel-bench variant {label}")
+        steps = with_regime_warmup(steps, args)
+        specs = parse_methods([steps], f"accel-bench variant {label}")
         if len(specs) != 1:
             raise SuiteError("a variant must be one configuration (no list-valued parameters)",
                              source="accel-bench", field=label)
         out.append((label, specs[0]))
     return out
+
+
+def with_regime_warmup(steps: Any, args: argparse.Namespace) -> list[Any]:
+    """Compile steps warm up on the benchmark's own shape unless told otherwise: compiling the
+    warm-up's shape and then the regime's would pay the compilation twice."""
+    steps = steps if isinstance(steps, list) else [steps]
+    regime = {"warmup_prompt": args.prompt_len, "warmup_tokens": args.new_tokens, "warmup_batch": args.batch_size}
+    return [{**regime, **s} if isinstance(s, dict) and s.get("name") == "compile" else s for s in steps]
 
 
 def build(label: str, spec, args, hw) -> dict[str, Any]:
