@@ -235,10 +235,11 @@ class EfficiencyRun:
         metrics = {
             "prefill_ms": self._metric(self.prefill, "ms", False),
             "ttft_ms": self._metric(self.ttft, "ms", False),
-            "decode_tokens_per_s": self._metric(self.decode, "tokens/s", True),
             "e2e_tokens_per_s": self._metric(self.e2e, "tokens/s", True),
             "peak_memory_mb": Metric(mem["peak"] / 2**20, "MiB", False),
         }
+        if self.decode:  # empty only if a generator delivered every token in its first burst
+            metrics["decode_tokens_per_s"] = self._metric(self.decode, "tokens/s", True)
         if self.itl:
             for q in (50, 90, 99):
                 metrics[f"itl_p{q}_ms"] = Metric(float(np.percentile(self.itl, q)), "ms", False)

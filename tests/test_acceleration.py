@@ -273,3 +273,16 @@ def test_accel_bench_interleaves_variants(monkeypatch, capsys, tmp_path):
     assert [v["label"] for v in data["variants"]] == ["eager-fp32", "eager-bf16"]
     assert data["variants"][1]["details"]["interleaved"]["variants"] == ["eager-fp32", "eager-bf16"]
     assert "decode_roofline_fraction" in data["variants"][0]["metrics"]
+
+
+def test_accel_bench_compiles_on_the_regime_shape():
+    from slimbench.cli import parser
+    from slimbench.cli.accel_bench import parse_variants
+
+    args = parser().parse_args(["accel-bench", "--variants", "compile-static-fp32", "--prompt-len", "100",
+                                "--new-tokens", "20", "--batch-size", "4",
+                                "--variant", "own=[{name: compile, warmup_prompt: 7}]"])
+    (_, preset), (_, own) = parse_variants(args)
+    step = preset.steps[-1].params
+    assert (step["warmup_prompt"], step["warmup_tokens"], step["warmup_batch"]) == (100, 20, 4)
+    assert own.steps[0].params["warmup_prompt"] == 7  # what a variant sets wins

@@ -26,6 +26,8 @@ from typing import Any
 FAST = {"name": "compile", "scope": "decode", "dynamic": False, "freezing": True, "cpp_wrapper": True}
 STATIC = {"name": "kv-cache", "implementation": "static"}
 INT4 = {"name": "rtn", "bits": 4, "group_size": 32, "format": "packed"}
+INT8W = {"name": "rtn", "bits": 8, "group_size": None, "symmetric": True, "format": "packed"}  # weight-only int8
+FP16 = {"name": "cast", "dtype": "float16"}
 
 PRESETS: dict[str, list[Any]] = {
     "eager-fp32": ["baseline"],
@@ -39,6 +41,7 @@ PRESETS: dict[str, list[Any]] = {
     "compile-static-int8": ["dynamic-int8", STATIC, FAST],
     "int4-packed": [INT4],
     "compile-static-int4": [INT4, STATIC, FAST],
+    "compile-static-fp16-int8w": [FP16, INT8W, STATIC, FAST],
     "compile-static-fp32-autotune": [STATIC, {**FAST, "mode": "max-autotune-no-cudagraphs"}],
 }
 DEFAULT_VARIANTS = "eager-fp32,compile-static-fp32,eager-bf16,compile-static-bf16"
