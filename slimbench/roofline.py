@@ -84,8 +84,8 @@ def compute_dtype(model: nn.Module) -> str:
     counts: dict[str, int] = {}
     float_dtype = next((p.dtype for p in unwrap(model).parameters() if p.is_floating_point()), torch.float32)
     for _, m in iter_linears(unwrap(model), include_lm_head=True):
-        cls = type(m).__name__
-        if cls in ("DynamicInt8Linear", "W8A8Linear"):
+        classes = {c.__name__ for c in type(m).__mro__}  # subclasses too (compile's traceable int8 layer)
+        if classes & {"DynamicInt8Linear", "W8A8Linear"}:
             name = "int8"
         elif getattr(m, "kernel", None) in ("int8pack", "int4pack"):
             name = "bfloat16"

@@ -13,6 +13,7 @@ from slimbench import machine
 from slimbench.errors import SuiteError
 from slimbench.method import MethodContext
 from slimbench.registry import METHODS, TASKS
+from slimbench.roofline import compute_dtype
 from slimbench.specs import HardwareSpec, ModelSpec
 from slimbench.task import TaskContext
 
@@ -233,6 +234,7 @@ def test_compile_on_top_of_compressed_models(prior):
     assert rep.details["graph_breaks"] == 0, rep.details["graph_break_reasons"]
     if prior == "dynamic-int8":
         assert rep.details["traced_dynamic_int8_layers"] > 0
+        assert compute_dtype(lm.model) == "int8"  # the roofline still sees int8 compute through the wrapper
     torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
 
 
