@@ -442,7 +442,9 @@ class Entry:
         hw = self.cell.hardware
         t0 = time.perf_counter()
         try:
-            torch.set_num_threads(hw.threads)
+            from slimbench.machine import resolve_threads
+
+            resolve_threads(hw)  # as load_model does: a number, or "auto" probed now
             model = artifact_format.load(self.folder, self.manifest["layout"])
             about = self.manifest["lm"]
             lm = wrap(model, self.source.tokenizer(), about["name"], hw, about["provenance"])

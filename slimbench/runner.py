@@ -24,6 +24,7 @@ import torch
 from slimbench import artifacts
 from slimbench.config import build_config
 from slimbench.lm import LanguageModel
+from slimbench.machine import resolve_threads
 from slimbench.measure import PeakMemory, environment, release_memory
 from slimbench.method import MethodContext, MethodReport
 from slimbench.modeling import (
@@ -45,7 +46,7 @@ from slimbench.task import TaskContext
 
 
 def load_model(cell: CellSpec) -> LanguageModel:
-    torch.set_num_threads(cell.hardware.threads)
+    resolve_threads(cell.hardware)  # sets torch's thread count; "auto" probes the fastest now
     loader = resolve(cell.model, source="suite", field="models")
     lm = loader(cell.model, cell.hardware)
     lm.spec = cell.model  # tasks that need the uncompressed model (fidelity) reload it from this

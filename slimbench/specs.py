@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -18,13 +18,27 @@ class HardwareSpec(Config):
 
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    threads: int = Field(2, ge=1, le=512, description="torch intra-op threads (CPU)")
+    threads: Annotated[int, Field(ge=1, le=512)] | Literal["auto"] = Field(
+        2,
+        description="torch intra-op threads (CPU); auto: probe each count when the cell starts and use the "
+        "fastest now (slimbench.machine.resolve_threads; the choice is recorded)",
+    )
     memory_gb: float | None = Field(
         None, gt=0, description="memory a cell may use (GB): what the scheduler reserves and the worker's limit"
     )
 
     # Where a cell may run, not what it computes: left out of the run id.
     SCHEDULING_FIELDS: typing.ClassVar[frozenset[str]] = frozenset({"memory_gb"})
+
+    @property
+    def cpus(self) -> int:
+        """CPUs a cell keeps busy: its thread count, or with ``auto`` every core it may use
+        (the probe may pick any of them)."""
+        if self.threads != "auto":
+            return int(self.threads)
+        import os
+
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     @field_validator("device")
     @classmethod

@@ -1,39 +1,80 @@
-"""`efficiency`: size, latency and peak memory of inference, measured like a benchmark.
+"""`efficiency` (version 2): latency, throughput and memory of inference in one deployment regime,
+against the machine's own limits.
 
-- Size: parameters, bytes in memory, bytes of the stored compressed model and effective bits
-  per weight, copied from the harness' report on the method.
-- Prefill: milliseconds for one forward pass over a ``prompt_len``-token prompt (real text,
-  the first tokens of the corpus split) at ``batch_size``.
-- Decode: tokens/s generating ``new_tokens`` greedily with the KV cache after that prefill.
-- Each measurement: ``warmup`` untimed runs, then ``repeats`` timed runs, the device
-  synchronised before every clock read; the median is the value, the raw samples are kept.
-- Peak memory during one more (untimed) prefill + decode: process RSS on CPU, sampled by a
-  thread (kept out of the timed runs, where it would steal cycles), max allocated on CUDA.
-- Decode bandwidth: model bytes in memory x decode tokens/s, the memory traffic a
-  weight-bound decoder needs, to compare with the machine's memory bandwidth.
+The regime is three parameters a suite can grid over: ``prompt_len``, ``new_tokens``,
+``batch_size`` (decode latency at batch 1, throughput at batch 8, time to first token at a
+long prompt: conclusions flip between them).
+
+Each timed repeat (after ``warmup`` untimed ones) measures, the device synchronised before
+every clock read:
+
+- ``prefill_ms``: one ``lm.prefill`` of the prompt (the cache sized for prompt + new tokens).
+- one ``lm.generate(ids, new_tokens, on_tokens)``, timestamping each arrival of tokens (one at
+  a time for plain decoding, bursts for speculative decoding: every engine is measured the
+  same way): ``ttft_ms`` (call to first token, prefill included), ``decode_tokens_per_s``
+  (tokens after the first, over the time from the first to the last), ``e2e_tokens_per_s``
+  (all tokens of every row over the whole call).
+- ``itl_p50_ms`` / ``itl_p90_ms`` / ``itl_p99_ms``: inter-token latency over the generated
+  tokens of all repeats, as a streaming user sees it: each token after the first gets the gap
+  since the previous arrival; the other tokens of a burst arrive with it (gap 0).
+
+The value of each metric is the median over repeats; raw samples and spread are kept.
+
+Memory, in one more untimed generation (a sampler thread would steal cycles from the clock):
+``peak_memory_mb`` (process RSS on CPU, max allocated on CUDA), split into
+``memory_weights_mb`` (the model's tensors), ``memory_kv_mb`` (the KV cache's tensors at the
+end: prompt + new tokens) and ``memory_other_mb`` (the rest: activations, runtime, allocator).
+``kv_cache_bytes_logical`` / ``kv_cache_bytes_physical``: what the cache stands for (every
+position, in its float dtype) vs what it really holds (slimbench.roofline.kv_cache_bytes).
+
+Roofline (``roofline: true``): the machine's bandwidth and FLOP/s, measured once per machine
+and thread count and cached (slimbench.machine), give ``decode_roofline_fraction`` and
+``prefill_roofline_fraction`` (formulas in slimbench.roofline).
+
+Hygiene: before and after the timed block the load average, CPU affinity and thread counts are
+recorded; during every repeat, the CPU time other processes took on our cores. The cell is
+``noisy`` (with ``noise_reasons``) when the coefficient of variation of the decode or prefill
+samples exceeds ``cv_threshold``, when other processes took more than ``load_threshold`` cores,
+or when torch.compile compiled during the timed repeats.
+
+The repeats of several models can be interleaved in one process (A/B/A/B; the
+``accel-bench`` command): :class:`EfficiencyRun` exposes ``warm`` / ``sample`` / ``result``.
 """
 
 from __future__ import annotations
 
+import itertools
+import statistics
 import time
+from typing import Any
 
+import numpy as np
 import torch
 from pydantic import Field
 
+from slimbench import machine, roofline
 from slimbench.config import Config
 from slimbench.measure import PeakMemory, summarize, timed
+from slimbench.modeling import memory_bytes
 from slimbench.registry import CORPORA
 from slimbench.task import Metric, Task, TaskResult
 
+VERSION = "2"
+
 
 class EfficiencyConfig(Config):
-    prompt_len: int = Field(128, ge=1, le=32768, description="prompt tokens for prefill")
-    new_tokens: int = Field(32, ge=1, le=4096, description="tokens generated for decode")
-    batch_size: int = Field(1, ge=1, le=512, description="sequences per batch")
+    prompt_len: int = Field(128, ge=1, le=32768, description="prompt tokens (regime)")
+    new_tokens: int = Field(32, ge=2, le=4096, description="generated tokens per sequence (regime)")
+    batch_size: int = Field(1, ge=1, le=512, description="sequences per batch (regime)")
     repeats: int = Field(5, ge=1, le=1000, description="timed repetitions")
     warmup: int = Field(1, ge=0, le=100, description="untimed warm-up repetitions")
     corpus: str = Field("shakespeare", description="where the prompt text comes from")
     split: str = Field("test", description="corpus split for the prompt")
+    cv_threshold: float = Field(0.1, gt=0, description="coefficient of variation above which a cell is noisy")
+    load_threshold: float = Field(
+        machine.DEFAULT_LOAD_THRESHOLD, ge=0, description="cores of CPU time other processes may take before noisy"
+    )
+    roofline: bool = Field(True, description="relate results to the machine's measured bandwidth and FLOP/s")
 
 
 def prompt_ids(lm, cfg: EfficiencyConfig) -> torch.Tensor:
@@ -44,60 +85,266 @@ def prompt_ids(lm, cfg: EfficiencyConfig) -> torch.Tensor:
     return torch.tensor([ids] * cfg.batch_size)
 
 
-def decode_seconds(lm, ids: torch.Tensor, n: int) -> float:
-    """Seconds for n greedy decode steps after an (untimed) prefill."""
-    logits, cache = lm.prefill(ids)
-    lm.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        logits, cache = lm.decode(logits.argmax(-1, keepdim=True), cache)
-    lm.synchronize()
-    return time.perf_counter() - t0
+def compile_counter() -> int:
+    """Graphs torch.compile has compiled in this process (0 if dynamo was never used)."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"].get("unique_graphs", 0))
+
+
+def cv(samples: list[float]) -> float | None:
+    if len(samples) < 2 or statistics.mean(samples) == 0:
+        return None
+    return statistics.stdev(samples) / abs(statistics.mean(samples))
+
+
+class CacheCapture:
+    """Keep the last KV cache ``lm.prefill`` / ``lm.decode`` returned during a block.
+
+    Instance attributes shadow the methods for the block (generators call them too), so the cache
+    of whatever produced the tokens is seen without reaching into the model.
+    """
+
+    def __init__(self, lm) -> None:
+        self.lm, self.cache = lm, None
+
+    def __enter__(self) -> CacheCapture:
+        prefill, decode = self.lm.prefill, self.lm.decode
+
+        def cap_prefill(*a, **kw):
+            logits, self.cache = prefill(*a, **kw)
+            return logits, self.cache
+
+        def cap_decode(*a, **kw):
+            logits, self.cache = decode(*a, **kw)
+            return logits, self.cache
+
+        self.lm.prefill, self.lm.decode = cap_prefill, cap_decode
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.lm.prefill, self.lm.decode  # the class methods are visible again
+
+
+class EfficiencyRun:
+    """One model's measurement in one regime, in steps so runs of several models can interleave."""
+
+    def __init__(self, lm, cfg: EfficiencyConfig, ctx) -> None:
+        self.lm, self.cfg, self.ctx = lm, cfg, ctx
+        self.ids = prompt_ids(lm, cfg)
+        self.capacity = cfg.prompt_len + cfg.new_tokens
+        self.prefill: list[float] = []
+        self.ttft: list[float] = []
+        self.decode: list[float] = []
+        self.e2e: list[float] = []
+        self.itl: list[float] = []
+        self.other_cores: list[float] = []
+        self.load_before: dict[str, Any] | None = None
+        self.load_after: dict[str, Any] | None = None
+        self.compiles_during_timed = 0
+        self.interleaved: dict[str, Any] | None = None
+        self.warmup_cost: dict[str, Any] = {}
+
+    # -- steps ---------------------------------------------------------------------------------
+    def warm(self) -> None:
+        """Untimed repeats; what they cost (compilation of this regime's shapes included) is kept."""
+        graphs, t0 = compile_counter(), time.perf_counter()
+        for _ in range(self.cfg.warmup):
+            self.lm.prefill(self.ids, capacity=self.capacity)
+            self.lm.generate(self.ids, self.cfg.new_tokens)
+        self.lm.synchronize()
+        self.warmup_cost = {"seconds": time.perf_counter() - t0, "graphs_compiled": compile_counter() - graphs}
+
+    def _generate_timed(self) -> list[tuple[float, int]]:
+        lm, stamps = self.lm, []
+
+        def on_tokens(k: int) -> None:
+            lm.synchronize()
+            stamps.append((time.perf_counter(), k))
+
+        lm.synchronize()
+        t0 = time.perf_counter()
+        lm.generate(self.ids, self.cfg.new_tokens, on_tokens)
+        lm.synchronize()
+        got = sum(k for _, k in stamps)
+        if got != self.cfg.new_tokens:
+            raise RuntimeError(f"generate reported {got} tokens through on_tokens, expected {self.cfg.new_tokens}")
+        return [(t0, 0), *stamps]
+
+    def sample(self) -> None:
+        """One timed repeat: a prefill, then a timestamped generation."""
+        if self.load_before is None:
+            self.load_before = machine.snapshot()
+        compiles = compile_counter()
+        b, n = self.cfg.batch_size, self.cfg.new_tokens
+        with machine.Contention() as c:
+            prefill = lambda: self.lm.prefill(self.ids, capacity=self.capacity)
+            self.prefill.append(timed(prefill, self.lm.synchronize) * 1e3)
+            stamps = self._generate_timed()
+        self.other_cores.append(c.other_cores)
+        self.compiles_during_timed += compile_counter() - compiles
+        t0, (t_first, k_first), t_last = stamps[0][0], stamps[1], stamps[-1][0]
+        self.ttft.append((t_first - t0) * 1e3)
+        if n - k_first > 0 and t_last > t_first:
+            self.decode.append(b * (n - k_first) / (t_last - t_first))
+        self.e2e.append(b * n / (t_last - t0))
+        for (t_prev, _), (t, k) in itertools.pairwise(stamps[1:]):
+            self.itl += [(t - t_prev) * 1e3] + [0.0] * (k - 1)
+        self.load_after = machine.snapshot()
+
+    # -- results -------------------------------------------------------------------------------
+    def memory(self) -> dict[str, Any]:
+        """Peak memory and KV cache bytes in one untimed generation."""
+        with CacheCapture(self.lm) as cap, PeakMemory(self.lm.device) as mem:
+            self.lm.generate(self.ids, self.cfg.new_tokens)
+        kv = roofline.kv_cache_bytes(cap.cache) if cap.cache is not None else None
+        rep = self.ctx.method_report
+        try:
+            weights = memory_bytes(self.lm.model)
+        except (AttributeError, RuntimeError, TypeError):  # a model that is not a torch module (an engine)
+            weights = rep.get("memory_bytes")
+        return {"peak": mem.peak_bytes, "start": mem.start_bytes, "kind": mem.kind, "weights": weights, "kv": kv}
+
+    def noise(self, limits: dict[str, Any] | None) -> list[str]:
+        reasons = []
+        for name, samples in (("decode_tokens_per_s", self.decode), ("prefill_ms", self.prefill)):
+            v = cv(samples)
+            if v is not None and v > self.cfg.cv_threshold:
+                reasons.append(f"{name}: coefficient of variation {v:.3f} > {self.cfg.cv_threshold}")
+        busiest = max(self.other_cores, default=0.0)
+        if busiest > self.cfg.load_threshold:
+            reasons.append(
+                f"other processes took {busiest:.2f} cores during a timed repeat (> {self.cfg.load_threshold})"
+            )
+        if self.compiles_during_timed:
+            reasons.append(f"torch.compile compiled {self.compiles_during_timed} graph(s) during the timed repeats")
+        if limits is not None and limits.get("noisy"):
+            reasons.append("the machine limits were measured while other processes used the cores")
+        return reasons
+
+    def result(self) -> TaskResult:
+        cfg, rep = self.cfg, self.ctx.method_report
+        limits = None
+        if cfg.roofline:
+            limits = machine.machine_limits(torch.get_num_threads(), self.lm.device)
+        mem = self.memory()
+        metrics = {
+            "prefill_ms": self._metric(self.prefill, "ms", False),
+            "ttft_ms": self._metric(self.ttft, "ms", False),
+            "e2e_tokens_per_s": self._metric(self.e2e, "tokens/s", True),
+            "peak_memory_mb": Metric(mem["peak"] / 2**20, "MiB", False),
+        }
+        if self.decode:  # empty only if a generator delivered every token in its first burst
+            metrics["decode_tokens_per_s"] = self._metric(self.decode, "tokens/s", True)
+        if self.itl:
+            for q in (50, 90, 99):
+                metrics[f"itl_p{q}_ms"] = Metric(float(np.percentile(self.itl, q)), "ms", False)
+        metrics.update(self._memory_metrics(mem))
+        details_roofline = self._roofline(metrics, mem, limits)
+        for key, unit in (("parameters", "count"), ("memory_bytes", "bytes"), ("stored_bytes", "bytes"),
+                          ("effective_bits", "bits/weight")):
+            if rep.get(key) is not None:
+                metrics[key] = Metric(float(rep[key]), unit, False)
+        reasons = self.noise(limits)
+        details = {
+            "regime": {"prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens, "batch_size": cfg.batch_size},
+            "noisy": bool(reasons),
+            "noise_reasons": reasons,
+            "threads": {"torch_threads": torch.get_num_threads(), "setting": self.ctx.hardware.threads,
+                        **({"choice": machine.last_thread_choice()} if machine.last_thread_choice() else {})},
+            "load_before": self.load_before,
+            "load_after": self.load_after,
+            "other_cores_per_repeat": [round(x, 3) for x in self.other_cores],
+            "warmup": self.warmup_cost,
+            "itl_samples_ms": self.itl,
+            "memory_kind": mem["kind"],
+            "memory_before_mb": mem["start"] / 2**20,
+            "kv_cache": mem["kv"],
+            "execution": rep.get("execution"),
+            "machine_limits": machine.limits_summary(limits) if limits else None,
+            "roofline": details_roofline,
+        }
+        if self.interleaved is not None:
+            details["interleaved"] = self.interleaved
+        return TaskResult(metrics=metrics, details=details)
+
+    @staticmethod
+    def _metric(samples: list[float], unit: str, higher: bool) -> Metric:
+        s = summarize(samples)
+        return Metric(s["median"], unit, higher, samples=samples, spread={**s, "cv": cv(samples) or 0.0})
+
+    @staticmethod
+    def _memory_metrics(mem: dict[str, Any]) -> dict[str, Metric]:
+        out = {}
+        kv = mem["kv"]
+        if mem["weights"] is not None:
+            out["memory_weights_mb"] = Metric(mem["weights"] / 2**20, "MiB", False)
+        if kv is not None:
+            out["memory_kv_mb"] = Metric(kv["physical"] / 2**20, "MiB", False)
+            out["kv_cache_bytes_logical"] = Metric(float(kv["logical"]), "bytes", False)
+            out["kv_cache_bytes_physical"] = Metric(float(kv["physical"]), "bytes", False)
+        if mem["weights"] is not None and kv is not None:
+            other = mem["peak"] - mem["weights"] - kv["physical"]
+            out["memory_other_mb"] = Metric(other / 2**20, "MiB", False)
+        return out
+
+    def _roofline(self, metrics: dict[str, Metric], mem: dict[str, Any], limits: dict[str, Any] | None) -> dict:
+        """Both roofline fractions (added to ``metrics``) and the inputs they were computed from."""
+        cfg, model = self.cfg, self.lm.model
+        out: dict[str, Any] = {}
+        try:
+            weights = roofline.weight_bytes_read_per_step(model)
+        except (AttributeError, RuntimeError, TypeError):
+            weights = None
+        kv = mem["kv"]
+        kv_read = roofline.kv_read_per_step(kv, cfg.prompt_len, cfg.new_tokens) if kv else 0.0
+        if weights is not None and self.decode:
+            rate = metrics["decode_tokens_per_s"].value
+            out["weight_bytes_read_per_step"] = weights
+            out["kv_bytes_read_per_step"] = kv_read
+            metrics["decode_bandwidth_gbs"] = Metric((weights + kv_read) * rate / cfg.batch_size / 1e9, "GB/s", True)
+            if limits is not None:
+                bw = limits["bandwidth"]["bytes_per_s"]
+                out["bandwidth_bytes_per_s"] = bw
+                out["decode_tokens_per_s_at_roofline"] = bw / (weights + kv_read) * cfg.batch_size
+                metrics["decode_roofline_fraction"] = Metric(
+                    roofline.decode_roofline_fraction(weights, kv_read, rate, cfg.batch_size, bw), "fraction", True
+                )
+        try:
+            flops = roofline.prefill_flops(model, cfg.batch_size, cfg.prompt_len)
+            dtype = roofline.compute_dtype(model)
+        except (AttributeError, RuntimeError, TypeError):
+            flops, dtype = None, None
+        if flops is not None:
+            out.update(prefill_flops=flops, compute_dtype=dtype)
+            attainable = (limits or {}).get("flops", {}).get(dtype, {}).get("flops_per_s")
+            if attainable:
+                out["attainable_flops_per_s"] = attainable
+                metrics["prefill_roofline_fraction"] = Metric(
+                    roofline.prefill_roofline_fraction(flops, metrics["prefill_ms"].value / 1e3, attainable),
+                    "fraction", True,
+                )
+        return out
 
 
 def evaluate(lm, cfg: EfficiencyConfig, ctx) -> TaskResult:
-    ids = prompt_ids(lm, cfg)
-    for _ in range(cfg.warmup):
-        lm.prefill(ids)
-        decode_seconds(lm, ids, min(cfg.new_tokens, 4))
-    prefill = [timed(lambda: lm.prefill(ids), lm.synchronize) * 1e3 for _ in range(cfg.repeats)]
-    decode = [cfg.new_tokens * cfg.batch_size / decode_seconds(lm, ids, cfg.new_tokens) for _ in range(cfg.repeats)]
-    # Memory in a separate, untimed pass: the RSS sampler thread would steal cycles from the clock.
-    with PeakMemory(lm.device) as mem:
-        decode_seconds(lm, ids, cfg.new_tokens)
-    rep = ctx.method_report
-    pre, dec = summarize(prefill), summarize(decode)
-    metrics = {
-        "prefill_ms": Metric(pre["median"], "ms", False, samples=prefill, spread=pre),
-        "decode_tokens_per_s": Metric(dec["median"], "tokens/s", True, samples=decode, spread=dec),
-        "peak_memory_mb": Metric(mem.peak_bytes / 2**20, "MiB", False),
-    }
-    if "memory_bytes" in rep:
-        metrics["decode_bandwidth_gbs"] = Metric(
-            rep["memory_bytes"] * dec["median"] / cfg.batch_size / 1e9, "GB/s", True
-        )
-    for key, unit in (
-        ("parameters", "count"),
-        ("memory_bytes", "bytes"),
-        ("stored_bytes", "bytes"),
-        ("effective_bits", "bits/weight"),
-    ):
-        if rep.get(key) is not None:
-            metrics[key] = Metric(float(rep[key]), unit, False)
-    return TaskResult(
-        metrics=metrics,
-        details={
-            "memory_kind": mem.kind,
-            "memory_before_mb": mem.start_bytes / 2**20,
-            "execution": rep.get("execution"),
-        },
-    )
+    run = EfficiencyRun(lm, cfg, ctx)
+    run.warm()
+    for _ in range(cfg.repeats):
+        run.sample()
+    return run.result()
 
 
 TASK = Task(
     name="efficiency",
-    version="1",
-    description="size, prefill latency, decode tokens/s with KV cache, and peak memory (median of repeats)",
+    version=VERSION,
+    description="per regime: TTFT, prefill, inter-token latency, decode/e2e tokens/s, memory split, "
+    "and fractions of the machine's bandwidth / FLOP/s rooflines",
     config=EfficiencyConfig,
     evaluate=evaluate,
+    timed=True,  # runs alone on the machine: a parallel cell would corrupt its clocks
 )

@@ -21,6 +21,10 @@ spec, provenance, hardware, these parameters and a hash of the prompt ids. Its l
 are stored as float16 (100 MB for SmolLM2 at the defaults); the rounding adds well under 1e-5
 nats to the KL (the baseline cell measures this floor). Spreads are over prompts (positions in
 one prompt are not independent); per-prompt scores are kept for paired deltas.
+
+A model whose KV cache is lossy (``kv-cache`` quantized or sliding-window) is scored through that
+cache, in chunks of the method's ``score_chunk`` positions (tasks/perplexity_cached.py): a plain
+forward pass would not use the cache, and its loss would not show.
 """
 
 from __future__ import annotations
@@ -65,10 +69,26 @@ def is_uncompressed(method_report: dict) -> bool:
     return bool(steps) and all(s.get("name") == "baseline" for s in steps)
 
 
+def through_cache_chunk(lm) -> int | None:
+    """Chunk size when the model's KV cache is lossy (kv-cache quantized / sliding-window), else None."""
+    factory = getattr(lm, "cache_factory", None)
+    return getattr(factory, "score_chunk", None) if getattr(factory, "lossy", False) else None
+
+
+def scored_logits(lm, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of every position: one plain forward, or through a lossy KV cache in chunks, so its loss counts."""
+    chunk = through_cache_chunk(lm)
+    if chunk is None:
+        return lm.logits(ids)
+    from slimbench.tasks.perplexity_cached import logits_through_cache
+
+    return logits_through_cache(lm, ids, chunk)
+
+
 @torch.inference_mode()
 def outputs(lm, ids: torch.Tensor, cfg: FidelityConfig) -> dict[str, torch.Tensor]:
     """Log-probabilities at every position and greedy generations: what is compared."""
-    logp = [F.log_softmax(lm.logits(b).float(), dim=-1).cpu() for b in ids.split(cfg.batch_size)]
+    logp = [F.log_softmax(scored_logits(lm, b).float(), dim=-1).cpu() for b in ids.split(cfg.batch_size)]
     gen_from = ids[:, : min(cfg.gen_prompt_len, ids.shape[1])]
     gen = [lm.greedy(b, cfg.gen_tokens).cpu() for b in gen_from.split(cfg.batch_size)]
     return {"logp": torch.cat(logp), "generated": torch.cat(gen)}
@@ -150,6 +170,7 @@ def evaluate(lm, cfg: FidelityConfig, ctx) -> TaskResult:
         metrics=metrics,
         details={
             "baseline": info,
+            "scored_through_cache_chunk": through_cache_chunk(lm),
             "prompts": int(ids.shape[0]),
             "positions": int(ids.numel()),
             "prompt_ids_sha256": stable_hash(ids.tolist(), length=64),

@@ -69,7 +69,7 @@ def apply(lm, cfg: OnnxRuntimeConfig, ctx) -> MethodReport:
     ids = prompt(lm, cfg)
     ref_logits = lm.logits(ids).float()
     ref_tokens = lm.generate(ids, cfg.check_new_tokens)
-    threads = cfg.threads or ctx.hardware.threads
+    threads = cfg.threads or torch.get_num_threads()  # what the cell resolved (auto included)
     model, facts = ortx.build(lm, threads=threads, optimization=cfg.optimization, opset=cfg.opset)
     lm.model = model
     result = agreement(lm, ids, ref_logits, ref_tokens)

@@ -126,7 +126,7 @@ def apply(lm, cfg: ParallelConfig, ctx) -> MethodReport:
     ref_logits = lm.logits(ids).float()
     ref_tokens = lm.generate(ids, cfg.check_new_tokens)
     single = size_report(model, {})
-    threads = cfg.threads_per_worker or max(1, ctx.hardware.threads // cfg.world_size)
+    threads = cfg.threads_per_worker or max(1, torch.get_num_threads() // cfg.world_size)  # the cell's resolved count
     t0 = time.perf_counter()
     dm = launch(
         model,

@@ -62,7 +62,7 @@ def method_needs(cell: CellSpec) -> dict[str, float]:
 def group_resources(cells: list[CellSpec]) -> Resources:
     hw = cells[0].hardware
     need = method_needs(cells[0])
-    cpus = hw.threads  # the threads a cell sets are the CPUs it keeps busy
+    cpus = hw.cpus  # the threads a cell sets are the CPUs it keeps busy
     memory_gb = max(hw.memory_gb or 0, need.get("memory_gb", 0))
     return Resources(
         cpus=max(cpus, need.get("cpus", 0)),

@@ -1,0 +1,239 @@
+"""Efficiency v2: roofline arithmetic, machine limits (cached), threads: auto, the task's metrics and noise flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import load_tiny
+
+from slimbench import machine, roofline
+from slimbench.lm import LanguageModel
+from slimbench.registry import TASKS
+from slimbench.specs import HardwareSpec
+from slimbench.task import TaskContext
+
+FAKE_LIMITS = {
+    "identity": {"threads": 1, "device": "cpu"},
+    "bandwidth": {"bytes_per_s": 10e9, "method": "fake"},
+    "flops": {"float32": {"flops_per_s": 50e9, "method": "fake"}, "bfloat16": {"flops_per_s": 100e9, "method": "fake"}},
+    "noisy": False,
+    "source": "cache",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- roofline arithmetic -----------------------------------------------------------------------------
+def test_decode_fraction_matches_hand_computation():
+    # 100 MB of weights + 10 MB of KV read per step; 50 tokens/s at batch 2 = 25 steps/s.
+    # Traffic: 110e6 * 25 = 2.75e9 B/s over a 5e9 B/s machine = 0.55.
+    assert roofline.decode_roofline_fraction(100e6, 10e6, 50.0, 2, 5e9) == pytest.approx(0.55)
+    # Prefill: 4e9 FLOPs in 0.1 s on a 100 GFLOP/s machine = 0.4.
+    assert roofline.prefill_roofline_fraction(4e9, 0.1, 100e9) == pytest.approx(0.4)
+
+
+def test_kv_read_per_step_grows_for_dynamic_and_not_for_static():
+    dyn = {"physical": 1000, "preallocated": False, "held": 100, "positions": 100}
+    # 80-token prompt + 20 new: the mean context of the decode is 90 of the 100 positions held at the end.
+    assert roofline.kv_read_per_step(dyn, 80, 20) == pytest.approx(900)
+    assert roofline.kv_read_per_step({**dyn, "preallocated": True}, 80, 20) == 1000
+    assert roofline.kv_read_per_step({**dyn, "held": 40}, 80, 20) == 1000  # an evicting cache stays at its cap
+
+
+def test_prefill_flops_by_hand_on_tiny_llama():
+    lm = load_tiny("llama")  # hidden 64, 4 heads of 16, 2 KV heads (32 wide), ffn 128, 2 layers, vocab 50257
+    per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128
+    macs = 2 * per_layer + 64 * 50257
+    b, t = 2, 10
+    attention = 2 * 2 * 2 * 4 * 16 * b * t * (t + 1) / 2
+    assert roofline.linear_macs_per_token(lm.model) == macs
+    assert roofline.prefill_flops(lm.model, b, t) == pytest.approx(2 * macs * b * t + attention)
+
+
+def test_weight_bytes_read_counts_a_tied_head_and_skips_gathered_tables():
+    tied = load_tiny("llama")  # tied: the embedding is the output projection, read whole every step
+    total = sum(p.numel() * p.element_size() for p in tied.model.parameters())  # parameters() dedups ties
+    assert roofline.weight_bytes_read_per_step(tied.model) == total
+    from transformers import AutoModelForCausalLM
+
+    from slimbench.models import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.tie_word_embeddings = False
+    untied = AutoModelForCausalLM.from_config(cfg)
+    emb = untied.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in untied.parameters())
+    assert roofline.weight_bytes_read_per_step(untied) == total - emb.numel() * emb.element_size()
+
+
+def test_compute_dtype_follows_the_kernels():
+    from slimbench.method import MethodContext
+    from slimbench.registry import METHODS
+
+    lm = load_tiny("llama")
+    assert roofline.compute_dtype(lm.model) == "float32"
+    METHODS.get("dynamic-int8").apply(lm, METHODS.get("dynamic-int8").config(), MethodContext(HardwareSpec()))
+    assert roofline.compute_dtype(lm.model) == "int8"
+
+
+# -- machine limits, threads --------------------------------------------------------------------------
+def test_machine_limits_are_measured_once_and_cached_atomically(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMBENCH_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_measure(threads, device, **kw):
+        calls.append(threads)
+        return {**FAKE_LIMITS, "identity": machine.machine_identity(threads, device), "noisy": False}
+
+    monkeypatch.setattr(machine, "measure_limits", fake_measure)
+    first = machine.machine_limits(1)
+    second = machine.machine_limits(1)
+    assert (first["source"], second["source"], calls) == ("measured", "cache", [1])
+    files = list((tmp_path / "machine").iterdir())
+    assert [f.suffix for f in files] == [".json"]  # no temporary file left behind
+    assert json.loads(files[0].read_text())["bandwidth"]["bytes_per_s"] == 10e9
+    machine.machine_limits(2)  # another thread count is another key
+    assert calls == [1, 2]
+
+
+def test_noisy_limits_are_measured_again_when_the_machine_is_quiet(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMBENCH_CACHE", str(tmp_path))
+    noisy = iter([True, False])
+    monkeypatch.setattr(machine, "measure_limits", lambda t, d, **kw: {
+        **FAKE_LIMITS, "identity": machine.machine_identity(t, d), "noisy": next(noisy)})
+    monkeypatch.setattr(machine, "machine_busy", lambda: False)
+    assert machine.machine_limits(1)["noisy"] is True
+    again = machine.machine_limits(1)
+    assert (again["noisy"], again["source"]) == (False, "measured")
+    assert machine.machine_limits(1)["source"] == "cache"
+
+
+def test_real_limits_measurement_is_positive_and_says_how():
+    lim = machine.measure_limits(1, stream_bytes=8 * 2**20, matmul_n=64, dtypes=("float32",))
+    assert lim["bandwidth"]["bytes_per_s"] > 0 and "torch.sum" in lim["bandwidth"]["method"]
+    assert lim["flops"]["float32"]["flops_per_s"] > 0 and "64x64" in lim["flops"]["float32"]["method"]
+    assert lim["identity"]["threads"] == 1 and lim["identity"]["torch"] == torch.__version__
+
+
+def test_threads_auto_probes_and_records_the_fastest(monkeypatch):
+    assert machine.resolve_threads(HardwareSpec(threads=1)) == 1
+    assert machine.last_thread_choice() == {"setting": 1, "used": 1}
+    monkeypatch.setattr(machine, "affinity", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(machine, "probe_threads", lambda cands: {c: {1: 0.3, 2: 0.1, 4: 0.2}[c] for c in cands})
+    assert machine.resolve_threads(HardwareSpec(threads="auto")) == 2
+    assert torch.get_num_threads() == 2
+    choice = machine.last_thread_choice()
+    assert choice["setting"] == "auto" and choice["used"] == 2 and set(choice["probe_ms"]) == {"1", "2", "4"}
+
+
+def test_threads_setting_accepts_an_int_or_auto_only():
+    assert HardwareSpec(threads="auto").threads == "auto"
+    for bad in (0, "many", 1.5):
+        with pytest.raises(ValueError):
+            HardwareSpec(threads=bad)
+
+
+def test_contention_and_snapshot_report_the_machine_state():
+    with machine.Contention() as c:
+        sum(range(10000))
+    assert 0 <= c.other_cores <= len(machine.affinity()) + 1
+    snap = machine.snapshot()
+    assert snap["affinity"] == machine.affinity() and snap["process_threads"] >= 1
+
+
+# -- the task ----------------------------------------------------------------------------------------
+V2_METRICS = {"ttft_ms", "prefill_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "decode_tokens_per_s",
+              "e2e_tokens_per_s", "peak_memory_mb", "memory_weights_mb", "memory_kv_mb", "memory_other_mb",
+              "kv_cache_bytes_logical", "kv_cache_bytes_physical", "decode_roofline_fraction",
+              "prefill_roofline_fraction"}
+
+
+def run_task(lm, monkeypatch, **params):
+    monkeypatch.setattr(machine, "machine_limits", lambda *a, **k: dict(FAKE_LIMITS))
+    task = TASKS.get("efficiency")
+    ctx = TaskContext(hardware=HardwareSpec(threads=1), method_report={"memory_bytes": 123, "parameters": 7})
+    return task.evaluate(lm, task.config(**params), ctx)
+
+
+def test_efficiency_v2_reports_every_regime_metric(monkeypatch):
+    lm = load_tiny("llama")
+    res = run_task(lm, monkeypatch, prompt_len=12, new_tokens=5, batch_size=2, repeats=2, warmup=1)
+    assert TASKS.get("efficiency").version == "2"
+    assert set(res.metrics) >= V2_METRICS
+    d = res.details
+    assert d["regime"] == {"prompt_len": 12, "new_tokens": 5, "batch_size": 2}
+    assert {"noisy", "noise_reasons", "threads", "load_before", "load_after", "machine_limits"} <= set(d)
+    assert d["load_before"]["affinity"] and d["load_after"]["process_threads"] >= 1
+    # 4 inter-token gaps per repeat (5 tokens arrive one at a time), 2 repeats
+    assert len(d["itl_samples_ms"]) == 8
+    # The KV cache at the end holds prompt + new tokens - 1 (the last token is never fed back).
+    layers, _, kv_heads, head_dim = roofline.attention_shape(lm.model)
+    assert res.metrics["kv_cache_bytes_physical"].value == 2 * layers * 2 * kv_heads * 16 * head_dim * 4
+    # The fraction is the documented formula of the recorded inputs.
+    r = d["roofline"]
+    expected = (r["weight_bytes_read_per_step"] + r["kv_bytes_read_per_step"]) * \
+        res.metrics["decode_tokens_per_s"].value / 2 / 10e9
+    assert res.metrics["decode_roofline_fraction"].value == pytest.approx(expected)
+    expected = r["prefill_flops"] / (res.metrics["prefill_ms"].value / 1e3) / 50e9
+    assert res.metrics["prefill_roofline_fraction"].value == pytest.approx(expected)
+    assert res.metrics["parameters"].value == 7  # size metrics still copied from the method report
+
+
+def test_noise_flags_name_their_reason(monkeypatch):
+    lm = load_tiny("llama")
+    strict = run_task(lm, monkeypatch, prompt_len=8, new_tokens=3, repeats=3, warmup=0, cv_threshold=1e-9,
+                      load_threshold=100)
+    assert strict.details["noisy"] and any("coefficient of variation" in r for r in strict.details["noise_reasons"])
+    lax = run_task(lm, monkeypatch, prompt_len=8, new_tokens=3, repeats=3, warmup=0, cv_threshold=1e9,
+                   load_threshold=100)
+    assert lax.details["noise_reasons"] == [] and lax.details["noisy"] is False
+
+
+class BurstGenerator:
+    """Emits tokens in bursts of 3 (as speculative decoding does), checking the lm's own greedy output."""
+
+    def generate(self, lm, ids, n, on_tokens):
+        out = LanguageModel(lm.model, lm.tokenizer, lm.name).generate(ids, n)  # plain greedy
+        sizes = [1] + [3] * ((n - 1) // 3) + ([(n - 1) % 3] if (n - 1) % 3 else [])
+        for k in sizes:
+            if on_tokens is not None:
+                on_tokens(k)
+        return out
+
+
+def test_bursty_generators_are_measured_the_same_way(monkeypatch):
+    lm = load_tiny("llama")
+    lm.generator = BurstGenerator()
+    res = run_task(lm, monkeypatch, prompt_len=8, new_tokens=7, repeats=2, warmup=0)
+    itl = res.details["itl_samples_ms"]
+    assert len(itl) == 2 * 6  # every token after the first, each repeat
+    # Bursts 1 | 3 | 3: the first token of a burst carries the gap, the other two arrive with it.
+    assert itl[1:3] == [0.0, 0.0] and itl[4:6] == [0.0, 0.0]
+
+
+def test_a_suite_with_threads_auto_records_the_choice(tmp_path, monkeypatch):
+    from slimbench.runner import run_cells
+    from slimbench.store import ResultStore
+    from slimbench.suite import load_suite
+
+    monkeypatch.setattr(machine, "probe_threads", lambda cands: {c: 0.1 * c for c in cands})  # 1 thread is fastest
+    suite = tmp_path / "s.yaml"
+    suite.write_text("models: [tiny-llama]\nmethods: [baseline]\nhardware: {threads: auto}\n"
+                     "tasks: [{name: efficiency, prompt_len: 8, new_tokens: 2, repeats: 1, warmup: 0,"
+                     " roofline: false}]\n")
+    store = ResultStore(tmp_path / "results")
+    summary = run_cells(load_suite(suite).cells(), store, show_progress=False)
+    assert len(summary.ok) == 1
+    (rec,) = store.records()
+    assert rec["hardware"]["threads"] == "auto"
+    threads = rec["task_details"]["threads"]
+    assert threads["torch_threads"] == 1
+    assert threads["choice"]["setting"] == "auto" and threads["choice"]["used"] == 1
