@@ -166,6 +166,7 @@ def run_once(method: Method, arch: str, params: dict[str, Any]) -> tuple[Any, Me
     except ValueError as err:
         return lm, None, f"{', '.join(method.requires)} (required earlier): {err}", {}
     original_model = lm.model
+    attention = getattr(getattr(lm.model, "config", None), "_attn_implementation", None)
     before = memory_bytes(lm.model)
     cfg = method.config(**params)
     try:
@@ -174,7 +175,8 @@ def run_once(method: Method, arch: str, params: dict[str, Any]) -> tuple[Any, Me
         return lm, None, str(err) or type(err).__name__, {}
     with counting_calibration() as calls:
         rep = method.run(lm, cfg, ctx)
-    return lm, rep, "", {"bytes_before": before, "original_model": original_model, "calibration_draws": len(calls)}
+    return lm, rep, "", {"bytes_before": before, "original_model": original_model, "attention": attention,
+                      "calibration_draws": len(calls)}
 
 
 def truth_problems(method: Method, lm: Any, rep: MethodReport, facts: dict) -> list[str]:
@@ -325,9 +327,11 @@ def native_problems(method: Method, lm: Any, rep: MethodReport, facts: dict) -> 
     )
     if method.family == "acceleration":  # any module that is not stock torch / transformers counts
         kernel = compressed or any(not type(m).__module__.startswith(("torch.nn.", "transformers.")) for m in modules)
-        changed = lm.model is not facts["original_model"] or lm.cache_factory is not None or lm.generator is not None
-        return [] if changed or kernel else ["reports native acceleration, but the model, its cache and its "
-                                             "generator are unchanged and no kernel module is present"]
+        attention = getattr(getattr(lm.model, "config", None), "_attn_implementation", None)
+        changed = (lm.model is not facts["original_model"] or lm.cache_factory is not None or lm.generator is not None
+                   or attention != facts.get("attention"))
+        return [] if changed or kernel else ["reports native acceleration, but the model, its attention kernel, "
+                                             "its cache and its generator are unchanged and no kernel module is present"]
     if memory_bytes(lm.model) < facts["bytes_before"] or compressed:
         return []
     return ["reports native execution, but the model holds as many bytes as before and no compressed or "

@@ -52,7 +52,7 @@ def parse_variants(args: argparse.Namespace) -> list[tuple[str, Any]]:
     import yaml
 
     from slimbench.errors import SuiteError
-    from slimbench.suite import parse_methods
+    from slimbench.suite import Problems, parse_methods
 
     raw: list[tuple[str, Any]] = []
     names = args.variants if args.variants is not None else ("" if args.variant else DEFAULT_VARIANTS)
@@ -72,7 +72,10 @@ def parse_variants(args: argparse.Namespace) -> list[tuple[str, Any]]:
     out = []
     for label, steps in raw:
         steps = with_regime_warmup(steps, args)
-        specs = parse_methods([steps], f"accel-bench variant {label}")
+        source = f"accel-bench variant {label}"
+        problems = Problems(source)
+        specs = parse_methods([steps], source, problems)
+        problems.raise_if_any()
         if len(specs) != 1:
             raise SuiteError("a variant must be one configuration (no list-valued parameters)",
                              source="accel-bench", field=label)
