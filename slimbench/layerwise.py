@@ -126,7 +126,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 class LayerCompressor(Protocol):
-    def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+    """Optionally ``needs_output = False`` (class attribute): add_batch never reads ``out``, so
+    the loop may pass ``None`` and skip computing the output of a group's last linear."""
+
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None) -> None:
         """Inputs [tokens, in_features] and outputs [tokens, out_features] of one sample."""
 
     def compress(self) -> Any:
@@ -148,11 +151,12 @@ def _variant() -> dict[str, Any]:
 def loop_variant(**settings: Any) -> Iterator[None]:
     """Run the loop differently inside the block, whichever method calls it (benchmarks, tests).
 
-    ``reference=True``: :func:`sequential_reference` and no shared products, i.e. the loop as
-    first written. ``memo``, ``early_stop``, ``share`` (SharedGram reuse): switch one shortcut
-    off. ``stats``: a dict that :func:`sequential` fills with its counters.
+    ``reference=True``: :func:`sequential_reference`, no shared products and full Gram products,
+    i.e. the loop as first written. ``memo``, ``early_stop``, ``share`` (SharedGram reuse),
+    ``triangle`` (:func:`gram`'s half product): switch one shortcut off. ``stats``: a dict that
+    :func:`sequential` fills with its counters.
     """
-    allowed = {"reference", "memo", "early_stop", "share", "stats"}
+    allowed = {"reference", "memo", "early_stop", "share", "triangle", "stats"}
     if set(settings) - allowed:
         raise ValueError(f"unknown loop setting(s) {sorted(set(settings) - allowed)}; allowed: {sorted(allowed)}")
     token = _VARIANT.set({**_variant(), **settings})
@@ -162,9 +166,59 @@ def loop_variant(**settings: Any) -> Iterator[None]:
         _VARIANT.reset(token)
 
 
-def _sharing() -> bool:
+def _enabled(setting: str) -> bool:
+    """A shortcut outside the loop itself (``share``, ``triangle``): off in the reference variant."""
     v = _variant()
-    return v.get("share", True) and not v.get("reference", False)
+    return v.get(setting, True) and not v.get("reference", False)
+
+
+TRI_BLOCK = 256  # rows of xᵀ per block of the upper-triangular Gram product
+_TRI_OK: dict[tuple, bool] = {}  # (shape, strides, dtype, device, threads) -> the blocks give the same bits
+
+
+def gram(x: torch.Tensor, buffers: dict | None = None) -> tuple[torch.Tensor, bool]:
+    """``(xᵀx, upper_only)`` for ``x`` [tokens, n].
+
+    For wide ``x`` only the blocks of rows on and above the diagonal are multiplied, written in
+    place into a zeroed buffer (about 0.55 of the full product's time at n = 1536, 1 thread):
+    the result is exact on and above the diagonal and zero below (``upper_only``); a sum of such
+    products is completed by :func:`symmetric_from_upper`. Whether the blocks give exactly the
+    bits of the full product (and the full product is exactly symmetric) depends on how the BLAS
+    orders its sums for each shape, so it is checked once per (shape, strides, dtype, device,
+    threads) against the full product, and the blocks are used only where identical (with this
+    machine's MKL they were, for every shape tried). ``buffers`` keeps the zeroed buffers.
+    """
+    n = x.shape[1]
+    if n < 4 * TRI_BLOCK or not _enabled("triangle"):
+        return x.t() @ x, False
+    key = (tuple(x.shape), x.stride(), x.dtype, x.device, torch.get_num_threads())
+    ok = _TRI_OK.get(key)
+    if ok is None:
+        full = x.t() @ x
+        upper = _upper(x, torch.zeros(n, n, dtype=x.dtype, device=x.device))
+        _TRI_OK[key] = (torch.equal(_bits(torch.triu(upper)), _bits(torch.triu(full)))
+                        and torch.equal(_bits(full), _bits(full.t().contiguous())))
+        return full, False
+    if not ok:
+        return x.t() @ x, False
+    buffers = {} if buffers is None else buffers
+    buf = buffers.get((n, x.dtype, x.device))
+    if buf is None:  # zeroed once: only the upper blocks are ever written
+        buf = buffers[(n, x.dtype, x.device)] = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    return _upper(x, buf), True
+
+
+def _upper(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    n, b = x.shape[1], TRI_BLOCK
+    for i in range(0, n, b):  # rows i..i+b, columns i.. (the diagonal square included)
+        torch.mm(x[:, i : i + b].t(), x[:, i:], out=out[i : i + b, i:])
+    return out
+
+
+def symmetric_from_upper(h: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``h``'s: bits copied."""
+    upper = torch.ones(h.shape, dtype=torch.bool, device=h.device).triu()
+    return torch.where(upper, h, h.t())
 
 
 class SharedGram:
@@ -179,16 +233,19 @@ class SharedGram:
     def __init__(self) -> None:
         self.inp: torch.Tensor | None = None
         self.key: tuple = ()
-        self.value: torch.Tensor | None = None
+        self.value: tuple[torch.Tensor, bool] | None = None
+        self.buffers: dict = {}
         self.reused = 0
 
-    def product(self, inp: torch.Tensor, scale: float) -> torch.Tensor:
+    def product(self, inp: torch.Tensor, scale: float) -> tuple[torch.Tensor, bool]:
+        """:func:`gram` of ``inp·scale``: (product, upper_only). Add it to the running sum at
+        once: the next call may overwrite it."""
         key = (inp.data_ptr(), inp.shape, inp.stride(), inp.dtype, inp.device, inp._version, scale)
-        if self.inp is not None and key == self.key and _sharing():
+        if self.inp is not None and key == self.key and _enabled("share"):
             self.reused += 1
             return self.value
         x = inp.float() * scale
-        self.inp, self.key, self.value = inp, key, x.t() @ x
+        self.inp, self.key, self.value = inp, key, gram(x, self.buffers)
         return self.value
 
 
@@ -388,6 +445,9 @@ class _LayerRunner:
         self.entries: dict[tuple[str, int, int], _Entry] = {}
         self.bytes = 0
         self.tails: dict[str, str] = {}
+        self.tail_pos: dict[str, int | None] = {}
+        self.order: list[str] = []  # the layer's linears in the order they first run
+        self.current: dict[str, tuple] = {}  # block -> (key, args, kwargs) of the call under way
         self.once = False  # every linear runs exactly once per forward: early stop is safe
         self.now: dict[str, dict[str, int]] = {}
         self.hooked: dict[str, set[str]] = {}
@@ -446,6 +506,7 @@ class _LayerRunner:
             out = self._reuse(key, entry, args, kwargs)
         if out is None:
             self.last[name] = None
+            self.current[name] = (key, args, kwargs)
             out = orig(*args, **kwargs)
             if self.probing:
                 self._learn_tail(name, out)
@@ -457,8 +518,9 @@ class _LayerRunner:
 
     def _learn_tail(self, name: str, out: Any) -> None:
         last = self.last.get(name)
-        if last is not None and last[1] is not None and _tail_pos(out, last[2]) is not False:
-            self.tails[name] = last[0]
+        pos = _tail_pos(out, last[2]) if last is not None and last[1] is not None else False
+        if pos is not False:
+            self.tails[name], self.tail_pos[name] = last[0], pos
 
     def _changed(self, name: str, gens: dict[str, int]) -> set[str]:
         now = self.now[name]
@@ -472,11 +534,12 @@ class _LayerRunner:
             self._drop(key)
             return None
         changed, hooked, tail = self._changed(name, e.gens), self.hooked[name], self.tails.get(name)
-        if not changed and not hooked:
+        if not changed and not hooked and e.out is not None:
             self.stats["memo_hits"] += 1
             return e.out
         if (tail is not None and e.tail_input is not None and all(_under(p, tail) for p in changed)
                 and hooked <= {tail}):
+            self.current[name] = (key, args, kwargs)
             new = self.layer.get_submodule(name).get_submodule(tail)(e.tail_input)
             out = new if e.tail_pos is None else (new, *e.out[1:])
             self.stats["tail_replays"] += 1
@@ -504,6 +567,12 @@ class _LayerRunner:
                                    tail[1] if tail else None, [(x, x._version) for x in held.values()], nbytes)
         self.bytes += nbytes
 
+    def store_partial(self, name: str, tail_input: torch.Tensor) -> None:
+        """The block's call under way stops before its last linear runs (its output is not
+        needed now): keep its inputs and that linear's input, enough to replay it next pass."""
+        key, args, kwargs = self.current[name]
+        self._store(key, args, kwargs, None, tail=(tail_input, None))
+
     def _drop(self, key: tuple[str, int, int]) -> None:
         e = self.entries.pop(key, None)
         if e is not None:
@@ -519,7 +588,9 @@ class _LayerRunner:
             if isinstance(mod, LINEAR_TYPES):
                 handles.append(mod.register_forward_hook(
                     lambda m, a, o, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)))
-        self.probing, self.calls = True, {}
+        handles += [mod.register_forward_pre_hook(lambda m, a, name=name: self.order.append(name))
+                    for name, mod in self.layer.named_modules() if isinstance(mod, LINEAR_TYPES)]
+        self.probing, self.calls, self.order = True, {}, []
         try:
             run_layer(self.layer, x, self.kwargs)
         finally:
@@ -529,27 +600,54 @@ class _LayerRunner:
         linears = [n for n, m in self.layer.named_modules() if isinstance(m, LINEAR_TYPES)]
         self.once = all(counts.get(n) == 1 for n in linears)
 
+    def _skippable(self, group: dict[str, nn.Module], needs_output: Callable[[str], bool],
+                   tail_of: dict[str, tuple[str, int | None]]) -> str | None:
+        """The group's linear that runs last, if its output need not be computed at all: its
+        compressor does not read outputs, and it is not the last op of a block whose output is
+        a tuple (that block must return, so its other outputs can be memoised)."""
+        last = [n for n in self.order if n in group]
+        if not group or len(last) != len(group):
+            return None
+        n = last[-1]
+        if needs_output(n) or (n in tail_of and tail_of[n][1] is not None):
+            return None
+        return n
+
     def run(self, inps: list[torch.Tensor], group: dict[str, nn.Module] | None = None,
-            add: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
+            add: Callable[[str, torch.Tensor, torch.Tensor | None], None] | None = None,
+            needs_output: Callable[[str], bool] = lambda n: True) -> list[torch.Tensor]:
         """One pass over every sample. With a group: feed its linears' inputs/outputs to ``add``
         (early stop allowed); without: the final pass, returning the layer's outputs."""
         group = group or {}
         self._begin(group)
         fired: set[str] = set()
-        stop_here = {n: not (self.locate(n)[1] and self.tails.get(self.locate(n)[0]) == self.locate(n)[1])
-                     for n in group}
+        stop = self.early_stop and self.once
+        tail_of = {n: (b, self.tail_pos.get(b)) for n in group for b, rel in [self.locate(n)]
+                   if rel and self.tails.get(b) == rel}
+        skip = self._skippable(group, needs_output, tail_of) if stop else None
 
         def hook(mod, args, out, n):
             add(n, _as_tokens(args[0]), _as_tokens(out))
             fired.add(n)
-            if self.early_stop and self.once and len(fired) == len(group):
+            if stop and len(fired) == len(group):
                 self.stats["early_stops"] += 1
-                if stop_here[n]:
+                if n not in tail_of:
                     raise _StopForward
-                self.stop_pending = True
+                self.stop_pending = True  # let the block return first: its output is memoised
+
+        def pre_hook(mod, args, n):  # the last linear, whose output nothing needs: never run it
+            add(n, _as_tokens(args[0]), None)
+            fired.add(n)
+            if len(fired) == len(group):
+                self.stats["early_stops"] += 1
+                self.stats["skipped_linears"] += 1
+                if n in tail_of and self.memo and self.record[tail_of[n][0]]:
+                    self.store_partial(tail_of[n][0], args[0])
+                raise _StopForward
 
         handles = self._watch_hooks() if self.memo else []
-        handles += [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in group.items()]
+        handles += [m.register_forward_pre_hook(lambda mod, a, n=n: pre_hook(mod, a, n)) if n == skip
+                    else m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in group.items()]
         outs = []
         try:
             for j, x in enumerate(inps):
@@ -627,7 +725,7 @@ def sequential(
     layers = get_path(model, adapter.layers_path)
     inps, kwargs = capture_first_layer_inputs(model, layers, calib, device)
     results: dict[str, Any] = {}
-    counters = {"memo_hits": 0, "tail_replays": 0, "early_stops": 0, "memo_full": 0}
+    counters = {"memo_hits": 0, "tail_replays": 0, "early_stops": 0, "skipped_linears": 0, "memo_full": 0}
     bar = progress(total=len(layers), desc="layers", unit="layer") if progress else None
     for i, layer in enumerate(layers):
         prefix = f"{adapter.layers_path}.{i}."
@@ -643,7 +741,8 @@ def sequential(
                 runner.probe(inps[0])
             for group in groups:
                 comps = {n: make(prefix + n, linears[n]) for n in group}
-                runner.run(inps, {n: linears[n] for n in group}, lambda n, x, y, c=comps: c[n].add_batch(x, y))
+                runner.run(inps, {n: linears[n] for n in group}, lambda n, x, y, c=comps: c[n].add_batch(x, y),
+                           lambda n, c=comps: getattr(c[n], "needs_output", True))
                 for n, comp in comps.items():
                     results[prefix + n] = comp.compress()
             inps = runner.run(inps)  # the compressed layer feeds the next

@@ -31,6 +31,7 @@ VARIANTS = {
     "no-memo": {"memo": False},
     "no-early-stop": {"early_stop": False},
     "no-share": {"share": False},
+    "no-triangle": {"triangle": False},
 }
 
 

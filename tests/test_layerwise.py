@@ -167,6 +167,64 @@ def test_memo_notices_a_changed_norm():
     assert_same_calls(*logs)
 
 
+class InputsOnly(Recorder):
+    needs_output = False
+
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None) -> None:
+        self.log.append((self.name, inp.clone(), torch.zeros(0)))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_compressors_reading_inputs_only_get_the_same_inputs_with_the_last_linear_skipped(arch):
+    logs, states, stats = [], [], {}
+    for loop, kw in ((sequential_reference, {}), (sequential, {"stats": stats})):
+        torch.manual_seed(0)
+        lm = load_tiny(arch)
+        log: list = []
+        calib = torch.randint(0, 1000, (3, 40), generator=torch.Generator().manual_seed(1))
+        loop(lm.model, calib, lambda n, m, log=log: InputsOnly(log, [], n, m, False), **kw)
+        logs.append(log)
+        states.append(lm.model.state_dict())
+    assert_same_calls(*logs)
+    assert_bit_identical(*states)
+    assert stats["skipped_linears"] == 2 * 3 * 3, stats  # q/k/v, gate/up and down groups: 2 layers, 3 samples
+
+
+def test_triangular_gram_streams_the_same_hessian():
+    """Wide inputs (n >= 1024) take the upper-triangle product; the streamed Hessian must be the
+    reference's bits, and a machine whose BLAS disagrees falls back to the full product."""
+    from slimbench.methods.quantization import gptq
+
+    from slimbench import layerwise
+
+    x = torch.randn(4, 96, 1100)
+    hs = {}
+    for variant in ({"reference": True}, {}, {"triangle": False}):
+        with loop_variant(**variant):
+            layer = gptq.GPTQLayer(None, "l", torch.nn.Linear(1100, 4), gptq.GPTQConfig())
+            for sample in x:
+                layer.add_batch(sample, None)
+            hs[str(variant)] = (layer.hessian(), layer.upper_only)
+    ref, _ = hs["{'reference': True}"]
+    assert same_tensor(ref, hs["{}"][0]) and hs["{}"][1]  # the triangle was used, same bits
+    assert same_tensor(ref, hs["{'triangle': False}"][0])
+    key = next(k for k in layerwise._TRI_OK if k[0] == (96, 1100))
+    layerwise._TRI_OK[key] = False  # as on a machine whose blocks differ: full products only
+    try:
+        prod, upper = layerwise.gram(x[0] * 0.5)
+        assert not upper and same_tensor(prod, (x[0] * 0.5).t() @ (x[0] * 0.5))
+    finally:
+        layerwise._TRI_OK[key] = True
+
+
+def test_symmetric_from_upper_copies_bits():
+    from slimbench.layerwise import symmetric_from_upper
+
+    h = torch.randn(5, 5)
+    s = symmetric_from_upper(h)
+    assert torch.equal(torch.triu(s), torch.triu(h)) and torch.equal(s, s.t())
+
+
 def test_shared_gram_reuses_only_the_same_input():
     g = SharedGram()
     x = torch.randn(10, 4)
@@ -174,10 +232,10 @@ def test_shared_gram_reuses_only_the_same_input():
     b = g.product(x.reshape(10, 4), 0.5)  # another view of the same memory
     assert b is a and g.reused == 1
     assert g.product(x.clone(), 0.5) is not a  # equal values, other memory: recomputed
-    c = g.product(x, 0.25)
-    assert torch.equal(c, (x * 0.25).t() @ (x * 0.25))
+    c, upper = g.product(x, 0.25)
+    assert torch.equal(c, (x * 0.25).t() @ (x * 0.25)) and not upper
     x.mul_(2)  # modified in place: recomputed
-    assert torch.equal(g.product(x, 0.25), (x * 0.25).t() @ (x * 0.25))
+    assert torch.equal(g.product(x, 0.25)[0], (x * 0.25).t() @ (x * 0.25))
     with loop_variant(share=False):
         y = g.product(x, 0.25)
         assert g.product(x, 0.25) is not y

@@ -55,7 +55,7 @@ from slimbench.methods.quantization.grid import (
 from slimbench.methods.quantization.packed import FormatConfig, finish_layer, format_report
 
 from slimbench.calibration import CalibrationConfig, sample_calibration
-from slimbench.layerwise import SharedGram, adapter_for, sequential
+from slimbench.layerwise import SharedGram, adapter_for, sequential, symmetric_from_upper
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight, iter_linears
 
@@ -201,26 +201,35 @@ def assemble(codes: torch.Tensor, perm: torch.Tensor, col_group: torch.Tensor, p
 class GPTQLayer:
     """One linear layer's GPTQ state for the layer-wise loop (IST-DASLab's ``GPTQ`` object)."""
 
+    needs_output = False  # the Hessian needs inputs only: the loop may skip the output
+
     def __init__(self, model, name: str, module, cfg: GPTQConfig, gram: SharedGram | None = None):
         self.model, self.name, self.module, self.cfg = model, name, module, cfg
         cols = get_weight(module).shape[1]
         self.h = torch.zeros(cols, cols)
         self.n = 0
         self.gram = gram or SharedGram()  # shared across a layer's linears: q/k/v reuse one product
+        self.upper_only = False  # some products filled only the upper triangle (see layerwise.gram)
 
-    def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None) -> None:
         t = inp.shape[0]
         self.h *= self.n / (self.n + t)
         self.n += t
-        self.h += self.gram.product(inp, (2 / self.n) ** 0.5)
+        prod, upper_only = self.gram.product(inp, (2 / self.n) ** 0.5)
+        self.h += prod
+        self.upper_only |= upper_only
+
+    def hessian(self) -> torch.Tensor:
+        """The streamed ``2/n Σ x xᵀ``, bit for bit the reference's running sum."""
+        return symmetric_from_upper(self.h) if self.upper_only else self.h
 
     def compress(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        w = get_weight(self.module).float()
-        res = gptq_quantize(w, self.h, self.cfg)
+        w, h = get_weight(self.module).float(), self.hessian()
+        res = gptq_quantize(w, h, self.cfg)
         # proxy loss tr((W - Q) H (W - Q)ᵀ) on the calibration inputs: what GPTQ minimises
         d = w - res.weight
-        err = float(torch.einsum("ij,jk,ik->", d, self.h, d))
+        err = float(torch.einsum("ij,jk,ik->", d, h, d))
         stored = finish_layer(self.model, self.name, res.codes, res.params, self.cfg.group_size, self.cfg.format,
                               res.g_idx)
         self.h = None  # free the Hessian

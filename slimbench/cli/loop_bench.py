@@ -34,6 +34,7 @@ def register(sub) -> None:
     s.add_argument("--threads", type=int, help="torch threads (default: the suite's)")
     s.add_argument("--model", help="model (default: the suite's first)")
     s.add_argument("--variants", default="fast,reference",
-                   help="comma-separated, run in this order: fast, reference, no-memo, no-early-stop, no-share")
+                   help="comma-separated, run in this order: fast, reference, and ablations of fast: "
+                   "no-memo, no-early-stop, no-share, no-triangle")
     s.add_argument("--json", help="also write the figures to this file")
     s.set_defaults(fn=cmd_loop_bench)
