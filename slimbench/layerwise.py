@@ -15,6 +15,16 @@ instead of one copy of the loop per model family:
 
 A method provides a factory ``make(name, module) -> LayerCompressor`` with ``add_batch``
 (stream one sample's inputs and outputs) and ``compress`` (act, return what it achieved).
+
+:func:`sequential` gives every compressor exactly the calls of :func:`sequential_reference`
+(the loop as first written: five full passes per layer with true-sequential groups) and leaves
+every layer's output bit-identical, but skips work whose result is already known: a pass stops
+once the group's linears have fired; a layer's attention/MLP block whose inputs and modules are
+unchanged returns the output it stored last pass, or re-runs only its last linear when that is
+all that changed; the last linear of a group is not run at all when its compressor reads
+inputs only. :class:`SharedGram` lets Hessian-streaming compressors share one ``xᵀx`` between
+linears fed the same tensor (q/k/v, gate/up) and halve wide ones (:func:`gram`). Measured with
+``benchmark.py loop-bench``; :func:`loop_variant` switches any of this off.
 """
 
 from __future__ import annotations
