@@ -348,11 +348,17 @@ def sequential_reference(
 # -- the fast loop ---------------------------------------------------------------------------
 # ``sequential`` must give every compressor exactly the calls ``sequential_reference`` gives it
 # (same samples, same order, bit-identical tensors) and leave the layers' outputs bit-identical;
-# it only skips work whose result is already known. Two mechanisms, both generic:
+# it only skips work whose result is already known. Three mechanisms, all generic (a probe
+# forward of one sample per layer learns the structure they rely on: the order the linears run
+# in, that each runs once, and which linear's output each block returns):
 #
 # * early stop: a pass ends once every hooked linear of the group has fired for the sample
 #   (a private exception from the last hook), unless that linear is the last op of its block
-#   (o_proj, down_proj): then the block returns first, so its output can be memoised.
+#   and the block returns a tuple (o_proj): then the block returns first, so its output can be
+#   memoised.
+# * skip the last linear: when the group's last linear's compressor declares
+#   ``needs_output = False`` (GPTQ), its inputs are taken by a pre-hook and it never runs; if
+#   it is its block's last op (down_proj), the block's inputs and that linear's input are kept.
 # * block memo: a layer's direct children that hold linears ("blocks": attention, MLP, or bare
 #   linears as in OPT) remember, per sample, their inputs and output. Next pass, a block whose
 #   inputs are bit-identical and whose modules are unchanged returns the stored output; if only
