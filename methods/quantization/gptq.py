@@ -12,15 +12,24 @@ Choices, matching the reference unless stated:
 - damping: ``percdamp * mean(diag H)`` added to the diagonal; dead inputs (``H_ii = 0``) get
   ``H_ii = 1`` and a zero weight column.
 - ``act_order``: columns are processed in order of decreasing ``H_ii``.
-- groups: without act-order a group's scale/zero is found when the quantizer reaches its first
-  column, from the weights as updated so far (the reference does the same). With act-order,
-  ``static_groups: false`` (default) is the reference's semantics: groups are runs of
-  ``group_size`` columns *in act-order*, so a column's group is recorded in ``g_idx`` (stored,
-  int16 per input channel, counted in the bytes). ``static_groups: true`` (AutoGPTQ) fixes every
-  group's grid from the original weights in natural order before quantizing, so no ``g_idx`` is
-  needed and the packed int4 kernel can execute it.
-- one deliberate difference: when a group starts inside a block, its grid is computed from the
-  block's up-to-date columns (the reference reads the stale, not yet block-updated copy).
+- groups: a dynamic group's scale/zero is found when the quantizer reaches its first column.
+  ``group_grid: reference`` (default) computes it as the reference does, from the weights as of
+  the start of the current lazy-batch block (``W[:, j:j+groupsize]``: earlier blocks' error
+  feedback applied, this block's not yet); ``updated`` uses the block's up-to-date columns
+  instead (this module's behaviour before version 2; measured to raise layer output error
+  slightly on every real layer tried). The two differ only for groups that start inside a block
+  (``group_size`` not a multiple of ``block_size``).
+- act-order: ``static_groups: false`` (default) is the reference's semantics: groups are runs of
+  ``group_size`` columns *in act-order* (their grids follow ``group_grid`` too), so a column's
+  group is recorded in ``g_idx`` (stored, int16 per input channel, counted in the bytes).
+  ``static_groups: true`` (AutoGPTQ, also in the reference) fixes every group's grid from the
+  original weights in natural order before quantizing, so ``group_grid`` does not apply, no
+  ``g_idx`` is needed and the packed int4 kernel can execute it.
+- one remaining difference: a per-channel grid (no groups) is found after dead input columns
+  were zeroed (the reference finds it before), so a dead column never widens the grid. It only
+  matters when an input channel is exactly zero on every calibration token.
+- the Hessian is streamed per calibration sample in the reference's order; linears fed the
+  very same input (q/k/v, gate/up) share one ``x xᵀ`` product (bit-identical to recomputing it).
 
 With an identity Hessian no error is propagated and the result is exactly RTN's.
 """
@@ -31,7 +40,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -46,7 +55,7 @@ from slimbench.methods.quantization.grid import (
 from slimbench.methods.quantization.packed import FormatConfig, finish_layer, format_report
 
 from slimbench.calibration import CalibrationConfig, sample_calibration
-from slimbench.layerwise import adapter_for, sequential
+from slimbench.layerwise import SharedGram, adapter_for, sequential, symmetric_from_upper
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight, iter_linears
 
@@ -57,11 +66,18 @@ class GPTQConfig(GridConfig, FormatConfig, CalibrationConfig):
     act_order: bool = Field(False, description="quantize columns in order of decreasing Hessian diagonal")
     static_groups: bool = Field(False, description="with act_order: fix group grids up front (no g_idx)")
     true_sequential: bool = Field(True, description="quantize a layer's linear groups one after another")
+    group_grid: Literal["reference", "updated"] = Field(
+        "reference",
+        description="dynamic groups starting inside a block: grid from the block-start weights (reference) "
+        "or from the block's updated columns",
+    )
 
     @model_validator(mode="after")
     def _static_needs_groups(self):
         if self.static_groups and self.group_size is None:
             raise ValueError("static_groups needs a group_size (per-channel grids are static already)")
+        if self.group_grid == "updated" and (self.group_size is None or self.static_groups):
+            raise ValueError("group_grid: updated only applies to dynamic groups (a group_size, static_groups false)")
         return self
 
 
@@ -135,8 +151,7 @@ def _gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig) -> GPTQRes
                     p = static[int(perm[col]) // gs]
                     col_group[col] = int(perm[col]) // gs
                 elif col % gs == 0:
-                    seg = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gs]  # up-to-date weights
-                    group_params.append(find_params(seg, cfg.bits, cfg.symmetric))
+                    group_params.append(find_params(group_segment(w, w1, col, i, i2, gs, cfg), cfg.bits, cfg.symmetric))
                     p = group_params[-1]
                 if not static:
                     col_group[col] = len(group_params) - 1
@@ -147,6 +162,22 @@ def _gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig) -> GPTQRes
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return assemble(codes, perm, col_group, p, static or group_params, cfg)
+
+
+def group_segment(w: torch.Tensor, w1: torch.Tensor, col: int, i: int, i2: int, gs: int,
+                  cfg: GPTQConfig) -> torch.Tensor:
+    """The weights a dynamic group's grid is computed from, when the quantizer reaches its first
+    column ``col`` (``i`` inside the block ``w1`` that ends at ``i2``).
+
+    ``w`` holds every column as of the start of the current block (blocks update the columns
+    after them lazily, at their end), ``w1`` the block's columns with the updates made so far in
+    this block. The reference reads ``w``; ``updated`` reads the block's own columns from ``w1``.
+    The two differ only when the group starts inside a block (``col`` not a multiple of
+    ``block_size``); columns after the block are the same in both.
+    """
+    if cfg.group_grid == "reference":
+        return w[:, col : col + gs]
+    return torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gs]
 
 
 def assemble(codes: torch.Tensor, perm: torch.Tensor, col_group: torch.Tensor, p: QuantParams | None,
@@ -170,26 +201,35 @@ def assemble(codes: torch.Tensor, perm: torch.Tensor, col_group: torch.Tensor, p
 class GPTQLayer:
     """One linear layer's GPTQ state for the layer-wise loop (IST-DASLab's ``GPTQ`` object)."""
 
-    def __init__(self, model, name: str, module, cfg: GPTQConfig):
+    needs_output = False  # the Hessian needs inputs only: the loop may skip the output
+
+    def __init__(self, model, name: str, module, cfg: GPTQConfig, gram: SharedGram | None = None):
         self.model, self.name, self.module, self.cfg = model, name, module, cfg
         cols = get_weight(module).shape[1]
         self.h = torch.zeros(cols, cols)
         self.n = 0
+        self.gram = gram or SharedGram()  # shared across a layer's linears: q/k/v reuse one product
+        self.upper_only = False  # some products filled only the upper triangle (see layerwise.gram)
 
-    def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None) -> None:
         t = inp.shape[0]
         self.h *= self.n / (self.n + t)
         self.n += t
-        x = inp.float() * (2 / self.n) ** 0.5
-        self.h += x.t() @ x
+        prod, upper_only = self.gram.product(inp, (2 / self.n) ** 0.5)
+        self.h += prod
+        self.upper_only |= upper_only
+
+    def hessian(self) -> torch.Tensor:
+        """The streamed ``2/n Σ x xᵀ``, bit for bit the reference's running sum."""
+        return symmetric_from_upper(self.h) if self.upper_only else self.h
 
     def compress(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        w = get_weight(self.module).float()
-        res = gptq_quantize(w, self.h, self.cfg)
+        w, h = get_weight(self.module).float(), self.hessian()
+        res = gptq_quantize(w, h, self.cfg)
         # proxy loss tr((W - Q) H (W - Q)ᵀ) on the calibration inputs: what GPTQ minimises
         d = w - res.weight
-        err = float(torch.einsum("ij,jk,ik->", d, self.h, d))
+        err = float(torch.einsum("ij,jk,ik->", d, h, d))
         stored = finish_layer(self.model, self.name, res.codes, res.params, self.cfg.group_size, self.cfg.format,
                               res.g_idx)
         self.h = None  # free the Hessian
@@ -204,8 +244,9 @@ def check(lm, cfg: GPTQConfig) -> None:
 def apply(lm, cfg: GPTQConfig, ctx) -> MethodReport:
     calib, info = sample_calibration(lm, cfg)
     t0 = time.perf_counter()
+    gram = SharedGram()
     results = sequential(
-        lm.model, calib, lambda name, mod: GPTQLayer(lm.model, name, mod, cfg),
+        lm.model, calib, lambda name, mod: GPTQLayer(lm.model, name, mod, cfg, gram),
         true_sequential=cfg.true_sequential, device=lm.device, progress=getattr(ctx, "progress", None),
     )
     storage = {f"{n}.weight": r["stored"] for n, r in results.items() if r["stored"] is not None}
@@ -216,7 +257,8 @@ def apply(lm, cfg: GPTQConfig, ctx) -> MethodReport:
         storage=storage,
         details={
             "bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric, "act_order": cfg.act_order,
-            "static_groups": cfg.static_groups, "g_idx_layers": sum(r["g_idx"] for r in results.values()),
+            "static_groups": cfg.static_groups, "group_grid": cfg.group_grid,
+            "g_idx_layers": sum(r["g_idx"] for r in results.values()),
             "percdamp": cfg.percdamp, "block_size": cfg.block_size, "layers": len(results),
             "calibration": info, "loop_seconds": time.perf_counter() - t0,
             "quantize_seconds": sum(r["seconds"] for r in results.values()),
@@ -235,4 +277,7 @@ METHOD = Method(
     apply=apply,
     check=check,
     calibration_need="hessian",
+    # 2: dynamic group grids from the block-start weights, as in the reference (group_grid);
+    # numbers change for grouped configs whose groups start inside a block, no others.
+    version="2",
 )
