@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from slimbench.layerwise import capture_first_layer_inputs, decoder_layers, run_layer
+from slimbench.layerwise import capture_layer_inputs, decoder_layers, run_layer
 from slimbench.registry import MODELS
 from slimbench.runner import apply_method
 from slimbench.specs import HardwareSpec, MethodSpec, ModelSpec, StepSpec
@@ -92,8 +92,6 @@ def tiny_gemma3():
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-@pytest.mark.xfail(strict=True, reason="the layer-wise loop passes layer 0's keyword arguments (sliding-window "
-                   "mask, local rotary table) to every layer; Gemma 3's global layers need their own")
 def test_layerwise_inputs_match_the_full_forward_on_gemma3():
     model = tiny_gemma3()
     layers = decoder_layers(model)
@@ -106,8 +104,8 @@ def test_layerwise_inputs_match_the_full_forward_on_gemma3():
         model(input_ids=ids)
         for h in hooks:
             h.remove()
-        inps, kwargs = capture_first_layer_inputs(model, layers, ids, "cpu")
-        x = inps[0]
+        captured = capture_layer_inputs(model, layers, ids, "cpu")
+        x = captured.hidden[0]
         for i in range(len(layers) - 1):
-            x = run_layer(layers[i], x, kwargs)
+            x = run_layer(layers[i], x, captured.kwargs[0][i])
             torch.testing.assert_close(x, true_in[i + 1])
