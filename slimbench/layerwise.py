@@ -4,8 +4,9 @@ GPTQ, SparseGPT, Wanda, AWQ and friends all follow the same sequence (IST-DASLab
 ``opt_sequential``), which this module implements with a small adapter per architecture
 instead of one copy of the loop per model family:
 
-1. Run the model on the calibration batch and capture the inputs (hidden states and the
-   keyword arguments: attention mask, position embeddings, ...) of the first decoder layer.
+1. Run the model on the calibration batch and capture the hidden states entering the first
+   decoder layer, and the other arguments (attention mask, position embeddings, ...) the model
+   gives each layer: they may differ between layers (Gemma's sliding-window and global layers).
 2. For each decoder layer in order, for each group of its linear layers (true-sequential
    order: q/k/v, then the attention output, then the MLP input(s), then the MLP output):
    hook the group's linears, run the layer on every calibration sample so each linear's
@@ -30,6 +31,7 @@ linears fed the same tensor (q/k/v, gate/up) and halve wide ones (:func:`gram`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -259,31 +261,121 @@ class SharedGram:
         return self.value
 
 
-@torch.no_grad()
-def capture_first_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, device
-) -> tuple[list[torch.Tensor], dict]:
-    """Hidden states entering layer 0 for each calibration sample, and the layer kwargs."""
-    inps: list[torch.Tensor] = []
-    kwargs: dict[str, Any] = {}
+@dataclass
+class LayerInputs:
+    """What the calibration samples feed the decoder layers, as the model's own forward gives it.
 
-    def pre_hook(module, args, kw):
-        inps.append((args[0] if args else kw["hidden_states"]).detach())
-        if not kwargs:
-            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _StopForward
+    ``hidden[j]``: the hidden states entering layer 0 for sample ``j``. ``kwargs[j][i]``: every
+    other argument layer ``i`` receives for sample ``j`` (attention mask, rotary position
+    embeddings, position ids, ...), by name. Layers do not all get the same ones: Gemma 2/3
+    alternate sliding-window layers (local rotary base, banded mask) with global layers (another
+    rotary base, full causal mask), so each layer is calibrated with its own. Equal arguments are
+    one and the same dict (every layer of Llama, OPT and GPT-2; every sample of one length).
+    """
 
-    handle = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    hidden: list[torch.Tensor]
+    kwargs: list[list[dict[str, Any]]]
+
+    def for_layer(self, i: int) -> list[dict[str, Any]]:
+        """Layer ``i``'s keyword arguments, one dict per sample."""
+        return [per_layer[i] for per_layer in self.kwargs]
+
+
+# Arguments never replayed: the loop runs each layer with no KV cache.
+_CACHE_ARGS = ("past_key_values", "cache", "layer_past", "past_key_value")
+
+
+def _by_name(layer: nn.Module, args: tuple, kw: dict) -> dict[str, Any]:
+    """The call's arguments other than the hidden states, all by name (GPT-2's blocks get their
+    mask positionally), without the cache, with ``use_cache=False``."""
+    named = {k: v for k, v in kw.items() if k != "hidden_states"}
+    if len(args) > 1:
+        params = [p for p in inspect.signature(layer.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(params) < len(args) or any(p.kind is p.POSITIONAL_ONLY for p in params[1 : len(args)]):
+            raise ValueError(f"{type(layer).__name__}.forward takes positional arguments the layer-wise loop "
+                             "cannot pass by name")
+        named = {**{p.name: a for p, a in zip(params[1:], args[1:], strict=False)}, **named}
+    for k in _CACHE_ARGS:
+        named.pop(k, None)
+    named["use_cache"] = False
+    return named
+
+
+def _same_args(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    return sa == sb and len(la) == len(lb) and all(_same_leaf(x, y) for x, y in zip(la, lb, strict=True))
+
+
+def _forward_capture(model: nn.Module, layers: nn.ModuleList, sample: torch.Tensor, device,
+                     depth: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Forward one sample until layer ``depth - 1`` is entered: (hidden states entering layer 0,
+    the arguments of layers ``0..depth-1``). The layers after it, and the head, never run."""
+    hidden: list[torch.Tensor] = []
+    got: dict[int, dict[str, Any]] = {}
+
+    def pre_hook(i):
+        def hook(module, args, kw):
+            if i == 0:  # a copy if the layers run on: one of them might write it in place
+                x = (args[0] if args else kw["hidden_states"]).detach()
+                hidden.append(x.clone() if depth > 1 else x)
+            got.setdefault(i, _by_name(module, args, kw))
+            if len(got) == depth:
+                raise _StopForward
+
+        return hook
+
+    handles = [layers[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i in range(depth)]
     try:
-        for sample in calib:
-            with contextlib.suppress(_StopForward):
-                model(input_ids=sample.unsqueeze(0).to(device), use_cache=False)
+        with contextlib.suppress(_StopForward):
+            model(input_ids=sample.unsqueeze(0).to(device), use_cache=False)
     finally:
-        handle.remove()
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("cache", None)
-    kwargs["use_cache"] = False
-    return inps, kwargs
+        for h in handles:
+            h.remove()
+    if len(got) < depth or not hidden:
+        missing = sorted(set(range(depth)) - set(got))
+        raise ValueError(f"the model's forward never ran decoder layer(s) {missing}; the layer-wise loop "
+                         "calibrates every layer of the adapter's layer list")
+    return hidden[0], [got[i] for i in range(depth)]
+
+
+def _shared(per_layer: list[dict[str, Any]], seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each layer's arguments, replaced by an equal dict already in ``seen`` where there is one."""
+    out = []
+    for kw in per_layer:
+        same = next((s for s in seen if s is kw or _same_args(s, kw)), None)
+        if same is None:
+            seen.append(kw)
+            same = kw
+        out.append(same)
+    return out
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, device) -> LayerInputs:
+    """Hidden states entering layer 0 for each calibration sample, and every layer's arguments.
+
+    The first sample runs through the whole stack (up to the last layer's entry) to record what
+    the model gives each layer; each other sample runs only up to layer 0. A sample whose layer-0
+    arguments differ from the first's (another length, a padding mask) gets its own full capture:
+    what a layer is given depends on the token ids and positions, never on the hidden states (the
+    loop replays it on compressed activations), so equal layer-0 arguments mean equal ones for
+    every layer.
+    """
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict[str, Any]]] = []
+    seen: list[dict[str, Any]] = []
+    for j, sample in enumerate(calib):
+        x, first = _forward_capture(model, layers, sample, device, len(layers) if j == 0 else 1)
+        hidden.append(x)
+        if j > 0 and _same_args(first[0], kwargs[0][0]):
+            kwargs.append(kwargs[0])
+            continue
+        if len(first) < len(layers):
+            first = _forward_capture(model, layers, sample, device, len(layers))[1]
+        kwargs.append(_shared(first, seen))
+    return LayerInputs(hidden, kwargs)
 
 
 def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -311,11 +403,13 @@ def sequential_reference(
     """
     adapter = adapter_for(model)
     layers = get_path(model, adapter.layers_path)
-    inps, kwargs = capture_first_layer_inputs(model, layers, calib, device)
+    captured = capture_layer_inputs(model, layers, calib, device)
+    inps = captured.hidden
     results: dict[str, Any] = {}
     bar = progress(total=len(layers), desc="layers", unit="layer") if progress else None
     for i, layer in enumerate(layers):
         prefix = f"{adapter.layers_path}.{i}."
+        kwargs = captured.for_layer(i)
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, LINEAR_TYPES)}
         groups = adapter.groups if true_sequential else (tuple(linears),)
         missing = {n for g in groups for n in g} - set(linears)
@@ -330,14 +424,14 @@ def sequential_reference(
                 for n in group
             ]
             try:
-                for x in inps:
-                    run_layer(layer, x, kwargs)
+                for x, kw in zip(inps, kwargs, strict=True):
+                    run_layer(layer, x, kw)
             finally:
                 for h in handles:
                     h.remove()
             for n, comp in comps.items():
                 results[prefix + n] = comp.compress()
-        inps = [run_layer(layer, x, kwargs) for x in inps]  # the compressed layer feeds the next
+        inps = [run_layer(layer, x, kw) for x, kw in zip(inps, kwargs, strict=True)]  # feeds the next layer
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -451,12 +545,12 @@ class _Entry:
 class _LayerRunner:
     """Runs one decoder layer over the calibration samples, pass after pass, skipping known work."""
 
-    def __init__(self, layer: nn.Module, kwargs: dict, *, memo: bool, early_stop: bool, memo_bytes: int,
+    def __init__(self, layer: nn.Module, kwargs: list[dict], *, memo: bool, early_stop: bool, memo_bytes: int,
                  stats: dict[str, int]):
         self.layer, self.kwargs, self.memo, self.early_stop = layer, kwargs, memo, early_stop
         self.memo_bytes, self.stats = memo_bytes, stats
         self.blocks = {n: m for n, m in layer.named_children() if any(isinstance(x, LINEAR_TYPES) for x in m.modules())}
-        self.shared = {id(t) for t in _tensors(kwargs)}  # the layer kwargs: held by the caller anyway
+        self.shared = {id(t) for t in _tensors(kwargs)}  # the layer's kwargs (per sample): held by the caller
         self.trackers = {n: _Tracker() for n in self.blocks}
         self.entries: dict[tuple[str, int, int], _Entry] = {}
         self.bytes = 0
@@ -608,7 +702,7 @@ class _LayerRunner:
                     for name, mod in self.layer.named_modules() if isinstance(mod, LINEAR_TYPES)]
         self.probing, self.calls, self.order = True, {}, []
         try:
-            run_layer(self.layer, x, self.kwargs)
+            run_layer(self.layer, x, self.kwargs[0])
         finally:
             self.probing = False
             for h in handles:
@@ -670,7 +764,7 @@ class _LayerRunner:
                 self.sample, self.calls, self.stop_pending = j, {}, False
                 fired.clear()
                 try:
-                    y = run_layer(self.layer, x, self.kwargs)
+                    y = run_layer(self.layer, x, self.kwargs[j])
                 except _StopForward:
                     y = None
                 if not group:
@@ -739,7 +833,8 @@ def sequential(
     stats = variant.get("stats", stats)
     adapter = adapter_for(model)
     layers = get_path(model, adapter.layers_path)
-    inps, kwargs = capture_first_layer_inputs(model, layers, calib, device)
+    captured = capture_layer_inputs(model, layers, calib, device)
+    inps = captured.hidden
     results: dict[str, Any] = {}
     counters = {"memo_hits": 0, "tail_replays": 0, "early_stops": 0, "skipped_linears": 0, "memo_full": 0}
     bar = progress(total=len(layers), desc="layers", unit="layer") if progress else None
@@ -750,7 +845,7 @@ def sequential(
         missing = {n for g in groups for n in g} - set(linears)
         if missing:
             raise ValueError(f"layer {i}: adapter {adapter.name} names linears {sorted(missing)} the layer lacks")
-        runner = _LayerRunner(layer, kwargs, memo=memo, early_stop=early_stop, memo_bytes=memo_bytes,
+        runner = _LayerRunner(layer, captured.for_layer(i), memo=memo, early_stop=early_stop, memo_bytes=memo_bytes,
                               stats=counters)
         try:
             if inps and (memo or early_stop):

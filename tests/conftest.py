@@ -24,7 +24,30 @@ TINY_ARCHS = ("llama", "gpt2", "opt")
 
 
 def load_tiny(arch: str):
+    if arch == "gemma3":
+        return load_tiny_gemma3()
     return make_tiny_loader(arch)(ModelSpec(name=f"tiny-{arch}"), HardwareSpec(threads=2))
+
+
+def tiny_gemma3(vocab: int = 512):
+    """A tiny random Gemma 3 with sliding-window layers around a global one (another rotary
+    base, a full causal mask): what a layer is given differs from layer to layer."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def load_tiny_gemma3():
+    """Tiny Gemma 3 as a LanguageModel (GPT-2's tokenizer, so the calibration corpora encode)."""
+    from slimbench.models import gpt2_tokenizer, wrap
+
+    prov = {"source": "random init from a tiny gemma3 config (seed 0)", "weights": "random"}
+    return wrap(tiny_gemma3(vocab=50257), gpt2_tokenizer(), "tiny-gemma3", HardwareSpec(threads=2), prov)
 
 
 @pytest.fixture(params=TINY_ARCHS)

@@ -12,8 +12,9 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_gemma3
 
-from slimbench.layerwise import capture_first_layer_inputs, decoder_layers, run_layer
+from slimbench.layerwise import capture_layer_inputs, decoder_layers, run_layer
 from slimbench.registry import MODELS
 from slimbench.runner import apply_method
 from slimbench.specs import HardwareSpec, MethodSpec, ModelSpec, StepSpec
@@ -81,19 +82,6 @@ def test_gemma_main_method_runs_or_refuses(gemma, name, tmp_path, monkeypatch):
     assert math.isfinite(short_ppl(lm))
 
 
-def tiny_gemma3():
-    """A tiny random Gemma 3 with one sliding-window and one global layer (different rotary bases)."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
-
-    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8,
-                           layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
-
-
-@pytest.mark.xfail(strict=True, reason="the layer-wise loop passes layer 0's keyword arguments (sliding-window "
-                   "mask, local rotary table) to every layer; Gemma 3's global layers need their own")
 def test_layerwise_inputs_match_the_full_forward_on_gemma3():
     model = tiny_gemma3()
     layers = decoder_layers(model)
@@ -106,8 +94,10 @@ def test_layerwise_inputs_match_the_full_forward_on_gemma3():
         model(input_ids=ids)
         for h in hooks:
             h.remove()
-        inps, kwargs = capture_first_layer_inputs(model, layers, ids, "cpu")
-        x = inps[0]
+        captured = capture_layer_inputs(model, layers, ids, "cpu")
+        assert captured.kwargs[0][1] is not captured.kwargs[0][0]  # the global layer has its own
+        assert captured.kwargs[0][2] is captured.kwargs[0][0]  # equal ones are shared
+        x = captured.hidden[0]
         for i in range(len(layers) - 1):
-            x = run_layer(layers[i], x, kwargs)
+            x = run_layer(layers[i], x, captured.kwargs[0][i])
             torch.testing.assert_close(x, true_in[i + 1])

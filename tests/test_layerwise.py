@@ -293,3 +293,44 @@ def test_gptq_on_the_real_model_is_bit_identical_through_the_fast_loop():
         states.append(lm.model.state_dict())
     assert_bit_identical(*states)
     assert stats["memo_hits"] and stats["tail_replays"] and stats["skipped_linears"], stats
+
+
+class Recorder:
+    """A compressor that leaves its linear alone and keeps every input it is shown."""
+
+    def __init__(self, seen: list):
+        self.seen = seen
+
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None) -> None:
+        self.seen.append(inp.detach().clone())
+
+    def compress(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("arch", (*TINY_ARCHS, "gemma3"))
+@pytest.mark.parametrize("loop", [sequential, sequential_reference], ids=["fast", "reference"])
+def test_every_compressor_sees_what_the_full_forward_feeds_its_linear(arch, loop):
+    """Each linear's calibration inputs, through the loop with compressors that change nothing,
+    against that linear's inputs in the model's own forward: Gemma 3's global layer needs its
+    own rotary table and mask (the samples are longer than its sliding window of 8)."""
+    torch.manual_seed(0)
+    model = load_tiny(arch).model
+    calib = torch.randint(0, 1000, (3, 24), generator=torch.Generator().manual_seed(1))
+    seen: dict[str, list] = {}
+    loop(model, calib, lambda name, module: Recorder(seen.setdefault(name, [])))
+    expected: dict[str, list] = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: expected.setdefault(n, []).append(a[0].detach().clone()))
+             for n, m in model.named_modules() if n in seen]
+    try:
+        with torch.no_grad():
+            for sample in calib:
+                model(input_ids=sample.unsqueeze(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen and seen.keys() == expected.keys()
+    for name in seen:
+        got = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen[name]])
+        want = torch.cat([x.reshape(-1, x.shape[-1]) for x in expected[name]])
+        torch.testing.assert_close(got, want, msg=f"{arch}: inputs of {name}")
