@@ -609,7 +609,9 @@ def method_label(method: MethodSpec, matcher: Any) -> str:
 def fmt(v: float | None) -> str:
     if v is None:
         return "–"
-    return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3g}"
+    if abs(v) < 1000:
+        return f"{v:.4g}"
+    return f"{v:,.0f}" if abs(v) < 1e7 else f"{v:.3g}"
 
 
 def render(rep: Reproduction, markdown: bool = True) -> str:
