@@ -37,7 +37,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             print(f"(written to {rp.write_outputs(rep, args.results)})\n")
         reps.append(rep)
     if len(reps) > 1:
-        print(rp.summary_table(reps))
+        table = rp.summary_table(reps)
+        print(table)
+        if not args.dry_run:
+            from pathlib import Path
+
+            from slimbench.store import atomic_write_text
+
+            path = Path(args.results) / "reproduce" / f"summary-{args.budget}.md"
+            atomic_write_text(path, table)
+            print(f"(summary written to {path})")
     sys.stdout.flush()
     return max(r.exit_code() for r in reps)
 
