@@ -168,7 +168,7 @@ def test_offline_message_names_the_missing_model_data_set_and_revision(tmp_path,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("SLIMBENCH_DATA", raising=False)
     monkeypatch.delenv("SLIMBENCH_REVISION_WIKITEXT2", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty hub cache
     path = write_paper(tmp_path)
     code = main(["reproduce", str(path), "--dry-run", "--results", str(tmp_path / "r")])
     out = capsys.readouterr().out
@@ -179,6 +179,25 @@ def test_offline_message_names_the_missing_model_data_set_and_revision(tmp_path,
     assert "wikitext2 split test" in out and "SLIMBENCH_REVISION_WIKITEXT2" in out
     assert "hub data set wikitext, wikitext-2-raw-v1" in out
     assert "runs on the embedded model instead" in out
+
+
+def test_a_model_in_the_hub_cache_at_its_revision_is_reachable_offline(tmp_path, monkeypatch):
+    from slimbench.specs import ModelSpec
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    rev = "27dcfa74d334bc871f3234de431e71c6eeba5dd6"
+    spec = ModelSpec(name="facebook/opt-125m", revision=rev)
+    assert rp.model_missing(spec) is not None
+    snap = tmp_path / "models--facebook--opt-125m" / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    assert rp.model_missing(spec) is not None  # a config without weights is not a model
+    (snap / "model.safetensors").write_bytes(b"")
+    assert rp.model_missing(spec) is None
+    assert rp.model_missing(ModelSpec(name="facebook/opt-125m", revision="0" * 40)) is not None  # other revision
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert rp.model_missing(ModelSpec(name="facebook/opt-350m")) is None  # online: downloaded at load time
 
 
 def test_bad_matchers_and_unknown_arms_fail_before_anything_runs(tmp_path):
@@ -205,7 +224,7 @@ def test_claim_card_runs_through_the_runner_and_resumes(tmp_path, monkeypatch):
     """End to end on a tiny model: records are written, the verdict comes from them, and a
     second call reuses them (resumable) and gives the same verdict."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
     path = write_paper(tmp_path)
     results = tmp_path / "r"
     rep = rp.reproduce(str(path), budget="small", results=results, progress=False, log=lambda s: None)
