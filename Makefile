@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_UPDATE_DOWNLOAD_COUNTS ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser run test lint speed report clean-venv
+.PHONY: setup browser run test lint speed report claims clean-venv
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ speed: setup
 
 report: setup
 	$(PY) benchmark.py report
+
+# every paper's claim card on the embedded model, small budget (docs/reproduction.md)
+claims: setup
+	$(PY) benchmark.py reproduce --all --budget small
 
 clean-venv:
 	rm -rf $(VENV)

@@ -168,8 +168,12 @@ def test_sensitivity_allocation_spends_the_budget_where_energy_is():
 
 # -- the methods on tiny models ----------------------------------------------------------------
 CALIB = {"calib_samples": 2, "calib_seqlen": 16}
-METHOD_PARAMS = [("svd", {"ratio": 0.3}), ("asvd", {"ratio": 0.3, **CALIB}), ("svd-llm", {"ratio": 0.3, **CALIB}),
-                 ("svd-llm", {"ratio": 0.3, "allocation": "sensitivity", **CALIB})]
+METHOD_PARAMS = [
+    ("svd", {"ratio": 0.3}),
+    ("asvd", {"ratio": 0.3, "allocation": "uniform", **CALIB}),
+    ("svd-llm", {"ratio": 0.3, **CALIB}),
+    ("svd-llm", {"ratio": 0.3, "allocation": "sensitivity", **CALIB}),
+]
 
 
 @functools.cache
