@@ -33,9 +33,9 @@ from pydantic import Field, ValidationError, model_validator
 from slimbench.claimcards import Check, Verdict, evaluate
 from slimbench.config import Config, format_validation_error
 from slimbench.errors import SuiteError
-from slimbench.specs import CellSpec, HardwareSpec, MethodSpec, TaskSpec
+from slimbench.specs import CellSpec, MethodSpec, TaskSpec
 from slimbench.store import ResultStore, atomic_write_text
-from slimbench.suite import TOP_KEYS, Suite, check_corpora, parse_methods, parse_models, parse_tasks
+from slimbench.suite import Suite, suite_from_mapping
 
 PAPERS_DIR = Path("configs") / "papers"
 BUDGETS = ("small", "paper")
@@ -134,9 +134,12 @@ class Paper:
 
 
 def paper_dirs() -> list[Path]:
-    """Where paper names are looked up: ./configs/papers, then the checkout's configs/papers."""
-    here = Path(__file__).resolve().parent.parent / PAPERS_DIR
-    return [d for d in (PAPERS_DIR, here) if d.is_dir()]
+    """Where paper names are looked up: ./configs/papers, then the packaged suites' papers/."""
+    from slimbench.suite import builtin_suites_dir
+
+    builtin = builtin_suites_dir()
+    packaged = builtin / "papers" if builtin else PAPERS_DIR
+    return [d for d in dict.fromkeys((PAPERS_DIR, packaged)) if d.is_dir()]
 
 
 def available_papers() -> list[str]:
@@ -186,31 +189,6 @@ def load_paper(name: str) -> Paper:
     return paper
 
 
-def suite_from_mapping(raw: Any, source: str, name: str) -> Suite:
-    """A suite from a mapping, with the same parsers and checks as ``slimbench.suite.load_suite``."""
-    if not isinstance(raw, dict):
-        raise SuiteError("a suite is a mapping with keys models, methods, tasks, hardware", source=source)
-    unknown = set(raw) - TOP_KEYS
-    if unknown:
-        raise SuiteError(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}", source=source)
-    try:
-        hardware = HardwareSpec(**(raw.get("hardware") or {}))
-    except ValidationError as err:
-        raise SuiteError(format_validation_error(err), source=source, field="hardware") from None
-    except TypeError:
-        raise SuiteError("must be a mapping", source=source, field="hardware") from None
-    tasks = parse_tasks(raw.get("tasks"), source)
-    check_corpora(tasks, source)
-    return Suite(
-        source=source,
-        name=str(raw.get("name") or name),
-        models=parse_models(raw.get("models"), source),
-        methods=parse_methods(raw.get("methods"), source),
-        tasks=tasks,
-        hardware=hardware,
-    )
-
-
 def with_hardware(raw: dict[str, Any], hardware: dict[str, Any] | None) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
     if hardware:
@@ -220,7 +198,8 @@ def with_hardware(raw: dict[str, Any], hardware: dict[str, Any] | None) -> dict[
 
 def headline_suite(paper: Paper, hardware: dict[str, Any] | None = None) -> Suite:
     source = f"{paper.path} (headline.suite)"
-    return suite_from_mapping(with_hardware(paper.spec.headline.suite, hardware), source, f"{paper.key}-headline")
+    return suite_from_mapping(with_hardware(paper.spec.headline.suite, hardware), source, f"{paper.key}-headline",
+                              check_models=False)
 
 
 def apply_budget(raw: dict[str, Any], budget: Budget) -> dict[str, Any]:
@@ -252,7 +231,8 @@ def claim_suite(paper: Paper, budget: str, hardware: dict[str, Any] | None = Non
     if budget not in card.budgets:
         raise SuiteError(f"unknown budget {budget!r}; this card has {', '.join(card.budgets)}", source=str(paper.path))
     raw = apply_budget(with_hardware(card.suite, hardware), card.budgets[budget])
-    return suite_from_mapping(raw, f"{paper.path} (claim.suite, budget {budget})", f"{paper.key}-claim-{budget}")
+    return suite_from_mapping(raw, f"{paper.path} (claim.suite, budget {budget})", f"{paper.key}-claim-{budget}",
+                              check_models=False)
 
 
 # -- matching published numbers and arms to cells ----------------------------------------

@@ -363,7 +363,15 @@ def load_suite(path: str | Path, overrides: list[str] = (), *, check_models: boo
     raw = copy.deepcopy(load_yaml(path))
     for assignment in overrides:
         apply_override(raw, assignment, source)
+    return suite_from_mapping(raw, source, path.stem, check_models=check_models)
+
+
+def suite_from_mapping(raw: Any, source: str, name: str, *, check_models: bool = True) -> Suite:
+    """A suite from an already-read mapping (``source`` names it in errors); ``load_suite``'s checks."""
     problems = Problems(source)
+    if not isinstance(raw, dict):
+        problems.add("a suite is a mapping with keys models, methods, tasks, hardware")
+        problems.raise_if_any()
     unknown = set(raw) - TOP_KEYS
     if unknown:
         problems.add(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
@@ -384,7 +392,7 @@ def load_suite(path: str | Path, overrides: list[str] = (), *, check_models: boo
         methods = parse_methods(raw.get("methods"), source, problems)
     suite = Suite(
         source=source,
-        name=str(raw.get("name") or path.stem),
+        name=str(raw.get("name") or name),
         models=models,
         methods=methods,
         tasks=tasks,
