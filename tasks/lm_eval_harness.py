@@ -1,6 +1,6 @@
 """`lm-eval`: run lm-evaluation-harness tasks on the in-memory (compressed) model.
 
-Optional extra: ``pip install lm-eval==0.4.13`` (tested with that version). ``HarnessLM`` wraps
+Optional extra: ``pip install -r requirements-extras.txt`` (lm-eval==0.4.13, tested). ``HarnessLM`` wraps
 SlimBench's ``LanguageModel`` as an ``lm_eval.api.model.LM``: the harness' ``loglikelihood``,
 ``loglikelihood_rolling`` and ``generate_until`` requests go to the methods of the same names,
 which follow the harness' HFLM semantics (see ``slimbench/lm.py``), so the harness scores
@@ -30,7 +30,8 @@ def require_lm_eval():
     try:
         import lm_eval
     except ImportError:
-        raise ValueError("the lm-eval task needs the optional extra: pip install lm-eval==0.4.13") from None
+        raise ValueError("the lm-eval task needs the optional extra: pip install -r requirements-extras.txt "
+                         "(lm-eval==0.4.13)") from None
     return lm_eval
 
 

@@ -84,7 +84,17 @@ def test_every_loop_user_is_covered():
 
     users = {n for n in METHODS.names() if "sequential(" in inspect.getsource(inspect.getmodule(METHODS.get(n).apply))
              or "factorize_calibrated" in inspect.getsource(inspect.getmodule(METHODS.get(n).apply))}
-    assert users <= {n for n, _ in CALIBRATED}, users - {n for n, _ in CALIBRATED}
+    assert users <= {n for n, _ in CALIBRATED} | set(SAME_COMPRESSORS), users - {n for n, _ in CALIBRATED}
+
+
+# Loop users whose compressors are another method's, run through the loop the same way: `auto`
+# runs Wanda's layer compressor, not true-sequential, for the linears its plan prunes with Wanda.
+SAME_COMPRESSORS = {"auto": ("wanda", {"sparsity": 0.5})}
+
+
+def test_loop_users_that_share_compressors_are_covered_by_them():
+    for name, covering in SAME_COMPRESSORS.items():
+        assert covering in CALIBRATED, (name, covering)
 
 
 class Recorder:
@@ -295,7 +305,7 @@ def test_gptq_on_the_real_model_is_bit_identical_through_the_fast_loop():
     assert stats["memo_hits"] and stats["tail_replays"] and stats["skipped_linears"], stats
 
 
-class Recorder:
+class InputRecorder:
     """A compressor that leaves its linear alone and keeps every input it is shown."""
 
     def __init__(self, seen: list):
@@ -318,7 +328,7 @@ def test_every_compressor_sees_what_the_full_forward_feeds_its_linear(arch, loop
     model = load_tiny(arch).model
     calib = torch.randint(0, 1000, (3, 24), generator=torch.Generator().manual_seed(1))
     seen: dict[str, list] = {}
-    loop(model, calib, lambda name, module: Recorder(seen.setdefault(name, [])))
+    loop(model, calib, lambda name, module: InputRecorder(seen.setdefault(name, [])))
     expected: dict[str, list] = {}
     hooks = [m.register_forward_hook(lambda m, a, o, n=n: expected.setdefault(n, []).append(a[0].detach().clone()))
              for n, m in model.named_modules() if n in seen]

@@ -38,7 +38,8 @@ def unavailable() -> str | None:
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as exc:
-        return f"ONNX Runtime backend needs onnx, onnxruntime and onnxscript (requirements.txt): {exc}"
+        return ("ONNX Runtime backend needs onnx, onnxruntime and onnxscript "
+                f"(pip install -r requirements-extras.txt): {exc}")
     return None
 
 
