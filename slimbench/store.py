@@ -35,6 +35,17 @@ def _tmp_prefix(name: str) -> str:
     return f".{name}.{socket.gethostname()}.{os.getpid()}."
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import (single-threaded): mkstemp creates 0600 files, but records, reports and
+# artifacts are meant to be shared like any file the user writes.
+FILE_MODE = 0o666 & ~_read_umask()
+
+
 def atomic_write_text(path: Path, text: str, *, overwrite: bool = True) -> None:
     """Write via a temporary file in the same folder, so readers never see half a file.
 
@@ -47,6 +58,7 @@ def atomic_write_text(path: Path, text: str, *, overwrite: bool = True) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         if overwrite:
             os.replace(tmp, path)
         else:

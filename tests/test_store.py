@@ -215,3 +215,19 @@ def test_unreachable_ray_address_is_refused_before_any_cell(tmp_path, tiny_suite
     assert not (tmp_path / "r").exists()
     assert main(["run", tiny_suite, "--address", "127.0.0.1:1"]) == 2  # --address without ray
     assert "use it with --executor ray" in capsys.readouterr().err
+
+
+def test_written_files_are_shared_like_any_file_the_user_writes(tmp_path):
+    """Atomic writes go through a private (0600) temporary file; the result gets the mode any
+    file the user creates gets: 0666 less the umask."""
+    import os
+    import stat
+
+    from slimbench.store import atomic_write_text
+
+    mask = os.umask(0)
+    os.umask(mask)
+    atomic_write_text(tmp_path / "a.json", "{}")
+    atomic_write_text(tmp_path / "b.json", "{}", overwrite=False)
+    for name in ("a.json", "b.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name
