@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     sets = [x for kv in args.set for x in ("--set", kv)]
-    base = [sys.executable, str(ROOT / "benchmark.py"), "run", args.suite, *sets, "--no-progress", "--no-report"]
+    # No artifact cache: each executor compresses for itself, or the later runs would only load.
+    base = [sys.executable, str(ROOT / "benchmark.py"), "run", args.suite, *sets, "--no-artifact-cache",
+            "--no-progress", "--no-report"]
     # Convert/cache the model once, outside every timing.
     subprocess.run([*base, "--results", str(out / "warmup"), "--set", "tasks.0.max_windows=1",
                     "--set", "methods=[baseline]"], check=True, capture_output=True, cwd=ROOT)

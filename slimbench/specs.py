@@ -96,7 +96,8 @@ class StepSpec(Config):
 
 # Settings that say how much a method compresses. A label shows them even at their default
 # ("rtn(4-bit, per-channel)", "magnitude(50% sparse)"): a reader should not need to know the
-# defaults to read a plot. A method config may name its own with a `label_params` class variable.
+# defaults to read a plot. A method config may name its own with a `label_params` class variable,
+# or, when they depend on other settings, a `label_keys(params)` classmethod.
 KEY_PARAMS = ("bits", "group_size", "sparsity", "ratio", "dtype")
 
 
@@ -120,8 +121,11 @@ def step_label(name: str, params: dict[str, Any]) -> str:
 
     config = METHODS.entries[name].config if name in METHODS else None
     fields = config.model_fields if config is not None else {}
-    keys = tuple(getattr(config, "label_params", KEY_PARAMS)) if config is not None else ()
     full = {k: f.default for k, f in fields.items() if not f.is_required()} | dict(params)
+    if config is not None and hasattr(config, "label_keys"):
+        keys = tuple(config.label_keys(full))
+    else:
+        keys = tuple(getattr(config, "label_params", KEY_PARAMS)) if config is not None else ()
     parts = [t for k in keys if k in fields and (t := _key_text(k, full.get(k), full)) is not None]
     parts += [
         f"{k}={v}" for k, v in sorted(params.items()) if k not in keys and (k not in fields or fields[k].default != v)

@@ -42,6 +42,9 @@ def report(stores, tmp_path, plots=False, **kw):
         ("gptq", {"bits": 3, "act_order": True}, "gptq(3-bit, per-channel, act_order=True)"),
         ("cast", {}, "cast(bfloat16)"),
         ("baseline", {}, "baseline"),
+        # key settings that depend on another: a static cache has no bits to show
+        ("kv-cache", {"implementation": "static"}, "kv-cache(implementation=static)"),
+        ("kv-cache", {"implementation": "quantized"}, "kv-cache(implementation=quantized, 8-bit)"),
     ],
 )
 def test_labels_show_key_settings_even_at_defaults(name, params, label):

@@ -41,6 +41,11 @@ class KVCacheConfig(Config):
     implementation: Literal["dynamic", "static", "offloaded", "quantized", "sliding-window"] = Field(
         "dynamic", description="which KV cache generation uses"
     )
+    @classmethod
+    def label_keys(cls, params: dict) -> tuple[str, ...]:
+        """The bits say something only about a quantized cache ("kv-cache(8-bit, static)" misleads)."""
+        return ("implementation", "bits") if params.get("implementation") == "quantized" else ("implementation",)
+
     bits: Literal[8, 4] = Field(8, description="quantized: bits per code")
     key_axis: Literal["token", "channel"] = Field("token", description="quantized: keys per-token or per-channel")
     value_axis: Literal["token", "channel"] = Field("token", description="quantized: values per-token or per-channel")
