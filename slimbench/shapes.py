@@ -28,6 +28,9 @@ class Skeleton:
     config: Any
     name: str
     device: torch.device = field(default_factory=lambda: torch.device("meta"))
+    # the execution hooks of a freshly loaded model (no acceleration step has replaced them yet)
+    cache_factory: Any = None
+    generator: Any = None
 
 
 def model_config(spec: ModelSpec) -> Any:

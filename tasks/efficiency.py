@@ -300,6 +300,14 @@ class EfficiencyRun:
             weights = roofline.weight_bytes_read_per_step(model)
         except (AttributeError, RuntimeError, TypeError):
             weights = None
+        if not weights:  # an engine whose weights live elsewhere (worker processes, ONNX Runtime)
+            weights = None
+            out["roofline_skipped"] = f"no weights of {type(model).__name__} in this process to count"
+        elif getattr(self.lm, "generator", None) is not None:
+            # Speculative decoding: one verify pass reads the weights once for several accepted
+            # tokens, and a draft model reads its own: bytes per token are not the weights' bytes.
+            weights = None
+            out["roofline_skipped"] = "a generator drives decoding (speculative): bytes per token are not the weights'"
         kv = mem["kv"]
         kv_read = roofline.kv_read_per_step(kv, cfg.prompt_len, cfg.new_tokens) if kv else 0.0
         if weights is not None and self.decode:
@@ -319,7 +327,7 @@ class EfficiencyRun:
             dtype = roofline.compute_dtype(model)
         except (AttributeError, RuntimeError, TypeError):
             flops, dtype = None, None
-        if flops is not None:
+        if flops:
             out.update(prefill_flops=flops, compute_dtype=dtype)
             attainable = (limits or {}).get("flops", {}).get(dtype, {}).get("flops_per_s")
             if attainable:

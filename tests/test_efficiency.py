@@ -217,6 +217,20 @@ def test_bursty_generators_are_measured_the_same_way(monkeypatch):
     assert len(itl) == 2 * 6  # every token after the first, each repeat
     # Bursts 1 | 3 | 3: the first token of a burst carries the gap, the other two arrive with it.
     assert itl[1:3] == [0.0, 0.0] and itl[4:6] == [0.0, 0.0]
+    # Several tokens per weight read: the weights' bytes per token would be a false roofline.
+    assert "decode_roofline_fraction" not in res.metrics
+    assert "generator" in res.details["roofline"]["roofline_skipped"]
+
+
+def test_an_engine_without_weights_here_gets_no_roofline_and_no_crash(monkeypatch):
+    """Worker processes (parallel) hold the weights: nothing to count here, so no fraction."""
+    lm = load_tiny("llama")
+    monkeypatch.setattr(roofline, "weight_bytes_read_per_step", lambda model: 0)
+    monkeypatch.setattr(roofline, "prefill_flops", lambda *a: 0)
+    res = run_task(lm, monkeypatch, prompt_len=8, new_tokens=3, repeats=2, warmup=0)
+    assert "decode_roofline_fraction" not in res.metrics and "prefill_roofline_fraction" not in res.metrics
+    assert "no weights" in res.details["roofline"]["roofline_skipped"]
+    assert res.metrics["decode_tokens_per_s"].value > 0
 
 
 def test_a_suite_with_threads_auto_records_the_choice(tmp_path, monkeypatch):

@@ -65,6 +65,17 @@ def test_head_counts_are_checked_at_validation(tmp_path, no_weights):
         load_suite(path)
 
 
+def test_tensor_parallel_head_split_is_checked_at_validation(tmp_path, no_weights):
+    """SmolLM2's 9 query / 3 KV heads cannot be split over 2 processes: said before any cell."""
+    path = write(tmp_path, "models: [smollm2-135m]\nmethods: [{name: parallel, mode: tensor, world_size: 2}]\n"
+                           "tasks: [perplexity]\n")
+    with pytest.raises(SuiteError, match="9 query and 3 key/value heads"):
+        load_suite(path)
+    ok = write(tmp_path, "models: [smollm2-135m]\nmethods: [{name: parallel, mode: tensor, world_size: 3}]\n"
+                         "tasks: [perplexity]\n", name="ok.yaml")
+    assert not [w for w in load_suite(ok).warnings if "parallel" in w]
+
+
 def test_cli_validate_reports_the_shape_error(tmp_path, capsys, no_weights):
     path = write(tmp_path, "models: [smollm2-135m]\nmethods: [{name: gptq, group_size: 128}]\ntasks: [perplexity]\n")
     assert benchmark.main(["validate", str(path)]) == 2

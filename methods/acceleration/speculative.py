@@ -255,4 +255,5 @@ METHOD = Method(
     config=SpeculativeConfig,
     apply=apply,
     check=check,
+    check_reads_weights=True,  # it runs a prefill to see the cache, and loads a draft model's tokenizer
 )
