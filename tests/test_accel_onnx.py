@@ -17,12 +17,8 @@ SMALL = {"check_prompt_len": 12, "check_new_tokens": 4}
 IDS = torch.tensor([[464, 3797, 3332, 319, 262, 2603, 13, 383], [40, 1842, 345, 11, 290, 314, 588, 340]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one intra-op thread (conftest.one_torch_thread): the 2 shared cores are faster that way
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_step(lm, name: str, **params):

@@ -22,12 +22,8 @@ from tests.conftest import load_tiny
 IDS = torch.tensor([[464, 3797, 3332, 319, 262, 2603, 13, 383, 3290], [40, 1842, 345, 11, 290, 314, 588, 340, 13]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one intra-op thread (conftest.one_torch_thread): the 2 shared cores are faster that way
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gone(pids, wait_s: float = 10.0) -> bool:

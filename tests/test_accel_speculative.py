@@ -21,12 +21,8 @@ HW = HardwareSpec(threads=1)
 SMALL = {"check_prompt_len": 24, "check_new_tokens": 12, "check_repeats": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one intra-op thread (conftest.one_torch_thread): the 2 shared cores are faster that way
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def full_recompute_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:

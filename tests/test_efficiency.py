@@ -23,12 +23,8 @@ FAKE_LIMITS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one intra-op thread (conftest.one_torch_thread): the 2 shared cores are faster that way
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- roofline arithmetic -----------------------------------------------------------------------------

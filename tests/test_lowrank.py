@@ -27,14 +27,8 @@ from slimbench.models import gpt2_tokenizer
 from slimbench.registry import METHODS
 from slimbench.specs import HardwareSpec, MethodSpec, StepSpec
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine's 2 cores are shared: one intra-op thread is much faster there."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one intra-op thread (conftest.one_torch_thread): the 2 shared cores are faster that way
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def linear_with(w: torch.Tensor, bias: bool = True) -> nn.Linear:

@@ -47,7 +47,7 @@ def report_is_current(store, out: Path) -> bool:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from slimbench.store import ResultStore, check_results_folder
-    from slimbench.suite import load_suite
+    from slimbench.suite import load_suite, validate_against_models
 
     if args.address and args.executor != "ray":
         raise SuiteError("--address names a Ray cluster; use it with --executor ray")
@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = ResultStore(args.results)
     done = {c.run_id for c in cells if store.has_ok(c.run_id)}
     if len(done) < len(cells) or args.dry_run:
-        suite = load_suite(args.suite, args.set)
+        validate_against_models(suite)
     for warning in suite.warnings:
         print(f"warning: {warning}")
     print(
