@@ -180,6 +180,9 @@ def test_unreadable_record_files_are_skipped_and_named(store, tmp_path, capsys):
     for name in bad:  # one warning naming each file, and each listed in the report
         assert f"{name}:" in warned
         assert name in out.summary and name in (out.folder / "leaderboard.md").read_text()
+        # said as "path: reason", never as a Python tuple
+        assert f"skipped {store.runs / name}: " in out.summary
+    assert "PosixPath" not in out.summary
     assert len(pd.read_csv(out.folder / "leaderboard.csv")) == len(fb.methods())
 
 

@@ -68,7 +68,7 @@ def load(stores: ResultStore | Iterable[ResultStore]) -> Loaded:
     found, problems = [], []
     for store in stores:
         recs = store.records(include_failed=True)
-        problems += [str(p) for p in getattr(store, "problems", [])]
+        problems += [f"{path}: {reason}" for path, reason in getattr(store, "problems", [])]
         for rec in recs:
             if well_formed(rec):
                 found.append(rec)
