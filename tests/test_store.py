@@ -231,3 +231,23 @@ def test_written_files_are_shared_like_any_file_the_user_writes(tmp_path):
     atomic_write_text(tmp_path / "b.json", "{}", overwrite=False)
     for name in ("a.json", "b.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name
+
+
+def test_ctrl_c_is_a_clear_message_not_a_traceback(monkeypatch, capsys):
+    """Ctrl-C anywhere in a command: exit 130 and say that finished cells are kept."""
+    import slimbench.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    real = cli.parser
+
+    def parser(prog):
+        p = real(prog)
+        parse = p.parse_args
+        p.parse_args = lambda argv: setattr(ns := parse(argv), "fn", interrupted) or ns
+        return p
+
+    monkeypatch.setattr(cli, "parser", parser)
+    assert cli.main(["list", "methods"]) == 130
+    assert "interrupted: finished cells are kept" in capsys.readouterr().err

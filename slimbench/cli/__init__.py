@@ -59,14 +59,18 @@ def parser(prog: str = "slimbench") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "slimbench") -> int:
     offline_defaults()
-    args = parser(prog).parse_args(argv)
     try:
-        return args.fn(args)
+        args = parser(prog).parse_args(argv)
+        try:
+            return args.fn(args)
+        finally:
+            report_plugin_problems()
     except SuiteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    finally:
-        report_plugin_problems()
+    except KeyboardInterrupt:  # Ctrl-C: records are written atomically, so nothing half-done stays
+        print("\ninterrupted: finished cells are kept; the same command resumes from them", file=sys.stderr)
+        return 130
 
 
 def report_plugin_problems() -> None:
