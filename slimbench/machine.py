@@ -69,18 +69,34 @@ def snapshot() -> dict[str, Any]:
     }
 
 
+# Processes that carry out the measured work itself (an engine's worker processes, e.g.
+# pipeline stages): their CPU time is the measurement's own, not contention.
+_MEASURED_PIDS: set[int] = set()
+
+
+def add_measured_pids(pids: list[int]) -> None:
+    _MEASURED_PIDS.update(pids)
+
+
+def remove_measured_pids(pids: list[int]) -> None:
+    _MEASURED_PIDS.difference_update(pids)
+
+
 class Contention:
     """CPU time that *other* processes took on this process' cores while the block ran.
 
-    ``other_cores``: busy time of the affinity cores (from /proc/stat via psutil) minus this
-    process' own CPU time, over the wall time: 0 on an idle machine, 1.0 when another process
-    kept one whole core busy. Compiler workers this process started count as other processes:
-    they compete for the same cores. Resolution is the kernel's tick (10 ms).
+    ``other_cores``: busy time of the affinity cores (from /proc/stat via psutil) minus the
+    measurement's own CPU time, over the wall time: 0 on an idle machine, 1.0 when another
+    process kept one whole core busy. Own time is this process' and that of the worker processes
+    that do the measured work with it (registered with :func:`add_measured_pids`). Compiler
+    workers this process started count as other processes: they compete for the same cores.
+    Resolution is the kernel's tick (10 ms).
     """
 
     def __init__(self) -> None:
         self.other_cores = 0.0
         self.wall = 0.0
+        self.own_cpu = 0.0  # seconds of CPU the measurement itself used
 
     @staticmethod
     def _busy(cpus: list[int]) -> float:
@@ -93,18 +109,27 @@ class Contention:
         return total
 
     @staticmethod
-    def _own() -> float:
-        t = psutil.Process().cpu_times()
-        return t.user + t.system
+    def _own(pids: list[int]) -> dict[int | None, float]:
+        out: dict[int | None, float] = {}
+        for pid in [None, *pids]:
+            try:
+                t = psutil.Process(pid).cpu_times()
+            except psutil.Error:  # gone: it contributes nothing to measure
+                continue
+            out[pid] = t.user + t.system
+        return out
 
     def __enter__(self) -> Contention:
-        self._cpus = affinity()
-        self._t0, self._busy0, self._own0 = time.perf_counter(), self._busy(self._cpus), self._own()
+        self._cpus, self._pids = affinity(), sorted(_MEASURED_PIDS)
+        self._t0, self._busy0, self._own0 = time.perf_counter(), self._busy(self._cpus), self._own(self._pids)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.wall = time.perf_counter() - self._t0
-        other = (self._busy(self._cpus) - self._busy0) - (self._own() - self._own0)
+        own1 = self._own(self._pids)
+        # only processes alive at both ends: a worker that exited took its CPU time with it
+        self.own_cpu = sum(own1[p] - t for p, t in self._own0.items() if p in own1)
+        other = (self._busy(self._cpus) - self._busy0) - self.own_cpu
         self.other_cores = max(0.0, other) / self.wall if self.wall > 0 else 0.0
 
 

@@ -59,6 +59,10 @@ class CostModel:
             return _compress_keys(model, label, name)
         return _task_keys(model, task_label, params)
 
+    def knows_method(self, cell: CellSpec) -> bool:
+        """Has any finished cell run this cell's method (on any model)? Else its cost is borrowed."""
+        return any(self.seen["compress"].get(k) for k in self.keys("compress", cell)[:-1])
+
     def estimate(self, kind: str, cell: CellSpec | dict) -> float:
         for k in self.keys(kind, cell):
             obs = self.seen[kind].get(k)
@@ -163,18 +167,28 @@ def _label(cell: CellSpec | None, rec: dict | None, claim) -> str:
     return claim[0].label if claim else ""
 
 
-def remaining_seconds(cells: list[CellSpec], rows: list[CellState], cost: CostModel) -> float:
+@dataclass
+class Eta:
+    seconds: float
+    # methods of unfinished cells no finished cell has run: their compression cost is borrowed
+    # from other methods' and may be far off (a search or a calibrated method costs minutes)
+    unseen_methods: list[str]
+
+
+def remaining_seconds(cells: list[CellSpec], rows: list[CellState], cost: CostModel) -> Eta:
     """Compute time the cells not yet done need (groups load and compress once)."""
     from slimbench.runner import group_cells
 
     todo = {r.run_id for r in rows if r.state in ("pending", "running", "stale", "failed")}
-    total = 0.0
+    total, unseen = 0.0, set()
     for group in group_cells([c for c in cells if c.run_id in todo]).values():
         total += cost.group_seconds(group)
-    return total
+        if not cost.knows_method(group[0]):
+            unseen.add(group[0].method.name)
+    return Eta(total, sorted(unseen))
 
 
-def format_status(rows: list[CellState], eta: float | None, *, verbose_done: bool = False) -> str:
+def format_status(rows: list[CellState], eta: Eta | None, *, verbose_done: bool = False) -> str:
     counts = {k: sum(r.state == k for r in rows) for k in ("done", "running", "failed", "stale", "pending")}
     head = ", ".join(f"{v} {k}" for k, v in counts.items() if v or k in ("done", "pending"))
     lines = [f"{len(rows)} cells: {head}"]
@@ -185,7 +199,12 @@ def format_status(rows: list[CellState], eta: float | None, *, verbose_done: boo
         lines.append(f"  {r.state:<8} {r.run_id}  {r.label}{extra}")
     if eta is not None and len(rows) > counts["done"]:
         lines.append(
-            f"ETA: about {human_seconds(eta)} of compute for the {len(rows) - counts['done']} cells not done "
+            f"ETA: about {human_seconds(eta.seconds)} of compute for the {len(rows) - counts['done']} cells not done "
             "(estimated per model load, compression and task from the finished cells; divide by the workers in use)"
         )
+        if eta.unseen_methods:
+            lines.append(
+                f"  no finished cell has run {', '.join(eta.unseen_methods)} yet: "
+                "its compression time is borrowed from other methods' and may be far off"
+            )
     return "\n".join(lines)

@@ -134,6 +134,18 @@ def echo_group():
     assert gone(group.pids)
 
 
+def test_the_workers_cpu_time_is_the_measurements_own_not_contention(echo_group):
+    from slimbench import machine
+
+    with machine.Contention() as c:
+        echo_group.request({"op": "burn", "seconds": 0.3})
+    assert c.own_cpu >= 2 * 0.3 - 0.05  # both workers' CPU (less a tick each), whatever the load
+    # once shut down, a group's processes no longer count as the measurement's
+    pids = echo_group.pids
+    echo_group.close()
+    assert not set(pids) & machine._MEASURED_PIDS
+
+
 def test_requests_reach_every_worker(echo_group):
     assert [r["rank"] for r in echo_group.request({"op": "echo", "value": 7})] == [0, 1]
 

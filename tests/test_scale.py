@@ -22,7 +22,7 @@ from slimbench.claims import ClaimBook
 from slimbench.cli import main
 from slimbench.executors import LocalExecutor
 from slimbench.runner import run_cells
-from slimbench.status import CostModel, suite_state
+from slimbench.status import CostModel, format_status, remaining_seconds, suite_state
 from slimbench.store import ResultStore, comparable_record
 from slimbench.suite import load_suite
 
@@ -383,6 +383,14 @@ def test_eta_is_built_per_kind_not_from_the_first_cell(tmp_path):
     assert cm.estimate("evaluate", opt_mag) == 2.0
     assert cm.group_seconds([opt_mag]) == pytest.approx(1.0 + 8.0 + 2.0)
     assert cm.group_seconds([opt_mag], done={"load", "compress"}) == pytest.approx(2.0)
+    # a method no finished cell ran borrows any compression's cost, and `status` says so
+    fresh = CostModel()
+    fresh.add("compress", first, 0.0)
+    assert fresh.knows_method(by[("tiny-opt", "baseline")]) and not fresh.knows_method(opt_mag)
+    rows = suite_state(quiet_store(tmp_path / "empty"), cells)
+    eta = remaining_seconds(cells, rows, fresh)
+    assert eta.unseen_methods == ["magnitude"]
+    assert "no finished cell has run magnitude yet" in format_status(rows, eta)
     # from stored records alone (what `status` has)
     store = quiet_store(tmp_path / "r")
     run_cells(cells[:2], store, show_progress=False, log=lambda s: None)

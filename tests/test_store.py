@@ -233,12 +233,14 @@ def test_written_files_are_shared_like_any_file_the_user_writes(tmp_path):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name
 
 
-def test_ctrl_c_is_a_clear_message_not_a_traceback(monkeypatch, capsys):
-    """Ctrl-C anywhere in a command: exit 130 and say that finished cells are kept."""
+@pytest.mark.parametrize("exc, code", [(KeyboardInterrupt, 130), (BrokenPipeError, 141)])
+def test_ctrl_c_is_a_clear_message_not_a_traceback(monkeypatch, capsys, exc, code):
+    """Ctrl-C anywhere in a command: exit 130 and say that finished cells are kept; output
+    piped into `head`: exit quietly as a shell's SIGPIPE would."""
     import slimbench.cli as cli
 
     def interrupted(args):
-        raise KeyboardInterrupt
+        raise exc
 
     real = cli.parser
 
@@ -249,5 +251,6 @@ def test_ctrl_c_is_a_clear_message_not_a_traceback(monkeypatch, capsys):
         return p
 
     monkeypatch.setattr(cli, "parser", parser)
-    assert cli.main(["list", "methods"]) == 130
-    assert "interrupted: finished cells are kept" in capsys.readouterr().err
+    assert cli.main(["list", "methods"]) == code
+    err = capsys.readouterr().err
+    assert ("interrupted: finished cells are kept" in err) == (code == 130) and "Traceback" not in err

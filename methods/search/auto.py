@@ -85,6 +85,11 @@ class AutoConfig(CalibrationConfig, ProbeConfig, FormatConfig):
     verify_seqlen: int = Field(256, ge=8, le=8192, description="tokens per verification window")
     plan: dict[str, str] | None = Field(None, description="explicit {linear: choice}: apply it, no search")
 
+    @classmethod
+    def label_keys(cls, params: dict) -> tuple[str, ...]:
+        """The family and the budget: a plot's reader needs them; the candidate lists are the search space."""
+        return ("family", *BUDGETS)
+
     @model_validator(mode="before")
     @classmethod
     def _default_budget(cls, data: Any) -> Any:

@@ -21,6 +21,7 @@ delegates; the work happens in the core modules.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -71,6 +72,11 @@ def main(argv: list[str] | None = None, prog: str = "slimbench") -> int:
     except KeyboardInterrupt:  # Ctrl-C: records are written atomically, so nothing half-done stays
         print("\ninterrupted: finished cells are kept; the same command resumes from them", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` or a pager that quit: not an error of ours
+        # Python would report the pipe again while flushing stdout at exit; point it at nowhere
+        with contextlib.suppress(OSError, ValueError):  # ValueError: a stdout without a file descriptor
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a command ended by SIGPIPE
 
 
 def report_plugin_problems() -> None:

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimbench import machine
+
 POLL_SLICE_S = 0.05
 
 
@@ -153,6 +155,8 @@ class WorkerGroup:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+        # their CPU time is the measured work's, not contention (efficiency's `noisy` flag)
+        machine.add_measured_pids(self.pids)
         self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns)
         atexit.register(self._finalizer)
         self.infos = self._collect(
@@ -216,6 +220,7 @@ class WorkerGroup:
         """Stop every worker (kill after a grace period) and reap them; idempotent."""
         if not self.closed:
             self.closed = True
+            machine.remove_measured_pids(self.pids)
             self._finalizer()
             atexit.unregister(self._finalizer)
 
@@ -232,6 +237,10 @@ class EchoState:
     def handle(self, req: dict[str, Any]) -> Any:
         if req["op"] == "sleep" and self.rank in req.get("ranks", (self.rank,)):
             time.sleep(req["seconds"])
+        elif req["op"] == "burn":  # busy until this process used `seconds` of CPU
+            end = time.process_time() + req["seconds"]
+            while time.process_time() < end:
+                pass
         elif req["op"] == "raise" and self.rank == req["rank"]:
             raise RuntimeError(f"requested failure on rank {self.rank}")
         elif req["op"] == "exit" and self.rank == req["rank"]:
