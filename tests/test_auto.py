@@ -334,3 +334,72 @@ def test_auto_whole_checkpoint_budget(tiny_llama):
                          objectives=["kl"], **SMALL)
     assert size["stored_bytes"] <= target["stored_bytes"]
     assert rep.details["search"]["budget_linear_bytes"] < target["stored_bytes"]
+
+
+# -- the low-rank family -------------------------------------------------------------------------
+def test_svd_llm_choice_has_its_defining_properties():
+    from slimbench.methods.lowrank.factorize import rank_for_ratio
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 16, generator=g)
+    ch, k = parse_choice("svd-llm:0.5"), rank_for_ratio(24, 16, 0.5)
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    plain = (u[:, :k] * s[:k]) @ vh[:k]
+    # X^T X = I: whitening changes nothing, so the choice is the plain truncated SVD (Eckart-Young)
+    w_hat, stored = compress_weight(w, ch, xtx=torch.eye(16, dtype=torch.float64))
+    assert torch.allclose(w_hat.double(), plain, atol=1e-5)
+    assert stored["up"].shape == (24, k) and stored["down"].shape == (k, 16)
+    assert choice_nbytes(w, ch, xtx=torch.eye(16, dtype=torch.float64)) == k * (24 + 16) * 4
+    # real inputs: the output error on them is exactly the discarded whitened energy, and lower
+    # than the plain SVD's of the same rank
+    x = torch.randn(200, 16, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, 16, dtype=torch.float64)
+    w_hat, _ = compress_weight(w, ch, xtx=x.T @ x)
+    err = (x @ (w.double() - w_hat.double()).T).pow(2).sum()
+    s_white = torch.linalg.svdvals(w.double() @ torch.linalg.cholesky(x.T @ x))
+    assert float(err) == pytest.approx(float(s_white[k:].pow(2).sum()), rel=1e-3)
+    assert err < (x @ (w.double() - plain).T).pow(2).sum()
+    assert parse_choice("svd-llm:0") == Choice("dense")
+    with pytest.raises(ValueError, match="svd-llm:RATIO"):
+        parse_choice("svd-llm:1.5")
+
+
+def test_auto_uniform_lowrank_plan_is_the_svd_llm_method(tiny_llama):
+    calib = dict(calib_samples=2, calib_seqlen=32)
+    plan = {n: "svd-llm:0.3" for n, _ in iter_linears(tiny_llama.model)}
+    rep, size = run_auto(tiny_llama, family="lowrank", plan=plan, **calib)
+    svd_llm = METHODS.get("svd-llm")
+    ref = load_tiny("llama")
+    ref_rep = svd_llm.apply(ref, svd_llm.config(ratio=0.3, **calib), CTX)
+    assert rep.execution == "native" and rep.details["ranks"] == ref_rep.details["ranks"]
+    assert rep.details["weight_params_removed"] == pytest.approx(ref_rep.details["weight_params_removed"])
+    ids = torch.randint(0, tiny_llama.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(tiny_llama.model(ids).logits, ref.model(ids).logits)
+    assert size["stored_bytes"] == size_report(ref.model, ref_rep.storage)["stored_bytes"]
+
+
+def test_auto_lowrank_search_meets_the_budget_natively_and_replays(tiny_llama):
+    calib = dict(calib_samples=2, calib_seqlen=32)
+    rep, size = run_auto(tiny_llama, family="lowrank", budget_like="svd-llm:0.3", ratios=[0.1, 0.3, 0.5],
+                         **calib, **SMALL)
+    svd_llm = METHODS.get("svd-llm")
+    uniform = load_tiny("llama")
+    uniform_size = size_report(uniform.model, svd_llm.apply(uniform, svd_llm.config(ratio=0.3, **calib), CTX).storage)
+    assert rep.execution == "native" and size["stored_bytes"] <= uniform_size["stored_bytes"]
+    assert set(rep.details["plan"].values()) <= {"svd-llm:0.1", "svd-llm:0.3", "svd-llm:0.5", "dense"}
+    search = rep.details["search"]
+    assert search["plan_bytes"][search["chosen"]] <= search["budget_linear_bytes"]
+    replay = load_tiny("llama")
+    run_auto(replay, family="lowrank", plan=rep.details["plan"], **calib)
+    ids = torch.randint(0, replay.model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(tiny_llama.model(ids).logits, replay.model(ids).logits)
+
+
+def test_uniform_svd_llm_records_join_the_lowrank_comparison():
+    from slimbench.methods.search.compare import uniform_key
+
+    assert uniform_key({"name": "svd-llm", "params": {"ratio": 0.2, "allocation": "uniform"}}) == ("lowrank",
+                                                                                                    "svd-llm:0.2")
+    assert uniform_key({"name": "svd-llm", "params": {"ratio": 0.2, "allocation": "sensitivity"}}) is None
+    assert uniform_key({"name": "svd-llm", "params": {"ratio": None, "rank": 4}}) is None

@@ -36,7 +36,7 @@ from torch import nn
 from slimbench.calibration import CalibrationConfig, sample_calibration
 from slimbench.layerwise import sequential
 from slimbench.method import MethodReport
-from slimbench.modeling import get_weight
+from slimbench.modeling import get_weight, set_weight
 
 
 class CalibratedLowRankConfig(LowRankConfig, CalibrationConfig):
@@ -60,11 +60,16 @@ class _Skip:
         return None
 
 
-class _Factorizer:
-    """LayerCompressor: stream the whitening statistic, then factorize (or only report the spectrum)."""
+class Factorizer:
+    """LayerCompressor: stream the whitening statistic, then factorize (or only report the spectrum).
 
-    def __init__(self, model: nn.Module, name: str, mod: nn.Module, whitening: Whitening, rank: int | None):
+    ``native=False`` writes the rank-k product into the dense weight instead of replacing the
+    module by two smaller linears (a search scoring candidate plans on one model)."""
+
+    def __init__(self, model: nn.Module, name: str, mod: nn.Module, whitening: Whitening, rank: int | None,
+                 native: bool = True):
         self.model, self.name, self.mod, self.whitening, self.rank = model, name, mod, whitening, rank
+        self.native = native
         self.state = whitening.new_state(get_weight(mod).shape[1])
 
     def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
@@ -76,7 +81,10 @@ class _Factorizer:
         s, left, right = truncate_transformed(w, t, undo, self.rank)
         if self.rank is None:
             return {"spectrum": s}
-        replace_module(self.model, self.name, build_factorized(self.mod, left, right))
+        if self.native:
+            replace_module(self.model, self.name, build_factorized(self.mod, left, right))
+        else:
+            set_weight(self.mod, left @ right)
         # Energy of the discarded transformed singular values: for SVD-LLM this IS the layer's
         # squared output error on the calibration inputs.
         return {"discarded_energy": float((s[self.rank :] ** 2).sum() / (s**2).sum()), **info}
@@ -86,7 +94,7 @@ def run_pass(lm, calib: torch.Tensor, layers: dict[str, nn.Module], whitening: W
     def make(name: str, mod: nn.Module):
         if name not in layers:
             return _Skip()
-        return _Factorizer(lm.model, name, mod, whitening, None if ranks is None else ranks[name])
+        return Factorizer(lm.model, name, mod, whitening, None if ranks is None else ranks[name])
 
     out = sequential(lm.model, calib, make, true_sequential=False, device=lm.device, progress=progress)
     unseen = sorted(set(layers) - set(out))

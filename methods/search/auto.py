@@ -18,15 +18,17 @@ Budgets (one of): ``budget_bits`` (effective bits over the decoder linears, coun
 harness counts them: codes, scales and zero-points, or bitmask and values), ``budget_bytes``
 (the whole stored checkpoint: the fixed part and a conservative allowance for the
 safetensors header are taken off first), or ``budget_like`` (the linear bytes a uniform choice
-would store, e.g. ``rtn:3:g64``: "at equal stored bytes"). Without one: 4 bits (quantization)
-or ``wanda:0.5`` (pruning). A decode-latency budget is not
-offered: every choice here executes simulated (fake-quant or masks in dense matrices), so
-latency does not depend on the plan.
+would store, e.g. ``rtn:3:g64``: "at equal stored bytes"). Without one: 4 bits (quantization),
+``wanda:0.5`` (pruning) or ``svd-llm:0.2`` (low-rank). A decode-latency budget is not offered:
+fake-quant and masked plans run at dense speed whatever they are, and for the plans whose speed
+does depend on them (``format: packed``, low-rank) no per-linear latency model is built yet.
 
 Choices (``methods/search/choices.py``): ``rtn:B:pc|gG`` for the quantization family,
-``magnitude:S`` / ``wanda:S`` for pruning, ``dense`` (sparsity 0). The test split is never
-touched here: the profile uses the calibration and validation splits, the verification the
-validation split.
+``magnitude:S`` / ``wanda:S`` for pruning, ``svd-llm:R`` (a per-linear rank, as the fraction R of
+its parameters removed) for low-rank, ``dense`` (sparsity or ratio 0). Low-rank plans execute
+natively (factorized linears), pruning plans simulated (masks), quantization plans as ``format``
+says. The test split is never touched here: the profile uses the calibration and validation
+splits, the verification the validation split.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
+from slimbench.methods.lowrank.calibrated import Factorizer
+from slimbench.methods.lowrank.factorize import rank_for_ratio
+from slimbench.methods.lowrank.svd_llm import CholeskyWhitening
 from slimbench.methods.pruning.masks import build_mask, layer_stats, summarize_layers
 from slimbench.methods.pruning.sparse_format import sparse_storage
 from slimbench.methods.pruning.wanda import WandaConfig, WandaLayer
@@ -45,6 +50,7 @@ from slimbench.methods.quantization.packed import FormatConfig, finish_layer, fo
 from slimbench.methods.search.allocate import BudgetError, allocate
 from slimbench.methods.search.choices import (
     CALIBRATED,
+    SVD_LLM_DAMPING,
     Choice,
     compress_weight,
     is_transposed,
@@ -63,7 +69,9 @@ HEADER_ALLOWANCE = 200  # bytes of safetensors header per stored tensor (real en
 
 
 class AutoConfig(CalibrationConfig, ProbeConfig, FormatConfig):
-    family: Literal["quantization", "pruning"] = Field("quantization", description="which methods' settings to mix")
+    family: Literal["quantization", "pruning", "lowrank"] = Field(
+        "quantization", description="which methods' settings to mix"
+    )
     bits: list[int] = Field([2, 3, 4, 5, 6, 8], description="quantization: candidate bit widths (RTN)")
     group_sizes: list[int | None] = Field([None, 64], description="quantization: candidate groups (null = per channel)")
     symmetric: bool = Field(False, description="quantization: symmetric grids")
@@ -72,6 +80,10 @@ class AutoConfig(CalibrationConfig, ProbeConfig, FormatConfig):
     )
     sparsities: list[float] = Field(
         [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], description="pruning: candidate sparsities (dense is always a choice)"
+    )
+    ratios: list[float] = Field(
+        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+        description="lowrank: candidate fractions of a linear's parameters removed by SVD-LLM (dense is a choice)",
     )
     budget_bits: float | None = Field(None, gt=0, description="budget: effective bits per decoder-linear weight")
     budget_bytes: int | None = Field(None, gt=0, description="budget: bytes of the whole stored checkpoint")
@@ -95,8 +107,8 @@ class AutoConfig(CalibrationConfig, ProbeConfig, FormatConfig):
     def _default_budget(cls, data: Any) -> Any:
         """No budget and no plan: 4 effective bits (quantization) or Wanda 50%'s bytes (pruning)."""
         if isinstance(data, dict) and not any(data.get(k) is not None for k in (*BUDGETS, "plan")):
-            default = {"budget_like": "wanda:0.5"} if data.get("family") == "pruning" else {"budget_bits": 4.0}
-            return {**data, **default}
+            default = {"pruning": {"budget_like": "wanda:0.5"}, "lowrank": {"budget_like": "svd-llm:0.2"}}
+            return {**data, **default.get(data.get("family"), {"budget_bits": 4.0})}
         return data
 
     @model_validator(mode="after")
@@ -117,15 +129,19 @@ class AutoConfig(CalibrationConfig, ProbeConfig, FormatConfig):
             raise ValueError("objective 'val' needs val_windows > 0")
         if any(not 0 < s < 1 for s in self.sparsities):
             raise ValueError(f"sparsities must lie in (0, 1) (dense is always a choice); got {self.sparsities}")
+        if any(not 0 < r < 1 for r in self.ratios):
+            raise ValueError(f"ratios must lie in (0, 1) (dense is always a choice); got {self.ratios}")
         return self
 
     @property
     def dense_allowed(self) -> bool:
-        return self.family == "pruning" if self.allow_dense is None else self.allow_dense
+        return self.family != "quantization" if self.allow_dense is None else self.allow_dense
 
     def candidate_keys(self) -> list[str]:
         if self.family == "quantization":
             return [Choice("rtn", bits=b, group_size=g).key for b in self.bits for g in self.group_sizes]
+        if self.family == "lowrank":
+            return [Choice("svd-llm", ratio=r).key for r in self.ratios]
         return [Choice(m, sparsity=s).key for m in self.prune_methods for s in self.sparsities]
 
 
@@ -156,8 +172,12 @@ class _Untouched:
         return None
 
 
-def apply_plan(lm, plan: dict[str, Choice], cfg: AutoConfig, calib: torch.Tensor | None, fmt: str = "fake"):
-    """Compress every linear as the plan says; (storage, per-linear stats)."""
+def apply_plan(lm, plan: dict[str, Choice], cfg: AutoConfig, calib: torch.Tensor | None, fmt: str = "fake",
+               native: bool = True):
+    """Compress every linear as the plan says; (storage, per-linear stats).
+
+    ``native=False`` leaves SVD-LLM's products in the dense weights instead of factorized layers
+    (the end-to-end check scores several plans on one model, restoring its weights between)."""
     model = lm.model
     storage: dict[str, dict[str, torch.Tensor]] = {}
     stats: dict[str, dict[str, Any]] = {}
@@ -186,19 +206,32 @@ def apply_plan(lm, plan: dict[str, Choice], cfg: AutoConfig, calib: torch.Tensor
                 pruned.append(n)
     if pruned:
         storage.update(sparse_storage(model, pruned, None))
+    lowrank = {n: ch for n, ch in plan.items() if ch.method == "svd-llm"}
+    lm_shapes = {n: tuple(get_weight(model.get_submodule(n)).shape) for n in lowrank}
+    if lowrank:  # last, as `svd-llm` does: each layer whitened by the inputs the factorized ones before it give
+        def make(n, m):
+            if n not in lowrank:
+                return _Untouched()
+            rank = rank_for_ratio(*get_weight(m).shape, lowrank[n].ratio)
+            return Factorizer(model, n, m, CholeskyWhitening(SVD_LLM_DAMPING), rank, native=native)
+
+        for n, st in sequential(model, calib, make, true_sequential=False, device=lm.device).items():
+            if st is not None:
+                stats[n] = {"rank": rank_for_ratio(*lm_shapes[n], lowrank[n].ratio), **st}
     return storage, stats
 
 
 # -- the search --------------------------------------------------------------------------------
-def activation_norms(lm, calib: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per linear, the sum of squares of each input channel over the calibration tokens
-    (Wanda's statistic, from the uncompressed model)."""
+def activation_norms(lm, calib: torch.Tensor, *, gram: bool = False) -> dict[str, torch.Tensor]:
+    """Per linear, from the uncompressed model over the calibration tokens, float64: the sum of
+    squares of each input channel (Wanda's statistic), or with ``gram`` the whole ``X^T X``
+    (SVD-LLM's)."""
     norms: dict[str, torch.Tensor] = {}
 
     def hook(name):
         def f(mod, args, out):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
-            norms[name] = norms.get(name, 0) + x.pow(2).sum(0).cpu()
+            norms[name] = norms.get(name, 0) + (x.T @ x if gram else x.pow(2).sum(0)).cpu()
 
         return f
 
@@ -216,23 +249,28 @@ def activation_norms(lm, calib: torch.Tensor) -> dict[str, torch.Tensor]:
 def profile_for(lm, cfg: AutoConfig, calib_fn, ctx) -> dict[str, Any]:
     mods = dict(iter_linears(lm.model))
     norms: dict[str, torch.Tensor] = {}
-    uses_calib = cfg.family == "pruning" and bool(CALIBRATED & set(cfg.prune_methods))
+    grams: dict[str, torch.Tensor] = {}
+    uses_calib = bool(CALIBRATED & {parse_choice(k).method for k in cfg.candidate_keys()})
 
     def compress(name: str, w: torch.Tensor, key: str):
         ch = parse_choice(key)
         if not ch.applicable(w.shape[1]):
             return None
         w_hat, stored = compress_weight(w, ch, symmetric=cfg.symmetric, sq_norm=norms.get(name),
-                                        transposed=is_transposed(mods[name]))
+                                        xtx=grams.get(name), transposed=is_transposed(mods[name]))
         return w_hat, (w.numel() * w.element_size() if stored is None else stored_nbytes(stored))
 
     extra: dict[str, Any] = {"symmetric": cfg.symmetric}
-    if uses_calib:  # Wanda's masks depend on the calibration sample: part of the key
+    if uses_calib:  # Wanda's masks, SVD-LLM's whitening depend on the calibration sample: part of the key
         extra["calibration"] = {k: getattr(cfg, k) for k in CalibrationConfig.model_fields}
     probe = ProbeConfig(**{k: getattr(cfg, k) for k in ProbeConfig.model_fields})
-    def prepare(todo: set[str]) -> None:  # Wanda's statistic, from the intact model, only if needed
-        if any(parse_choice(k).method in CALIBRATED for k in todo):
+
+    def prepare(todo: set[str]) -> None:  # the statistics, from the intact model, only if needed
+        methods = {parse_choice(k).method for k in todo}
+        if "wanda" in methods:
             norms.update(activation_norms(lm, calib_fn()[0]))
+        if "svd-llm" in methods:
+            grams.update(activation_norms(lm, calib_fn()[0], gram=True))
 
     return sensitivity_profile(lm, family=cfg.family, candidates=cfg.candidate_keys(), compress=compress,
                                probe=probe, corpus=cfg.calib_corpus, key_extra=extra, progress=ctx.progress,
@@ -316,7 +354,7 @@ def verify(lm, plans: dict[str, dict[str, str]], cfg: AutoConfig, calib_fn) -> d
         choices = {n: parse_choice(k) for n, k in plan.items()}
         calib = calib_fn()[0] if any(c.method in CALIBRATED for c in choices.values()) else None
         try:
-            apply_plan(lm, choices, cfg, calib)
+            apply_plan(lm, choices, cfg, calib, native=False)
             out[name] = float(torch.cat([lm.token_nll(b.unsqueeze(0)).double().mean(1) for b in win]).mean())
         finally:
             for n, w in originals.items():
@@ -387,17 +425,30 @@ def apply(lm, cfg: AutoConfig, ctx) -> MethodReport:
     details: dict[str, Any] = {"family": cfg.family, "search": search_details}
     details["plan"] = {n: choices[n].key for n in plan}  # re-run with {name: auto, plan: <this>}
     details["plan_summary"] = summarize_plan(details["plan"], numel)
-    if stats:
-        details.update(summarize_layers(stats))
+    factorized = {n: st for n, st in stats.items() if choices[n].method == "svd-llm"}
+    pruned = {n: st for n, st in stats.items() if n not in factorized}
+    if pruned:
+        details.update(summarize_layers(pruned))
+    if factorized:
+        details["ranks"] = {n: st["rank"] for n, st in factorized.items()}
+        kept = sum(sum(p.numel() for p in lm.model.get_submodule(n).parameters() if p.dim() == 2) for n in numel)
+        details["weight_params_removed"] = 1.0 - kept / sum(numel.values())  # measured on the model
+        details["discarded_energy_max"] = max(st["discarded_energy"] for st in factorized.values())
+        damped = {n: st["damping"] for n, st in factorized.items() if st.get("damping")}
+        if damped:
+            details["damped_layers"] = damped
     if calib is not None:
         details["calibration"] = calib_fn()[1]
     if any(c.method == "rtn" for c in choices.values()):
         execution, fmt_notes, fmt = format_report(lm.model, cfg.format)
         notes += fmt_notes
         details.update(fmt)
+    elif factorized and not pruned:
+        execution = "native"
+        notes.append("each svd-llm linear replaced by two smaller linears")
     else:
         execution = "simulated"
-        if stats:
+        if pruned:
             notes.append("masks in a dense model (unstructured zeros); stored in the sparse format")
     return MethodReport(execution=execution, storage=storage, details=details, notes=notes)
 
@@ -405,8 +456,8 @@ def apply(lm, cfg: AutoConfig, ctx) -> MethodReport:
 METHOD = Method(
     name="auto",
     family="search",
-    description="per-layer settings (RTN bits/groups, or magnitude/Wanda sparsity) allocated under a bytes/bits "
-    "budget from a cached sensitivity profile, verified on validation text; re-runnable from its plan",
+    description="per-layer settings (RTN bits/groups, magnitude/Wanda sparsity, or SVD-LLM rank) allocated under a "
+    "bytes/bits budget from a cached sensitivity profile, verified on validation text; re-runnable from its plan",
     config=AutoConfig,
     apply=apply,
     check=check,

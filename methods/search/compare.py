@@ -1,11 +1,12 @@
 """Searched against uniform configurations, from stored records: the table and the hypervolumes.
 
 For each model, family and perplexity task (one corpus split, one protocol), the records of
-uniform configurations (``rtn``; ``magnitude`` / ``wanda`` unstructured) and of ``auto`` give
-points (stored bytes, perplexity). For each searched point, its budget is the stored bytes of
-the uniform record its ``budget_like`` names (else its own bytes); it *wins* if its perplexity
-is below that of every uniform configuration stored in no more bytes than that budget (bytes
-equal within ``tolerance``, relative: safetensors headers differ by a few bytes).
+uniform configurations (``rtn``; ``magnitude`` / ``wanda`` unstructured; ``svd-llm`` at a uniform
+ratio) and of ``auto`` give points (stored bytes, perplexity). For each searched point, its
+budget is the stored bytes of the uniform record its ``budget_like`` names (else its own
+bytes); it *wins* if its perplexity is below that of every uniform configuration stored in no
+more bytes than that budget (bytes equal within ``tolerance``, relative: safetensors headers
+differ by a few bytes).
 
 Hypervolume: of each front in (stored MB, ln perplexity), both minimised, with the reference
 point (largest stored MB, largest ln perplexity) over both sets of points, so the two numbers
@@ -51,6 +52,9 @@ def uniform_key(step: dict[str, Any]) -> tuple[str, str] | None:
         return "pruning", parse_choice(f"magnitude:{p['sparsity']:g}").key
     if name == "wanda" and unstructured:
         return "pruning", parse_choice(f"wanda:{p['sparsity']:g}").key
+    uniform_ratio = p.get("rank") is None and p.get("allocation", "uniform") == "uniform" and not p.get("targets")
+    if name == "svd-llm" and uniform_ratio and p.get("damping", 1e-6) == 1e-6:
+        return "lowrank", parse_choice(f"svd-llm:{p.get('ratio', 0.2):g}").key
     return None
 
 
