@@ -403,3 +403,25 @@ def test_uniform_svd_llm_records_join_the_lowrank_comparison():
                                                                                                     "svd-llm:0.2")
     assert uniform_key({"name": "svd-llm", "params": {"ratio": 0.2, "allocation": "sensitivity"}}) is None
     assert uniform_key({"name": "svd-llm", "params": {"ratio": None, "rank": 4}}) is None
+
+
+def test_floored_plans_leave_out_choices_below_their_floor():
+    from slimbench.methods.search.auto import floored_plans
+
+    # "a" is cheap and individually not too harmful; two units at a + c beat two at b additively
+    options = {f"u{i}": [("a", 10, 1.5), ("b", 20, 1.0), ("c", 40, 0.0)] for i in range(4)}
+    free = allocate(options, 80)
+    assert "a" in free.values()
+    plans = floored_plans(options, 80, "search:kl")
+    # floors lie above the cheapest choice and at most at the budget's level (b: 80 / 160)
+    assert set(plans) == {"search:kl:floor=b"}
+    assert set(plans["search:kl:floor=b"].values()) == {"b"}
+
+
+def test_candidate_plans_are_distinct_and_name_the_uniform_one():
+    cfg = METHODS.get("auto").config(budget_like="rtn:3:pc", bits=[2, 3, 4], group_sizes=[None], objectives=["kl"])
+    options = {"kl": {f"u{i}": [("rtn:2:pc", 10, 9.0), ("rtn:3:pc", 20, 1.0), ("rtn:4:pc", 40, 0.5)]
+                      for i in range(3)}}
+    plans = auto_mod.candidate_plans(options, cfg, 60)
+    assert list(plans) == ["uniform:rtn:3:pc"]  # the search's plans equal the uniform one: listed once, as uniform
+    assert len({json.dumps(p, sort_keys=True) for p in plans.values()}) == len(plans)

@@ -5,8 +5,9 @@
    uncompressed model on calibration windows and the NLL change on validation windows when that
    unit alone is compressed. Cached on disk and shared by every search on the same model.
 2. **Allocate** (``allocate.allocate``): minimise the summed loss under the byte budget, one
-   plan per objective (``kl``: the calibration KL; ``val``: the validation NLL change), plus the
-   uniform setting with the lowest predicted loss that fits (``include_uniform``).
+   plan per objective (``kl``: the calibration KL; ``val``: the validation NLL change), with
+   ``floors`` the same allocation without the choices cheaper than each floor below the
+   budget, plus the uniform setting with the lowest predicted loss that fits (``include_uniform``).
 3. **Verify**: apply each plan to the model and measure its NLL on ``verify_windows``
    validation windows; keep the best. The summed single-unit losses ignore interactions
    between units, which the end-to-end check catches.
@@ -93,7 +94,12 @@ class AutoConfig(CalibrationConfig, ProbeConfig, FormatConfig):
     )
     objectives: list[Literal["kl", "val"]] = Field(["kl", "val"], description="losses a plan is allocated on")
     include_uniform: bool = Field(True, description="also verify the best-predicted uniform choice that fits")
-    verify_windows: int = Field(8, ge=1, le=4096, description="validation windows of the end-to-end check")
+    floors: bool = Field(
+        True,
+        description="also allocate without the choices cheaper than each candidate below the budget, "
+        "and let the end-to-end check pick (summed single-unit losses under-rate far-below-budget choices)",
+    )
+    verify_windows: int = Field(32, ge=1, le=4096, description="validation windows of the end-to-end check")
     verify_seqlen: int = Field(256, ge=8, le=8192, description="tokens per verification window")
     plan: dict[str, str] | None = Field(None, description="explicit {linear: choice}: apply it, no search")
 
@@ -322,9 +328,52 @@ def expand(unit_plan: dict[str, str], units: dict[str, list[str]]) -> dict[str, 
     return {n: key for u, key in unit_plan.items() for n in units[u]}
 
 
+def choice_rates(options: dict[str, list]) -> dict[str, float]:
+    """Per choice key, its bytes over all units that offer it divided by those units' largest
+    option's bytes: where the choice lies from cheapest to costliest."""
+    num: dict[str, int] = {}
+    den: dict[str, int] = {}
+    for opts in options.values():
+        top = max(b for _, b, _ in opts)
+        for key, b, _ in opts:
+            num[key] = num.get(key, 0) + b
+            den[key] = den.get(key, 0) + top
+    return {k: num[k] / den[k] for k in num}
+
+
+def floored_plans(options: dict[str, list], budget: int, tag: str) -> dict[str, dict[str, str]]:
+    """Allocations that may not use choices cheaper than a floor, one per floor between the
+    cheapest choice and the budget.
+
+    Why: the allocation adds single-unit losses, and the units' errors interact: choices far
+    below the budget (2-bit linears in a 3-bit budget, 80% sparse layers in a 50% one) carry
+    large errors that compound, so the additive optimum leans on them more than is good. The
+    floored plans are the same optimisation with those choices removed; the end-to-end check
+    decides between them on validation text.
+    """
+    rates = choice_rates(options)
+    total = sum(max(b for _, b, _ in opts) for opts in options.values())
+    plans: dict[str, dict[str, str]] = {}
+    for floor in sorted((k for k in rates if min(rates.values()) < rates[k] <= budget / total), key=rates.get):
+        kept = {u: [o for o in opts if rates[o[0]] >= rates[floor]] for u, opts in options.items()}
+        try:
+            plans[f"{tag}:floor={floor}"] = allocate(kept, budget)
+        except BudgetError:  # this floor already exceeds the budget somewhere
+            continue
+    return plans
+
+
 def candidate_plans(options: dict[str, dict[str, list]], cfg: AutoConfig, budget: int) -> dict[str, dict[str, str]]:
-    """Name -> {unit: key}: one allocation per objective, and the best-predicted fitting uniform choice."""
-    plans = {f"search:{obj}": allocate(options[obj], budget) for obj in cfg.objectives}
+    """Name -> {unit: key}: one allocation per objective (and per floor, with ``floors``), and
+    the best-predicted fitting uniform choice; a plan equal to one already listed is dropped."""
+    plans: dict[str, dict[str, str]] = {}
+    for obj in cfg.objectives:
+        found = {f"search:{obj}": allocate(options[obj], budget)}
+        if cfg.floors:
+            found |= floored_plans(options[obj], budget, f"search:{obj}")
+        for name, plan in found.items():
+            if plan not in plans.values():
+                plans[name] = plan
     if cfg.include_uniform:
         best = None
         for key in cfg.candidate_keys():
@@ -335,7 +384,8 @@ def candidate_plans(options: dict[str, dict[str, list]], cfg: AutoConfig, budget
             if best is None or loss < best[1]:
                 best = (key, loss)
         if best is not None:
-            plans[f"uniform:{best[0]}"] = dict.fromkeys(options["kl"], best[0])
+            uniform = dict.fromkeys(options["kl"], best[0])
+            plans = {k: p for k, p in plans.items() if p != uniform} | {f"uniform:{best[0]}": uniform}
     return plans
 
 
@@ -456,6 +506,7 @@ def apply(lm, cfg: AutoConfig, ctx) -> MethodReport:
 METHOD = Method(
     name="auto",
     family="search",
+    version="2",  # 2: floored plans, 32 verification windows
     description="per-layer settings (RTN bits/groups, magnitude/Wanda sparsity, or SVD-LLM rank) allocated under a "
     "bytes/bits budget from a cached sensitivity profile, verified on validation text; re-runnable from its plan",
     config=AutoConfig,
