@@ -267,13 +267,16 @@ def test_verdicts_and_fronts():
         Point("uniform", "rtn:2:pc", 60, 2.0, 5000.0),
         Point("searched", "auto (rtn:3:g64)", 100, 3.29, 70.0, budget_like="rtn:3:g64"),
         Point("searched", "auto (rtn:2:pc)", 60, 2.0, 6000.0, budget_like="rtn:2:pc"),
+        Point("searched", "auto (rtn:4:pc)", 110, 4.0, 60.0, budget_like="rtn:4:pc"),
     ]
     v = {x["searched"].label: x for x in verdicts(pts)}
     assert v["auto (rtn:3:g64)"]["wins"] and v["auto (rtn:3:g64)"]["best_uniform"].label == "rtn:3:g64"
-    assert not v["auto (rtn:2:pc)"]["wins"]
+    assert not v["auto (rtn:2:pc)"]["wins"] and not v["auto (rtn:2:pc)"]["tie"]
+    assert v["auto (rtn:4:pc)"]["tie"] and not v["auto (rtn:4:pc)"]["wins"]
+    assert "| auto (rtn:4:pc) | 0.000 | 0.000 | rtn:4:pc | 60.00 | 60.00 | tie |" in render({("m", "q", "{}"): pts})
     f = fronts(pts)
     assert f["reference"] == (0.00011, pytest.approx(math.log(6000)))
-    assert not f["searched_dominates"]  # rtn:4:pc (110 bytes, 60) is not dominated by any searched point
+    assert not f["searched_dominates"]  # rtn:2:pc (60 bytes, 5000) is dominated by no searched point
 
 
 def test_collect_reads_records():

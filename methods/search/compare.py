@@ -103,6 +103,8 @@ def verdicts(points: list[Point], tolerance: float = 1e-4) -> list[dict[str, Any
             "within_budget": s.stored_bytes <= budget * (1 + tolerance),
             "best_uniform": best,
             "wins": best is not None and s.ppl < best.ppl and s.stored_bytes <= budget * (1 + tolerance),
+            # the search returned the uniform setting itself (e.g. the cheapest: nothing to trade)
+            "tie": best is not None and s.ppl == best.ppl and s.stored_bytes <= budget * (1 + tolerance),
         })
     return out
 
@@ -144,7 +146,7 @@ def render(groups: dict[tuple, list[Point]], tolerance: float = 1e-4) -> str:
             s, b = v["searched"], v["best_uniform"]
             lines.append(f"| {_md(s.label)} | {v['budget_bytes'] / 1e6:.3f} | {s.stored_bytes / 1e6:.3f} | "
                          f"{_md(b.label) if b else '-'} | {f'{b.ppl:.2f}' if b else '-'} | {s.ppl:.2f} | "
-                         f"{'yes' if v['wins'] else 'no'} |")
+                         f"{'yes' if v['wins'] else 'tie' if v['tie'] else 'no'} |")
         f = fronts(points)
         if f["reference"] is not None:
             rx, ry = f["reference"]
