@@ -62,6 +62,8 @@ def test_pareto_front_and_dominance():
     assert pareto_front([(3, 1), (1, 3), (2, 2), (2, 3), (1, 4)]) == [(1, 3), (2, 2), (3, 1)]
     assert dominates_front([(1, 1)], [(1, 2), (2, 1)])
     assert not dominates_front([(1, 2)], [(2, 1)])
+    # 0.005% more bytes is "equal" with a 1e-4 tolerance, not without
+    assert dominates_front([(100.005, 1)], [(100, 2)], 1e-4) and not dominates_front([(100.005, 1)], [(100, 2)])
 
 
 # -- allocation -------------------------------------------------------------------------------

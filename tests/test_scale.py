@@ -179,6 +179,13 @@ def test_memory_guard_fails_the_cell_saying_so(tmp_path, stamp_tasks):
     """
     cells = load_suite(suite_file(tmp_path, suite)).cells()
     limit = psutil.Process().memory_info().rss + 600 * 2**20  # in this process: what it holds + 600 MB
+    # a SIGINT handler some library installed does not switch the guard off, and is put back
+    import signal
+
+    def other_handler(signum, frame):
+        pass
+
+    saved = signal.signal(signal.SIGINT, other_handler)
     for name, executor in (
         ("inproc", LocalExecutor(memory_limit=limit)),
         ("worker", LocalExecutor(1, memory_limit=1500 * 2**20, preload=PRELOAD)),
@@ -191,6 +198,8 @@ def test_memory_guard_fails_the_cell_saying_so(tmp_path, stamp_tasks):
         assert recs["hog"]["error"]["type"] == "MemoryLimitExceeded"
         assert recs["fine"]["status"] == "ok" or name == "worker"  # a killed worker takes its group along
         assert summary.failed
+        assert signal.getsignal(signal.SIGINT) is other_handler
+    signal.signal(signal.SIGINT, saved)
 
 
 def test_rerun_of_a_finished_suite_loads_nothing(tmp_path, monkeypatch, capsys):

@@ -104,6 +104,7 @@ def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float])
     return area
 
 
-def dominates_front(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]]) -> bool:
-    """Every point of ``b`` is weakly dominated by some point of ``a``."""
-    return all(any(xa <= xb and ya <= yb for xa, ya in a) for xb, yb in b)
+def dominates_front(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]], x_tol: float = 0.0) -> bool:
+    """Every point of ``b`` is weakly dominated by some point of ``a``; ``x_tol``: a relative
+    slack on the first coordinate (stored bytes counted as equal within it)."""
+    return all(any(xa <= xb * (1 + x_tol) and ya <= yb for xa, ya in a) for xb, yb in b)

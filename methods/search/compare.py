@@ -109,17 +109,22 @@ def verdicts(points: list[Point], tolerance: float = 1e-4) -> list[dict[str, Any
     return out
 
 
-def fronts(points: list[Point]) -> dict[str, Any]:
+def fronts(points: list[Point], tolerance: float = 1e-4) -> dict[str, Any]:
+    """Hypervolumes and dominance; dominance both strictly and with bytes equal within ``tolerance``
+    (as the verdicts count them)."""
     xy = {k: [p.xy for p in points if p.kind == k] for k in ("uniform", "searched")}
     every = xy["uniform"] + xy["searched"]
     if not xy["uniform"] or not xy["searched"]:
-        return {"reference": None, "hv_uniform": None, "hv_searched": None, "searched_dominates": None}
+        return {"reference": None, "hv_uniform": None, "hv_searched": None, "searched_dominates": None,
+                "searched_dominates_strictly": None}
     ref = (max(x for x, _ in every), max(y for _, y in every))
+    a, b = pareto_front(xy["searched"]), pareto_front(xy["uniform"])
     return {
         "reference": ref,
         "hv_uniform": hypervolume(xy["uniform"], ref),
         "hv_searched": hypervolume(xy["searched"], ref),
-        "searched_dominates": dominates_front(pareto_front(xy["searched"]), pareto_front(xy["uniform"])),
+        "searched_dominates": dominates_front(a, b, tolerance),
+        "searched_dominates_strictly": dominates_front(a, b),
     }
 
 
@@ -147,12 +152,14 @@ def render(groups: dict[tuple, list[Point]], tolerance: float = 1e-4) -> str:
             lines.append(f"| {_md(s.label)} | {v['budget_bytes'] / 1e6:.3f} | {s.stored_bytes / 1e6:.3f} | "
                          f"{_md(b.label) if b else '-'} | {f'{b.ppl:.2f}' if b else '-'} | {s.ppl:.2f} | "
                          f"{'yes' if v['wins'] else 'tie' if v['tie'] else 'no'} |")
-        f = fronts(points)
+        f = fronts(points, tolerance)
         if f["reference"] is not None:
             rx, ry = f["reference"]
+            verdict = "yes" if f["searched_dominates_strictly"] else (
+                f"yes with bytes equal within {tolerance:g}, strictly no" if f["searched_dominates"] else "no")
             lines += ["", "Hypervolume in (stored MB, ln perplexity), reference "
                       f"({rx:.3f} MB, perplexity {math.exp(ry):.2f}): "
                       f"uniform {f['hv_uniform']:.4f}, searched {f['hv_searched']:.4f}; searched front dominates "
-                      f"the uniform front: {'yes' if f['searched_dominates'] else 'no'}"]
+                      f"the uniform front: {verdict}"]
         lines.append("")
     return "\n".join(lines) if lines else "no perplexity records of uniform or searched configurations found\n"

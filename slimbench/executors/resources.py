@@ -191,6 +191,8 @@ class MemoryGuard:
     It cannot stop a single huge allocation inside one C call; worker processes are also
     watched from outside by their driver, which kills one that goes past the limit.
     Inactive without a limit or off the main thread (the interruption would hit the wrong one).
+    Inside the block SIGINT gets Python's default handler (Ctrl-C: KeyboardInterrupt), whatever
+    a library installed before (it is restored after): the interruption is delivered through it.
     """
 
     def __init__(self, limit: int | None, interval: float = 0.05):
@@ -202,8 +204,9 @@ class MemoryGuard:
         import signal
         import threading
 
+        # a handler installed from outside Python (None) could not be put back afterwards
         return bool(self.limit) and threading.current_thread() is threading.main_thread() and (
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            signal.getsignal(signal.SIGINT) is not None
         )
 
     def _sample(self) -> None:
@@ -221,11 +224,13 @@ class MemoryGuard:
                 return
 
     def __enter__(self) -> MemoryGuard:
+        import signal
         import threading
 
         self.tripped = None
         self._on = self._active()
         if self._on:
+            self._saved_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
             self._armed = True
             self._lock = threading.Lock()
             self._stop = threading.Event()
@@ -236,12 +241,20 @@ class MemoryGuard:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if not self._on:
             return False
-        import time
+        import signal
 
         with self._lock:
             self._armed = False
         self._stop.set()
         self._thread.join()
+        try:
+            return self._finish(exc_type)
+        finally:  # after any pending interruption has landed
+            signal.signal(signal.SIGINT, self._saved_sigint)
+
+    def _finish(self, exc_type) -> bool:
+        import time
+
         if self.tripped is None:
             return False
         if exc_type is not KeyboardInterrupt:
