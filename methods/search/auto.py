@@ -213,17 +213,16 @@ def apply_plan(lm, plan: dict[str, Choice], cfg: AutoConfig, calib: torch.Tensor
     if pruned:
         storage.update(sparse_storage(model, pruned, None))
     lowrank = {n: ch for n, ch in plan.items() if ch.method == "svd-llm"}
-    lm_shapes = {n: tuple(get_weight(model.get_submodule(n)).shape) for n in lowrank}
+    ranks = {n: rank_for_ratio(*get_weight(model.get_submodule(n)).shape, ch.ratio) for n, ch in lowrank.items()}
     if lowrank:  # last, as `svd-llm` does: each layer whitened by the inputs the factorized ones before it give
         def make(n, m):
             if n not in lowrank:
                 return _Untouched()
-            rank = rank_for_ratio(*get_weight(m).shape, lowrank[n].ratio)
-            return Factorizer(model, n, m, CholeskyWhitening(SVD_LLM_DAMPING), rank, native=native)
+            return Factorizer(model, n, m, CholeskyWhitening(SVD_LLM_DAMPING), ranks[n], native=native)
 
         for n, st in sequential(model, calib, make, true_sequential=False, device=lm.device).items():
             if st is not None:
-                stats[n] = {"rank": rank_for_ratio(*lm_shapes[n], lowrank[n].ratio), **st}
+                stats[n] = {"rank": ranks[n], **st}
     return storage, stats
 
 
