@@ -213,6 +213,12 @@ def smollm2_source(spec: ModelSpec, hashes: FileHashes) -> ModelSource:
     return folder_source(converted_smollm2(), spec, hashes, kind="smollm2-converted")
 
 
+def gemma3_source(spec: ModelSpec, hashes: FileHashes) -> ModelSource:
+    from slimbench.models import converted_gemma3
+
+    return folder_source(converted_gemma3(), spec, hashes, kind="gemma3-converted")
+
+
 def minilm_source(spec: ModelSpec, hashes: FileHashes) -> ModelSource:
     from slimbench.models import package_dir
 
@@ -223,6 +229,7 @@ def minilm_source(spec: ModelSpec, hashes: FileHashes) -> ModelSource:
 # an ``artifact_source(spec) -> (identity dict, tokenizer loader)`` attribute on its ModelEntry.
 BUILTIN_SOURCES: dict[str, Callable[[ModelSpec, FileHashes], ModelSource]] = {
     "smollm2-135m": smollm2_source,
+    "gemma3-270m": gemma3_source,
     "all-minilm-l6-v2": minilm_source,
     **{f"tiny-{a}": tiny_source(a) for a in ("llama", "gpt2", "opt")},
 }

@@ -112,6 +112,14 @@ def test_every_built_in_method_has_a_round_trip_case():
     assert set(METHODS.names()) - acceleration <= set(CASES)
 
 
+def test_every_built_in_model_says_what_identifies_its_weights():
+    # Without an identity the cache refuses the model, and every cell on it compresses again.
+    from slimbench.registry import MODELS
+
+    built_in = {n for n in MODELS.names() if MODELS.provider(n) is None}
+    assert built_in <= set(artifacts.BUILTIN_SOURCES)
+
+
 @pytest.mark.parametrize("model,steps", ROUND_TRIPS)
 def test_round_trip_is_bit_identical(cache, model, steps):
     cell = make_cell(model, steps)

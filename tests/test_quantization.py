@@ -256,6 +256,20 @@ def test_awq_search_never_worse_than_rtn_and_folds_into_norms():
     assert torch.isfinite(lm.model(x).logits).all()
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_folding_scales_into_a_norm_divides_its_output(arch):
+    # Gemma's RMSNorm multiplies by (1 + w), Llama's by w: folding 1/s must give norm(x) / s for both.
+    lm = load_tiny(arch)
+    norm = lm.model.model.layers[0].input_layernorm
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.5)
+        x = torch.randn(3, 5, norm.weight.shape[0])
+        before = norm(x)
+        s = torch.rand(norm.weight.shape[0]) + 0.5
+        awq.fold_into_norm(norm, s)
+        torch.testing.assert_close(norm(x), before / s, rtol=1e-5, atol=1e-5)
+
+
 def test_awq_scale_search_on_a_salient_channel():
     torch.manual_seed(0)
     x = torch.randn(256, 64)

@@ -389,8 +389,9 @@ def candidate_plans(options: dict[str, dict[str, list]], cfg: AutoConfig, budget
 
 
 @torch.no_grad()
-def verify(lm, plans: dict[str, dict[str, str]], cfg: AutoConfig, calib_fn) -> dict[str, float]:
-    """Validation NLL of each plan applied to the model (restored after each)."""
+def verify(lm, plans: dict[str, dict[str, str]], cfg: AutoConfig, calib_fn, progress=None) -> dict[str, float]:
+    """Validation NLL of each plan applied to the model (restored after each). A calibrated plan
+    costs a whole layer-wise pass (minutes on a real model), hence the progress bar."""
     from slimbench.tasks.perplexity import JOIN, windows
 
     from slimbench.corpora import encode_split
@@ -399,6 +400,7 @@ def verify(lm, plans: dict[str, dict[str, str]], cfg: AutoConfig, calib_fn) -> d
     mods = dict(iter_linears(lm.model))
     originals = {n: get_weight(m).clone() for n, m in mods.items()}
     out: dict[str, float] = {}
+    bar = progress(total=len(plans), desc="verify plans", unit="plan") if progress else None
     for name, plan in plans.items():
         choices = {n: parse_choice(k) for n, k in plan.items()}
         calib = calib_fn()[0] if any(c.method in CALIBRATED for c in choices.values()) else None
@@ -408,6 +410,10 @@ def verify(lm, plans: dict[str, dict[str, str]], cfg: AutoConfig, calib_fn) -> d
         finally:
             for n, w in originals.items():
                 set_weight(mods[n], w)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return out
 
 
@@ -433,7 +439,7 @@ def search(lm, cfg: AutoConfig, calib_fn, ctx) -> tuple[dict[str, str], dict[str
     options = {o: unit_options(prof, o, dense, cfg.candidate_keys()) for o in ("kl", "val")}
     budget = linear_budget(lm, cfg, prof, units)
     plans = candidate_plans(options, cfg, budget)
-    val = verify(lm, {k: expand(p, units) for k, p in plans.items()}, cfg, calib_fn)
+    val = verify(lm, {k: expand(p, units) for k, p in plans.items()}, cfg, calib_fn, ctx.progress)
     chosen = min(val, key=val.get)
     table = {o: {u: {k: (b, loss) for k, b, loss in v} for u, v in options[o].items()} for o in options}
     details = {
