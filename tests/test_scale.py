@@ -186,20 +186,22 @@ def test_memory_guard_fails_the_cell_saying_so(tmp_path, stamp_tasks):
         pass
 
     saved = signal.signal(signal.SIGINT, other_handler)
-    for name, executor in (
-        ("inproc", LocalExecutor(memory_limit=limit)),
-        ("worker", LocalExecutor(1, memory_limit=1500 * 2**20, preload=PRELOAD)),
-    ):
-        store = quiet_store(tmp_path / name)
-        summary = run_cells(cells, store, executor=executor, show_progress=False, log=lambda s: None)
-        recs = {r["task"]["params"]["tag"]: r for r in store.records(include_failed=True)}
-        assert recs["hog"]["status"] == "failed", name
-        assert "exceeded the memory limit" in recs["hog"]["error"]["message"]
-        assert recs["hog"]["error"]["type"] == "MemoryLimitExceeded"
-        assert recs["fine"]["status"] == "ok" or name == "worker"  # a killed worker takes its group along
-        assert summary.failed
-        assert signal.getsignal(signal.SIGINT) is other_handler
-    signal.signal(signal.SIGINT, saved)
+    try:  # put back even if an assertion fails: a leaked handler would disturb later tests
+        for name, executor in (
+            ("inproc", LocalExecutor(memory_limit=limit)),
+            ("worker", LocalExecutor(1, memory_limit=1500 * 2**20, preload=PRELOAD)),
+        ):
+            store = quiet_store(tmp_path / name)
+            summary = run_cells(cells, store, executor=executor, show_progress=False, log=lambda s: None)
+            recs = {r["task"]["params"]["tag"]: r for r in store.records(include_failed=True)}
+            assert recs["hog"]["status"] == "failed", name
+            assert "exceeded the memory limit" in recs["hog"]["error"]["message"]
+            assert recs["hog"]["error"]["type"] == "MemoryLimitExceeded"
+            assert recs["fine"]["status"] == "ok" or name == "worker"  # a killed worker takes its group along
+            assert summary.failed
+            assert signal.getsignal(signal.SIGINT) is other_handler
+    finally:
+        signal.signal(signal.SIGINT, saved)
 
 
 def test_rerun_of_a_finished_suite_loads_nothing(tmp_path, monkeypatch, capsys):
