@@ -1,1 +1,7 @@
 """Compression and acceleration methods: one file each, declaring a module-level ``METHOD``."""
+
+# One name per module: from a clone this folder is `slimbench.methods` (mounted by slimbench's
+# __init__). Imported under its bare folder name it would be a second copy of every module, which
+# a patch or an isinstance check through the other name would miss.
+if __name__ != "slimbench.methods":
+    raise ImportError(f"import slimbench.methods (not {__name__!r}): the folder is SlimBench's built-in methods")

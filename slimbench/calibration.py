@@ -24,8 +24,8 @@ import torch
 from pydantic import Field
 
 from slimbench.config import Config
-from slimbench.corpora import encode_split
 from slimbench.registry import CORPORA
+from slimbench.zoo.corpora import encode_split
 
 
 class CalibrationConfig(Config):

@@ -14,15 +14,29 @@ and warnings about a report that would mislead (a simulated method with no store
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from slimbench.config import Config
+from slimbench.config import Config, build_config
 from slimbench.lm import LanguageModel
-from slimbench.specs import HardwareSpec
+from slimbench.measure.clocks import PeakMemory
+from slimbench.modeling import (
+    CompressedLinear,
+    count_parameters,
+    iter_linears,
+    linear_numel,
+    memory_bytes,
+    serialized_bytes,
+    sparsity_stats,
+    storage_state,
+    unique_tensors,
+)
+from slimbench.registry import METHODS
+from slimbench.specs import HardwareSpec, MethodSpec
 
 Execution = Literal["native", "simulated"]
 FAMILIES = (
@@ -177,8 +191,8 @@ class Method:
         """This method's shape checks against a model's config alone, no weights: ``model`` is a
         ModelSpec (a registered name, hub id or folder), a transformers config, or a skeleton.
         Raises ValueError like ``check``; does nothing if the check needs weight values."""
-        from slimbench.shapes import Skeleton, skeleton, skeleton_of_config
         from slimbench.specs import ModelSpec
+        from slimbench.zoo.shapes import Skeleton, skeleton, skeleton_of_config
 
         if self.check is None or self.check_reads_weights:
             return
@@ -216,7 +230,6 @@ class Method:
 
     def report_warnings(self, lm: LanguageModel, rep: MethodReport, bytes_before: int) -> list[str]:
         """A compression method whose report would count the model as dense, said out loud."""
-        from slimbench.modeling import CompressedLinear, memory_bytes
 
         if self.family not in COMPRESSION or rep.storage:
             return []
@@ -232,3 +245,101 @@ class Method:
                 "layer: nothing was made smaller"
             ]
         return []
+
+
+# -- applying a chain of steps, and measuring what it achieved ----------------------------
+def apply_method(lm: LanguageModel, spec: MethodSpec, hw, progress=None, storage=None) -> dict[str, Any]:
+    """Apply every step, then measure what was achieved: the method report of the record.
+
+    ``storage`` (optional, filled in): the stored forms the steps reported, for the artifact cache.
+    """
+    filled = storage  # the caller's dict, refilled at the end (renames rebind the local one)
+    storage: dict[str, dict[str, torch.Tensor]] = {}
+    steps, execution = [], "native"
+    t0 = time.perf_counter()
+    with PeakMemory(lm.device) as mem:
+        for step in spec.steps:
+            method = METHODS.get(step.name)
+            cfg = build_config(method.config, step.params, source="record", field=step.name)
+            ctx = MethodContext(hardware=hw, progress=progress)
+            t_step = time.perf_counter()
+            held = tensor_ids(lm.model, storage)
+            rep: MethodReport = method.run(lm, cfg, ctx)  # checks, budget guard, seeded apply, report warnings
+            storage = follow_renames(lm.model, storage, held)
+            storage.update(rep.storage)  # a later step's stored form of a weight replaces an earlier one
+            execution = "simulated" if rep.execution == "simulated" else execution
+            steps.append(
+                {
+                    "name": step.name,
+                    "execution": rep.execution,
+                    "seconds": time.perf_counter() - t_step,
+                    "details": rep.details,
+                    "notes": rep.notes,
+                    "warnings": rep.warnings,
+                }
+            )
+    seconds = time.perf_counter() - t0
+    if filled is not None:
+        filled.clear()
+        filled.update(storage)
+    return {
+        "execution": execution,
+        "steps": steps,
+        "warnings": [f"{s['name']}: {w}" for s in steps for w in s["warnings"]],
+        "compress_seconds": seconds,
+        "compress_peak_memory_mb": mem.peak_bytes / 2**20,
+        "compress_memory_kind": mem.kind,
+        **size_report(lm.model, storage),
+    }
+
+
+def tensor_ids(model: torch.nn.Module, storage: dict[str, Any]) -> dict[str, int]:
+    """Storage key -> the data pointer of the parameter it describes."""
+    tensors = unique_tensors(model)
+    return {k: tensors[k].untyped_storage().data_ptr() for k in storage if k in tensors}
+
+
+def follow_renames(model: torch.nn.Module, storage: dict[str, Any], held: dict[str, int]) -> dict[str, Any]:
+    """Earlier steps' stored forms, keyed by the names their tensors have now: a step that
+    wraps the model (an accelerator replacing ``lm.model``) renames every parameter."""
+    tensors = unique_tensors(model)
+    name_of = {t.untyped_storage().data_ptr(): k for k, t in tensors.items()}
+    out = {}
+    for k, v in storage.items():
+        if k in held and held[k] not in name_of and k not in tensors:
+            continue  # the weight itself is gone (a later step replaced its module): its old form too
+        out[name_of.get(held.get(k), k)] = v
+    return out
+
+
+SIZE_KEYS = ("parameters", "memory_bytes", "stored_bytes", "stored_format", "effective_bits", "bits_per_parameter")
+
+
+def size_report(model: torch.nn.Module, storage: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Parameters, bytes in memory, bytes of the stored form, effective bits, sparsity."""
+    own = getattr(model, "slimbench_size", None)
+    if callable(own):  # an execution engine whose weights live outside this process' torch modules
+        return {**dict.fromkeys(SIZE_KEYS), **own()}
+    state = storage_state(model, storage)
+    linear_bits = numel = 0
+    for name, mod in iter_linears(model):
+        key = f"{name}.weight"
+        if key in storage:
+            tensors = storage[key].values()
+        elif isinstance(mod, CompressedLinear):
+            tensors = mod.weight_storage().values()
+        else:
+            tensors = [mod.weight.data]
+        linear_bits += 8 * sum(t.numel() * t.element_size() for t in tensors)
+        numel += linear_numel(mod)
+    params = count_parameters(model)
+    stored = serialized_bytes(state)
+    return {
+        "parameters": params,
+        "memory_bytes": memory_bytes(model),
+        "stored_bytes": stored,
+        "stored_format": "packed" if storage else "dense",
+        "effective_bits": linear_bits / numel if numel else None,
+        "bits_per_parameter": 8 * stored / params,
+        **sparsity_stats(model),
+    }

@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 
 class Rebuildable:
-    """A module type the artifact cache (slimbench/artifacts.py) can save and rebuild.
+    """A module type the artifact cache (slimbench/sweep/artifacts/cache.py) can save and rebuild.
 
     Its tensors are its parameters and buffers (saved through safetensors); its structure is
     the JSON-able ``artifact_spec()``, from which ``from_artifact_spec`` builds an empty module

@@ -169,8 +169,8 @@ class Registry(Generic[T]):
 # The four registries. Packages are walked lazily, on first lookup.
 METHODS: Registry = Registry("method", "METHOD", ("slimbench.methods",), entry_type="slimbench.method:Method")
 TASKS: Registry = Registry("task", "TASK", ("slimbench.tasks",), entry_type="slimbench.task:Task")
-MODELS: Registry = Registry("model", "MODELS", ("slimbench.models",), entry_type="slimbench.models:ModelEntry")
-CORPORA: Registry = Registry("corpus", "CORPUS", ("slimbench.corpora", "slimbench.datasets"), plural="corpora")
+MODELS: Registry = Registry("model", "MODELS", ("slimbench.zoo.models",), entry_type="slimbench.zoo.models:ModelEntry")
+CORPORA: Registry = Registry("corpus", "CORPUS", ("slimbench.zoo.corpora", "slimbench.zoo.datasets"), plural="corpora")
 REGISTRIES = (METHODS, TASKS, MODELS, CORPORA)
 
 

@@ -21,7 +21,7 @@ class HardwareSpec(Config):
     threads: Annotated[int, Field(ge=1, le=512)] | Literal["auto"] = Field(
         2,
         description="torch intra-op threads (CPU); auto: probe each count when the cell starts and use the "
-        "fastest now (slimbench.machine.resolve_threads; the choice is recorded)",
+        "fastest now (slimbench.measure.machine.resolve_threads; the choice is recorded)",
     )
     memory_gb: float | None = Field(
         None, gt=0, description="memory a cell may use (GB): what the scheduler reserves and the worker's limit"

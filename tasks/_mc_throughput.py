@@ -20,8 +20,8 @@ import torch
 from slimbench.tasks import multiple_choice as mc
 from slimbench.tasks import shakespeare_cloze as sc
 
-from slimbench.models import resolve
 from slimbench.specs import HardwareSpec, ModelSpec
+from slimbench.zoo.models import resolve
 
 
 def timed(fn, lm) -> tuple[float, mc.Scored]:

@@ -17,9 +17,9 @@ from pydantic import Field, model_validator
 from slimbench.tasks import multiple_choice as mc
 
 from slimbench.config import Config
-from slimbench.datasets.readers import HubSource, Rows, load_rows
-from slimbench.datasets.shakespeare import fingerprint
 from slimbench.task import Task, TaskResult
+from slimbench.zoo.datasets.readers import HubSource, Rows, load_rows
+from slimbench.zoo.datasets.shakespeare import fingerprint
 
 Builder = Callable[[Rows], list[mc.Example]]
 

@@ -8,7 +8,7 @@ offline: `path` to a local file with the same fields.
 
 from slimbench.tasks._zero_shot import boolq, zero_shot_task
 
-from slimbench.datasets.readers import HubSource
+from slimbench.zoo.datasets.readers import HubSource
 
 TASK = zero_shot_task(
     "boolq",

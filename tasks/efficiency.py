@@ -25,11 +25,11 @@ Memory, in one more untimed generation (a sampler thread would steal cycles from
 ``memory_weights_mb`` (the model's tensors), ``memory_kv_mb`` (the KV cache's tensors at the
 end: prompt + new tokens) and ``memory_other_mb`` (the rest: activations, runtime, allocator).
 ``kv_cache_bytes_logical`` / ``kv_cache_bytes_physical``: what the cache stands for (every
-position, in its float dtype) vs what it really holds (slimbench.roofline.kv_cache_bytes).
+position, in its float dtype) vs what it really holds (slimbench.measure.roofline.kv_cache_bytes).
 
 Roofline (``roofline: true``): the machine's bandwidth and FLOP/s, measured once per machine
-and thread count and cached (slimbench.machine), give ``decode_roofline_fraction`` and
-``prefill_roofline_fraction`` (formulas in slimbench.roofline).
+and thread count and cached (slimbench.measure.machine), give ``decode_roofline_fraction`` and
+``prefill_roofline_fraction`` (formulas in slimbench.measure.roofline).
 
 Hygiene: before and after the timed block the load average, CPU affinity and thread counts are
 recorded; during every repeat, the CPU time other processes took on our cores. The cell is
@@ -52,9 +52,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from slimbench import machine, roofline
 from slimbench.config import Config
-from slimbench.measure import PeakMemory, summarize, timed
+from slimbench.measure import machine, roofline
+from slimbench.measure.clocks import PeakMemory, summarize, timed
 from slimbench.modeling import memory_bytes
 from slimbench.registry import CORPORA
 from slimbench.task import Metric, Task, TaskResult

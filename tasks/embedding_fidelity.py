@@ -28,10 +28,10 @@ from safetensors.torch import load_file, save_file
 from slimbench.tasks import multiple_choice as mc
 
 from slimbench.config import Config, stable_hash
-from slimbench.datasets.shakespeare import speeches
 from slimbench.lm import LanguageModel
-from slimbench.models import load_minilm
 from slimbench.task import Metric, Task, TaskResult
+from slimbench.zoo.datasets.shakespeare import speeches
+from slimbench.zoo.models import load_minilm
 
 VERSION = "1"
 MINILM = "all-minilm-l6-v2"
@@ -60,7 +60,7 @@ def load_baseline(lm, hardware) -> LanguageModel:
 def baseline_embeddings(lm, cfg, texts: list[str], ctx) -> tuple[torch.Tensor, dict]:
     from slimbench.tasks.fidelity import is_uncompressed
 
-    from slimbench.models import cache_dir
+    from slimbench.zoo.models import cache_dir
 
     spec = lm.spec.to_dict() if getattr(lm, "spec", None) is not None else {"name": lm.name}
     key = stable_hash({"task": f"embedding-fidelity/{VERSION}", "model": spec, "provenance": lm.provenance,

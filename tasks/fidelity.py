@@ -109,8 +109,8 @@ def cache_key(lm, cfg: FidelityConfig, ids: torch.Tensor, hardware) -> str:
 
 def load_baseline_model(lm, hardware):
     """The uncompressed model with this model's spec (``lm.spec`` when the runner sets it)."""
-    from slimbench.models import resolve
     from slimbench.specs import ModelSpec
+    from slimbench.zoo.models import resolve
 
     spec = lm.spec if getattr(lm, "spec", None) is not None else ModelSpec(name=lm.name)
     return resolve(spec, source="fidelity", field="model")(spec, hardware)
@@ -118,7 +118,7 @@ def load_baseline_model(lm, hardware):
 
 def baseline_outputs(lm, cfg: FidelityConfig, ids: torch.Tensor, ctx) -> tuple[dict[str, torch.Tensor], dict]:
     """The baseline's outputs, from the disk cache or computed now (and cached atomically)."""
-    from slimbench.models import cache_dir
+    from slimbench.zoo.models import cache_dir
 
     key = cache_key(lm, cfg, ids, ctx.hardware)
     path = cache_dir() / "fidelity" / f"{key}.safetensors"

@@ -14,9 +14,9 @@ from slimbench.tasks import multiple_choice as mc
 from slimbench.tasks.shakespeare_lastword import word_perplexity_metric
 
 from slimbench.config import Config
-from slimbench.datasets.readers import HubSource, Rows, load_rows
-from slimbench.datasets.shakespeare import fingerprint
 from slimbench.task import Task, TaskResult
+from slimbench.zoo.datasets.readers import HubSource, Rows, load_rows
+from slimbench.zoo.datasets.shakespeare import fingerprint
 
 SOURCE = HubSource("EleutherAI/lambada_openai", "default", "test")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from slimbench import stats
+from slimbench.measure import stats
 from slimbench.task import Metric
 
 

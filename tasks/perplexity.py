@@ -21,9 +21,9 @@ import torch
 from pydantic import Field
 
 from slimbench.config import Config
-from slimbench.corpora import encode_split
 from slimbench.registry import CORPORA
 from slimbench.task import Metric, Task, TaskResult
+from slimbench.zoo.corpora import encode_split
 
 PROTOCOL = "concat-windows"
 JOIN = "\n\n"

@@ -30,9 +30,9 @@ from pydantic import Field
 from slimbench.tasks.perplexity import JOIN, windows
 
 from slimbench.config import Config
-from slimbench.corpora import encode_split
 from slimbench.registry import CORPORA
 from slimbench.task import Metric, Task, TaskResult
+from slimbench.zoo.corpora import encode_split
 
 PROTOCOL = "concat-windows-cached"
 

@@ -1,6 +1,6 @@
 """`shakespeare-cloze`: choose the true next line of a speech among 4 (zero-shot multiple choice).
 
-Construction (``slimbench.datasets.shakespeare.cloze_items``, version 1): from the 6 works of
+Construction (``slimbench.zoo.datasets.shakespeare.cloze_items``, version 1): from the 6 works of
 the Shakespeare corpus' ``test`` split, draw ``n_examples`` lines (seeded) that have at least
 ``context_lines`` lines before them in the same speech and at least ``min_chars`` characters.
 The context is the speaker tag and those preceding lines (each ending in a newline); the
@@ -17,9 +17,9 @@ from pydantic import Field
 from slimbench.tasks import multiple_choice as mc
 
 from slimbench.config import Config
-from slimbench.datasets.shakespeare import cloze_items, fingerprint
 from slimbench.registry import CORPORA
 from slimbench.task import Task, TaskResult
+from slimbench.zoo.datasets.shakespeare import cloze_items, fingerprint
 
 
 class ClozeConfig(Config):

@@ -1,6 +1,6 @@
 """`shakespeare-lastword`: predict the last word of a speech (LAMBADA-style).
 
-Construction (``slimbench.datasets.shakespeare.lastword_items``, version 1): from the
+Construction (``slimbench.zoo.datasets.shakespeare.lastword_items``, version 1): from the
 ``test`` split, speeches of at least 3 lines whose last line ends in a word of at least 3
 letters preceded by a space; the passage is the speaker tag and the speech's last 6 lines;
 trailing punctuation after the word is dropped. ``n_examples`` are drawn (seeded).
@@ -21,11 +21,11 @@ import numpy as np
 from pydantic import Field
 from slimbench.tasks import multiple_choice as mc
 
-from slimbench import stats
 from slimbench.config import Config
-from slimbench.datasets.shakespeare import fingerprint, lastword_items
+from slimbench.measure import stats
 from slimbench.registry import CORPORA
 from slimbench.task import Metric, Task, TaskResult
+from slimbench.zoo.datasets.shakespeare import fingerprint, lastword_items
 
 
 class LastWordConfig(Config):

@@ -22,11 +22,11 @@ import re
 import numpy as np
 from pydantic import Field, model_validator
 
-from slimbench import stats
 from slimbench.config import Config
-from slimbench.datasets.readers import HubSource, Rows, load_rows
-from slimbench.datasets.shakespeare import fingerprint
+from slimbench.measure import stats
 from slimbench.task import Metric, Task, TaskResult
+from slimbench.zoo.datasets.readers import HubSource, Rows, load_rows
+from slimbench.zoo.datasets.shakespeare import fingerprint
 
 PROTOCOL = "lm-eval-rolling"
 SOURCE = HubSource("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test")

@@ -17,8 +17,8 @@ os.environ.setdefault("SLIMBENCH_ARTIFACTS", "off")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from slimbench.models import make_tiny_loader  # noqa: E402
 from slimbench.specs import HardwareSpec, ModelSpec  # noqa: E402
+from slimbench.zoo.models import make_tiny_loader  # noqa: E402
 
 TINY_ARCHS = ("llama", "gpt2", "opt")
 
@@ -56,7 +56,7 @@ def tiny_gemma3(vocab: int = 512):
 
 def load_tiny_gemma3():
     """Tiny Gemma 3 as a LanguageModel (GPT-2's tokenizer, so the calibration corpora encode)."""
-    from slimbench.models import gpt2_tokenizer, wrap
+    from slimbench.zoo.models import gpt2_tokenizer, wrap
 
     prov = {"source": "random init from a tiny gemma3 config (seed 0)", "weights": "random"}
     return wrap(tiny_gemma3(vocab=50257), gpt2_tokenizer(), "tiny-gemma3", HardwareSpec(threads=2), prov)
@@ -76,6 +76,6 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def smollm2():
     """The real embedded model (converted once into the user cache)."""
-    from slimbench.models import load_smollm2
+    from slimbench.zoo.models import load_smollm2
 
     return load_smollm2(ModelSpec(name="smollm2-135m"), HardwareSpec(threads=2))

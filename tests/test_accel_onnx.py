@@ -31,7 +31,7 @@ def run_step(lm, name: str, **params):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_onnx_runtime_equals_eager_and_int8_is_smaller(arch):
-    from slimbench.runner import size_report
+    from slimbench.method import size_report
 
     lm = load_tiny(arch)
     eager_logits, eager_tokens = lm.logits(IDS), lm.generate(IDS, 8)

@@ -12,7 +12,8 @@ import psutil
 import pytest
 import torch
 
-from slimbench.engines.parallel import DistributedModel, check_split, launch
+from slimbench.engines.parallel import DistributedModel, launch
+from slimbench.engines.sharding import check_split
 from slimbench.engines.workers import EchoState, WorkerError, WorkerGroup
 from slimbench.method import MethodContext
 from slimbench.registry import METHODS
@@ -87,7 +88,7 @@ def test_method_reports_equal_logits_and_communication():
     assert check["logits_max_abs_diff"] < 1e-5 and check["greedy_identical"]
     assert check["comm_bytes"] > 0 and report.details["heads_per_rank"] == {"query": 2, "key_value": 1}
     check_split_model(lm, ref_logits, ref_tokens, lm.model, "tensor")
-    from slimbench.runner import size_report
+    from slimbench.method import size_report
 
     assert size_report(lm.model, {})["parameters"] == params
     del lm, report
@@ -135,7 +136,7 @@ def echo_group():
 
 
 def test_the_workers_cpu_time_is_the_measurements_own_not_contention(echo_group):
-    from slimbench import machine
+    from slimbench.measure import machine
 
     with machine.Contention() as c:
         echo_group.request({"op": "burn", "seconds": 0.3})
@@ -175,9 +176,9 @@ def test_a_hung_worker_times_out():
 
 
 def test_a_worker_crash_inside_a_cell_becomes_a_failed_record(tmp_path):
-    from slimbench.runner import run_cells
     from slimbench.specs import CellSpec, MethodSpec, ModelSpec, StepSpec, TaskSpec
-    from slimbench.store import ResultStore
+    from slimbench.sweep.driver import run_cells
+    from slimbench.sweep.store import ResultStore
 
     cfg = METHODS.get("parallel").config(mode="pipeline", check_prompt_len=8, check_new_tokens=2, timeout_s=300)
     cell = CellSpec(

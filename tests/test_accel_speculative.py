@@ -163,9 +163,9 @@ def test_bad_draft_configs_fail_validation(draft, message):
 
 
 def test_runs_as_a_suite_cell(tmp_path):
-    from slimbench.runner import run_cells
     from slimbench.specs import CellSpec, MethodSpec, StepSpec, TaskSpec
-    from slimbench.store import ResultStore
+    from slimbench.sweep.driver import run_cells
+    from slimbench.sweep.store import ResultStore
 
     cfg = SpeculativeConfig(draft={"steps": [{"name": "layer-drop", "keep_every": 2}]}, **SMALL)
     cell = CellSpec(

@@ -9,11 +9,11 @@ import torch
 from conftest import TINY_ARCHS, load_tiny
 from slimbench.tasks.perplexity_cached import logits_through_cache, new_cache
 
-from slimbench import machine
 from slimbench.errors import SuiteError
+from slimbench.measure import machine
+from slimbench.measure.roofline import compute_dtype
 from slimbench.method import MethodContext
 from slimbench.registry import METHODS, TASKS
-from slimbench.roofline import compute_dtype
 from slimbench.specs import HardwareSpec, ModelSpec
 from slimbench.task import TaskContext
 
@@ -83,7 +83,7 @@ def test_int8_kv_error_is_small_and_int4_larger():
 
 
 def test_quantized_kv_holds_fewer_bytes_as_reported():
-    from slimbench.roofline import kv_cache_bytes
+    from slimbench.measure.roofline import kv_cache_bytes
 
     lm = load_tiny("llama")
     rep = apply(lm, "kv-cache", implementation="quantized", bits=4)
@@ -176,7 +176,7 @@ def test_attention_refuses_what_the_hardware_or_model_lacks():
 # -- compile --------------------------------------------------------------------------------------
 @pytest.mark.skipif(HAS_CUDA, reason="on a CPU-only machine")
 def test_cuda_graph_modes_fail_validation_without_cuda(tmp_path):
-    from slimbench.suite import load_suite
+    from slimbench.sweep.suite import load_suite
 
     suite = tmp_path / "s.yaml"
     suite.write_text("models: [tiny-llama]\nmethods: [{name: compile, mode: max-autotune}]\n"

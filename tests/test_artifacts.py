@@ -11,14 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimbench import artifact_format, artifacts
 from slimbench.cli import main
+from slimbench.method import apply_method
 from slimbench.modeling import memory_bytes
 from slimbench.registry import METHODS
-from slimbench.runner import apply_method, load_model, run_cells
 from slimbench.specs import CellSpec, HardwareSpec, MethodSpec, ModelSpec, StepSpec, TaskSpec
-from slimbench.store import ResultStore
-from slimbench.suite import load_suite
+from slimbench.sweep.artifacts import cache as artifacts
+from slimbench.sweep.artifacts import identity
+from slimbench.sweep.artifacts import serialize as artifact_format
+from slimbench.sweep.driver import run_cells
+from slimbench.sweep.runner import load_model
+from slimbench.sweep.store import ResultStore
+from slimbench.sweep.suite import load_suite
 
 C = {"calib_samples": 4, "calib_seqlen": 32}  # a calibration budget tiny models run in a second
 
@@ -117,7 +121,7 @@ def test_every_built_in_model_says_what_identifies_its_weights():
     from slimbench.registry import MODELS
 
     built_in = {n for n in MODELS.names() if MODELS.provider(n) is None}
-    assert built_in <= set(artifacts.BUILTIN_SOURCES)
+    assert built_in <= set(identity.BUILTIN_SOURCES)
 
 
 @pytest.mark.parametrize("model,steps", ROUND_TRIPS)
@@ -236,7 +240,7 @@ def test_key_follows_what_decides_the_weights(cache, tmp_path):
 
 
 def test_folder_model_is_keyed_by_its_files(cache, tmp_path):
-    from slimbench.models import gpt2_tokenizer, make_tiny_loader
+    from slimbench.zoo.models import gpt2_tokenizer, make_tiny_loader
 
     folder = tmp_path / "my-model"
     lm = make_tiny_loader("gpt2")(ModelSpec(name="tiny-gpt2"), HardwareSpec())

@@ -12,16 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from slimbench.methods.search import auto as auto_mod
+from slimbench.methods.search import plans as plans_mod
+from slimbench.methods.search import sensitivity
 from slimbench.methods.search.allocate import BudgetError, allocate, dominates_front, hypervolume, pareto_front
 from slimbench.methods.search.choices import Choice, choice_nbytes, compress_weight, parse_choice
 from slimbench.methods.search.compare import Point, collect, fronts, render, verdicts
 
-from slimbench import sensitivity
 from slimbench.layerwise import decoder_layers
-from slimbench.method import MethodContext
+from slimbench.method import MethodContext, size_report
 from slimbench.modeling import get_weight, iter_linears, set_weight
 from slimbench.registry import METHODS
-from slimbench.runner import size_report
 from slimbench.specs import HardwareSpec
 from tests.conftest import load_tiny
 
@@ -305,9 +305,9 @@ def test_collect_reads_records():
 def test_auto_through_the_runner_and_the_table(tmp_path):
     """A suite of uniform and searched cells: records hold the plan, the table compares them."""
     from slimbench.cli import main
-    from slimbench.runner import run_cells
-    from slimbench.store import ResultStore
-    from slimbench.suite import load_suite
+    from slimbench.sweep.driver import run_cells
+    from slimbench.sweep.store import ResultStore
+    from slimbench.sweep.suite import load_suite
 
     path = tmp_path / "suite.yaml"
     path.write_text(
@@ -411,7 +411,7 @@ def test_uniform_svd_llm_records_join_the_lowrank_comparison():
 
 
 def test_floored_plans_leave_out_choices_below_their_floor():
-    from slimbench.methods.search.auto import floored_plans
+    from slimbench.methods.search.plans import floored_plans
 
     # "a" is cheap and individually not too harmful; two units at a + c beat two at b additively
     options = {f"u{i}": [("a", 10, 1.5), ("b", 20, 1.0), ("c", 40, 0.0)] for i in range(4)}
@@ -427,6 +427,6 @@ def test_candidate_plans_are_distinct_and_name_the_uniform_one():
     cfg = METHODS.get("auto").config(budget_like="rtn:3:pc", bits=[2, 3, 4], group_sizes=[None], objectives=["kl"])
     options = {"kl": {f"u{i}": [("rtn:2:pc", 10, 9.0), ("rtn:3:pc", 20, 1.0), ("rtn:4:pc", 40, 0.5)]
                       for i in range(3)}}
-    plans = auto_mod.candidate_plans(options, cfg, 60)
+    plans = plans_mod.candidate_plans(options, cfg, 60)
     assert list(plans) == ["uniform:rtn:3:pc"]  # the search's plans equal the uniform one: listed once, as uniform
     assert len({json.dumps(p, sort_keys=True) for p in plans.values()}) == len(plans)

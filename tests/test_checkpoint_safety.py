@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from slimbench.method import MethodContext
-from slimbench.models import make_tiny_loader
 from slimbench.registry import METHODS
 from slimbench.specs import HardwareSpec, ModelSpec
+from slimbench.zoo.models import make_tiny_loader
 
 ROOT = Path(__file__).resolve().parent.parent
 HW = HardwareSpec(threads=1)

@@ -8,10 +8,9 @@ import warnings
 import fabricate as fb
 import pytest
 
-from slimbench import compare
 from slimbench.cli import main
-from slimbench.report import records
-from slimbench.store import ResultStore
+from slimbench.report import compare, records
+from slimbench.sweep.store import ResultStore
 
 BASE = [2.0 + 0.05 * (i % 5) for i in range(40)]
 

@@ -12,9 +12,9 @@ from slimbench.config import Config
 from slimbench.errors import SuiteError
 from slimbench.method import DEFAULT_FOLLOWS, FAMILIES, Method, MethodReport
 from slimbench.registry import METHODS
-from slimbench.runner import run_cells
-from slimbench.store import ResultStore
-from slimbench.suite import load_suite
+from slimbench.sweep.driver import run_cells
+from slimbench.sweep.store import ResultStore
+from slimbench.sweep.suite import load_suite
 
 torch.set_num_threads(1)
 

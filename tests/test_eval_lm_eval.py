@@ -49,7 +49,7 @@ def include(tmp_path_factory):
 
 
 def test_unknown_harness_task_fails_at_validation_before_any_model(tmp_path):
-    from slimbench.suite import load_suite
+    from slimbench.sweep.suite import load_suite
 
     suite = tmp_path / "s.yaml"
     suite.write_text("models: [tiny-llama]\nmethods: [baseline]\ntasks:\n  - {name: lm-eval, tasks: [hellaswagg]}\n")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from slimbench import stats
+from slimbench.measure import stats
 
 
 def test_stderr_of_binary_scores_is_the_binomial_formula():

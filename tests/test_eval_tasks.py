@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from slimbench.tasks import fidelity
 
-from slimbench.datasets.shakespeare import cloze_items, lastword_items, speeches
 from slimbench.registry import CORPORA, TASKS
 from slimbench.specs import HardwareSpec
 from slimbench.task import TaskContext
+from slimbench.zoo.datasets.shakespeare import cloze_items, lastword_items, speeches
 
 CTX = TaskContext(hardware=HardwareSpec(threads=2))
 TEST_TEXT = {w: t for w, t in CORPORA.get("shakespeare").documents("test")}

@@ -15,8 +15,8 @@ import torch
 from conftest import tiny_gemma3
 
 from slimbench.layerwise import capture_layer_inputs, decoder_layers, run_layer
+from slimbench.method import apply_method
 from slimbench.registry import MODELS
-from slimbench.runner import apply_method
 from slimbench.specs import HardwareSpec, MethodSpec, ModelSpec, StepSpec
 
 HW = HardwareSpec(threads=1)
@@ -48,7 +48,7 @@ def gemma():
 
 
 def short_ppl(lm, n_tokens: int = 64) -> float:
-    from slimbench.corpora import encode_split
+    from slimbench.zoo.corpora import encode_split
 
     ids = torch.tensor([encode_split(lm, "shakespeare", "test")[:n_tokens]])
     return math.exp(float(lm.token_nll(ids).double().mean()))

@@ -212,7 +212,7 @@ def test_triangular_gram_streams_the_same_hessian():
     reference's bits, and a machine whose BLAS disagrees falls back to the full product."""
     from slimbench.methods.quantization import gptq
 
-    from slimbench import layerwise
+    from slimbench.layerwise import hessian
 
     x = torch.randn(4, 96, 1100)
     hs = {}
@@ -225,13 +225,13 @@ def test_triangular_gram_streams_the_same_hessian():
     ref, _ = hs["{'reference': True}"]
     assert same_tensor(ref, hs["{}"][0]) and hs["{}"][1]  # the triangle was used, same bits
     assert same_tensor(ref, hs["{'triangle': False}"][0])
-    key = next(k for k in layerwise._TRI_OK if k[0] == (96, 1100))
-    layerwise._TRI_OK[key] = False  # as on a machine whose blocks differ: full products only
+    key = next(k for k in hessian._TRI_OK if k[0] == (96, 1100))
+    hessian._TRI_OK[key] = False  # as on a machine whose blocks differ: full products only
     try:
-        prod, upper = layerwise.gram(x[0] * 0.5)
+        prod, upper = hessian.gram(x[0] * 0.5)
         assert not upper and same_tensor(prod, (x[0] * 0.5).t() @ (x[0] * 0.5))
     finally:
-        layerwise._TRI_OK[key] = True
+        hessian._TRI_OK[key] = True
 
 
 def test_symmetric_from_upper_copies_bits():
@@ -264,7 +264,7 @@ def test_loop_variant_rejects_unknown_settings():
 
 
 def test_loop_bench_reports_bit_identical_runs(capsys):
-    from slimbench.loopbench import loop_bench
+    from slimbench.devtools.loopbench import loop_bench
 
     out = loop_bench(method="gptq", suite=None, model="tiny-llama", samples=2, seqlen=32, threads=1)
     fast = out["runs"]["fast"]
@@ -287,8 +287,8 @@ def test_gptq_on_the_real_model_is_bit_identical_through_the_fast_loop():
     weights may change. Three decoder layers keep it short."""
     from slimbench.methods.quantization import gptq
 
-    from slimbench.models import load_smollm2
     from slimbench.specs import ModelSpec
+    from slimbench.zoo.models import load_smollm2
 
     cfg = gptq.GPTQConfig(bits=3, act_order=True)
     calib = torch.randint(0, 49152, (3, 512), generator=torch.Generator().manual_seed(0))

@@ -23,9 +23,9 @@ from torch import nn
 
 from slimbench.method import MethodContext
 from slimbench.modeling import count_parameters, get_weight, iter_linears
-from slimbench.models import gpt2_tokenizer
 from slimbench.registry import METHODS
 from slimbench.specs import HardwareSpec, MethodSpec, StepSpec
+from slimbench.zoo.models import gpt2_tokenizer
 
 # one intra-op thread (conftest.one_torch_thread): the 2 shared cores are faster that way
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -236,7 +236,7 @@ def test_explicit_rank_and_targets(tiny_llama):
 
 
 def test_composes_with_quantization(tiny_llama):
-    from slimbench.runner import apply_method
+    from slimbench.method import apply_method
 
     spec = MethodSpec(steps=(StepSpec(name="svd", params={"ratio": 0.3}), StepSpec(name="rtn", params={"bits": 8})))
     tiny_llama.tokenizer = shared_tokenizer()

@@ -7,9 +7,9 @@ import pytest
 import torch
 from slimbench.tasks.perplexity import TASK, PerplexityConfig, windows
 
-from slimbench.models import package_dir
 from slimbench.specs import HardwareSpec
 from slimbench.task import TaskContext
+from slimbench.zoo.models import package_dir
 
 
 def independent_perplexity(model, tokenizer, seqlen: int, max_windows: int) -> float:

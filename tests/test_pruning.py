@@ -19,10 +19,9 @@ from slimbench.methods.quantization.grid import find_params
 from transformers import AutoModelForCausalLM
 
 from slimbench.calibration import sample_calibration
-from slimbench.method import MethodContext
+from slimbench.method import MethodContext, apply_method
 from slimbench.modeling import count_parameters, get_weight, iter_linears
 from slimbench.registry import METHODS
-from slimbench.runner import apply_method
 from slimbench.specs import HardwareSpec, MethodSpec, StepSpec
 from tests.conftest import load_tiny
 

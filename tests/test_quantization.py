@@ -10,9 +10,9 @@ from slimbench.methods.quantization.grid import GridConfig, pack_bits, quantize_
 
 from slimbench.config import build_config
 from slimbench.errors import SuiteError
+from slimbench.method import size_report
 from slimbench.modeling import get_weight, iter_linears
 from slimbench.registry import METHODS
-from slimbench.runner import size_report
 
 _TOKENIZER = {}
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from scale_helpers import read_log, stamp_tasks_fixture  # noqa: F401 - the stamp_tasks fixture
 
-from slimbench.runner import run_cells
-from slimbench.store import ResultStore, comparable_record
-from slimbench.suite import load_suite
+from slimbench.sweep.driver import run_cells
+from slimbench.sweep.store import ResultStore, comparable_record
+from slimbench.sweep.suite import load_suite
 
 pytest.importorskip("ray", reason="the ray extra is not installed: pip install -r requirements-ray.txt")
 
@@ -69,11 +69,11 @@ DRIVER = """
 import json, sys
 import scale_register  # noqa: F401 - the test tasks, here and (through PYTHONPATH) in Ray's workers
 from slimbench.errors import SuiteError
-from slimbench.executors.ray_executor import RayExecutor
-from slimbench.executors.sweep import sweep
-from slimbench.runner import group_cells
-from slimbench.store import ResultStore
-from slimbench.suite import load_suite
+from slimbench.sweep.executors.ray_executor import RayExecutor
+from slimbench.sweep.driver import sweep
+from slimbench.sweep.runner import group_cells
+from slimbench.sweep.store import ResultStore
+from slimbench.sweep.suite import load_suite
 
 cells = load_suite({quality!r}).cells() + load_suite({timed!r}).cells()
 ex = RayExecutor(preload=("scale_register",))

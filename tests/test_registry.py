@@ -3,8 +3,8 @@
 import pytest
 from slimbench.methods.baseline import BaselineConfig
 
+from slimbench.cli.list import render
 from slimbench.errors import UnknownNameError
-from slimbench.listing import render
 from slimbench.method import Method
 from slimbench.registry import CORPORA, METHODS, MODELS, TASKS, Registry
 

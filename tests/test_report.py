@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 
 from slimbench.cli import main
-from slimbench.report import write_report
 from slimbench.report.escape import csv_text, latex_text, md_text
 from slimbench.report.plots import Point, pareto_front
+from slimbench.report.write import write_report
 from slimbench.specs import StepSpec
-from slimbench.store import ResultStore
+from slimbench.sweep.store import ResultStore
 
 
 @pytest.fixture

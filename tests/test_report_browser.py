@@ -15,8 +15,8 @@ from pathlib import Path
 import fabricate as fb
 import pytest
 
-from slimbench.report import write_report
-from slimbench.store import ResultStore
+from slimbench.report.write import write_report
+from slimbench.sweep.store import ResultStore
 
 # Flags for a root, offline machine: no sandbox (root), no background connections that a
 # closed network would refuse, a fresh profile.

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slimbench import reproduce as rp
-from slimbench.claimcards import Check, evaluate
 from slimbench.errors import SuiteError
-from slimbench.store import ResultStore
-from slimbench.suite import load_suite
+from slimbench.reproduce import papers as rp
+from slimbench.reproduce import render as rp_render
+from slimbench.reproduce import run as rp_run
+from slimbench.reproduce.claim_cards import Check, evaluate
+from slimbench.sweep.store import ResultStore
+from slimbench.sweep.suite import load_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPERS = sorted(p.stem for p in (ROOT / "configs" / "papers").glob("*.yaml"))
@@ -108,7 +110,7 @@ def test_paper_file_validates_and_its_suites_load_with_the_normal_loader(name, t
         normal = load_suite(path)
         assert [c.run_id for c in normal.cells()] == [c.run_id for c in ours.cells()]
     # Claim suites run on the embedded model: nothing to download.
-    assert rp.requirements(rp.claim_suite(paper, "small")) == []
+    assert rp_run.requirements(rp.claim_suite(paper, "small")) == []
 
 
 def test_budgets_scale_calibration_and_windows_only_where_a_field_exists():
@@ -188,16 +190,16 @@ def test_a_model_in_the_hub_cache_at_its_revision_is_reachable_offline(tmp_path,
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     rev = "27dcfa74d334bc871f3234de431e71c6eeba5dd6"
     spec = ModelSpec(name="facebook/opt-125m", revision=rev)
-    assert rp.model_missing(spec) is not None
+    assert rp_run.model_missing(spec) is not None
     snap = tmp_path / "models--facebook--opt-125m" / "snapshots" / rev
     snap.mkdir(parents=True)
     (snap / "config.json").write_text("{}")
-    assert rp.model_missing(spec) is not None  # a config without weights is not a model
+    assert rp_run.model_missing(spec) is not None  # a config without weights is not a model
     (snap / "model.safetensors").write_bytes(b"")
-    assert rp.model_missing(spec) is None
-    assert rp.model_missing(ModelSpec(name="facebook/opt-125m", revision="0" * 40)) is not None  # other revision
+    assert rp_run.model_missing(spec) is None
+    assert rp_run.model_missing(ModelSpec(name="facebook/opt-125m", revision="0" * 40)) is not None  # other revision
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    assert rp.model_missing(ModelSpec(name="facebook/opt-350m")) is None  # online: downloaded at load time
+    assert rp_run.model_missing(ModelSpec(name="facebook/opt-350m")) is None  # online: downloaded at load time
 
 
 def test_bad_matchers_and_unknown_arms_fail_before_anything_runs(tmp_path):
@@ -227,7 +229,7 @@ def test_claim_card_runs_through_the_runner_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
     path = write_paper(tmp_path)
     results = tmp_path / "r"
-    rep = rp.reproduce(str(path), budget="small", results=results, progress=False, log=lambda s: None)
+    rep = rp_run.reproduce(str(path), budget="small", results=results, progress=False, log=lambda s: None)
     assert rep.headline_missing and not rep.headline_ran
     store = ResultStore(results)
     records = store.records()
@@ -238,10 +240,10 @@ def test_claim_card_runs_through_the_runner_and_resumes(tmp_path, monkeypatch):
     expected = "holds" if values["rtn"] / values["fp"] <= 100 else "fails"
     assert rep.verdict.verdict == expected
     mtimes = {p: p.stat().st_mtime_ns for p in store.runs.glob("*.json")}
-    again = rp.reproduce(str(path), budget="small", results=results, progress=False, log=lambda s: None)
+    again = rp_run.reproduce(str(path), budget="small", results=results, progress=False, log=lambda s: None)
     assert {p: p.stat().st_mtime_ns for p in store.runs.glob("*.json")} == mtimes  # nothing recomputed
     assert again.verdict.verdict == rep.verdict.verdict
-    md_path = rp.write_outputs(rep, results)
+    md_path = rp_render.write_outputs(rep, results)
     data = json.loads(md_path.with_suffix(".json").read_text())
     assert data["claim"]["verdict"] == rep.verdict.verdict
     assert "rtn within 100x" in md_path.read_text()
@@ -249,8 +251,8 @@ def test_claim_card_runs_through_the_runner_and_resumes(tmp_path, monkeypatch):
 
 def test_markdown_output_escapes_strings_from_the_file(tmp_path):
     path = write_paper(tmp_path, **{"claim.statement": "a | b <script>alert(1)</script>"})
-    rep = rp.reproduce(str(path), budget="small", results=tmp_path / "r", dry_run=True, log=lambda s: None)
-    text = rp.render(rep)
+    rep = rp_run.reproduce(str(path), budget="small", results=tmp_path / "r", dry_run=True, log=lambda s: None)
+    text = rp_render.render(rep)
     assert "<script>" not in text and "&lt;script&gt;" in text and "a \\| b" in text
 
 
@@ -268,7 +270,7 @@ def test_real_claim_card_end_to_end_on_smollm2(tmp_path):
     raw["claim"]["suite"]["tasks"][0]["seqlen"] = 128
     raw["claim"]["suite"]["hardware"]["threads"] = 1
     tiny.write_text(yaml.safe_dump(raw))
-    rep = rp.reproduce(str(tiny), budget="small", results=tmp_path / "r", progress=False, log=lambda s: None)
+    rep = rp_run.reproduce(str(tiny), budget="small", results=tmp_path / "r", progress=False, log=lambda s: None)
     assert all(a.value is not None for a in rep.arms), [a.note for a in rep.arms]
     assert rep.verdict.verdict in ("holds", "fails", "inconclusive")
     fp = {a.arm: a.value for a in rep.arms}["fp"]

@@ -6,10 +6,10 @@ import pytest
 
 from slimbench.config import Config
 from slimbench.registry import TASKS
-from slimbench.report import write_report
-from slimbench.runner import run_cells
-from slimbench.store import ResultStore
-from slimbench.suite import load_suite
+from slimbench.report.write import write_report
+from slimbench.sweep.driver import run_cells
+from slimbench.sweep.store import ResultStore
+from slimbench.sweep.suite import load_suite
 from slimbench.task import Task
 
 SUITE = """

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import benchmark
-from slimbench import scaffold
-from slimbench.contract import check_method
+from slimbench.devtools import scaffold
+from slimbench.devtools.contract import check_method
 from slimbench.registry import METHODS
 
 

@@ -18,13 +18,13 @@ import pytest
 from scale_helpers import read_log, stamp_tasks_fixture  # noqa: F401 - the stamp_tasks fixture
 from test_runner import fake_record
 
-from slimbench.claims import ClaimBook
 from slimbench.cli import main
-from slimbench.executors import LocalExecutor
-from slimbench.runner import run_cells
-from slimbench.status import CostModel, format_status, remaining_seconds, suite_state
-from slimbench.store import ResultStore, comparable_record
-from slimbench.suite import load_suite
+from slimbench.sweep.cell_claims import ClaimBook
+from slimbench.sweep.driver import run_cells
+from slimbench.sweep.executors import LocalExecutor
+from slimbench.sweep.status import CostModel, format_status, remaining_seconds, suite_state
+from slimbench.sweep.store import ResultStore, comparable_record
+from slimbench.sweep.suite import load_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -208,13 +208,13 @@ def test_rerun_of_a_finished_suite_loads_nothing(tmp_path, monkeypatch, capsys):
     path = suite_file(tmp_path, QUALITY)
     args = ["run", str(path), "--results", str(tmp_path / "r"), "--no-progress"]
     assert main(args) == 0
-    import slimbench.runner
+    import slimbench.sweep.runner
 
     def no_loading(*a, **k):
         raise AssertionError("a finished suite must not load a model")
 
-    monkeypatch.setattr(slimbench.runner, "load_model", no_loading)
-    monkeypatch.setattr("slimbench.executors.local.WorkerPoolExecutor.submit", no_loading)
+    monkeypatch.setattr(slimbench.sweep.runner, "load_model", no_loading)
+    monkeypatch.setattr("slimbench.sweep.executors.local.WorkerPoolExecutor.submit", no_loading)
     capsys.readouterr()
     assert main([*args, "--workers", "2"]) == 0
     out = capsys.readouterr().out
@@ -226,10 +226,10 @@ DRIVER = """
 import json, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import scale_register  # noqa
-from slimbench.executors import LocalExecutor
-from slimbench.runner import run_cells
-from slimbench.store import ResultStore
-from slimbench.suite import load_suite
+from slimbench.sweep.executors import LocalExecutor
+from slimbench.sweep.driver import run_cells
+from slimbench.sweep.store import ResultStore
+from slimbench.sweep.suite import load_suite
 workers = {workers}
 ex = LocalExecutor(workers, preload=("scale_register",)) if workers else LocalExecutor()
 s = run_cells(load_suite({suite!r}).cells(), ResultStore({results!r}), executor=ex, show_progress=False)
@@ -412,8 +412,8 @@ def test_eta_is_built_per_kind_not_from_the_first_cell(tmp_path):
 def test_a_method_can_raise_the_request(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from slimbench.executors.resources import Machine, group_resources
     from slimbench.registry import METHODS
+    from slimbench.sweep.executors.resources import Machine, group_resources
 
     cells = load_suite(suite_file(tmp_path, QUALITY)).cells()
     mag = [c for c in cells if c.method.name == "magnitude"]

@@ -6,9 +6,9 @@ from slimbench.methods.pruning.magnitude import MagnitudeConfig
 from slimbench.methods.quantization.grid import GridConfig, pack_bits, quantize_matrix, unpack_bits
 from slimbench.methods.quantization.rtn import RTNConfig
 
+from slimbench.method import apply_method
 from slimbench.modeling import get_weight, iter_linears
 from slimbench.registry import METHODS
-from slimbench.runner import apply_method
 from slimbench.specs import HardwareSpec, MethodSpec, StepSpec
 
 

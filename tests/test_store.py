@@ -12,10 +12,10 @@ from test_runner import fake_record
 
 from slimbench.cli import main
 from slimbench.errors import SuiteError
-from slimbench.report import write_report
-from slimbench.runner import run_cells
-from slimbench.store import ResultStore, check_results_folder, comparable_record
-from slimbench.suite import load_suite
+from slimbench.report.write import write_report
+from slimbench.sweep.driver import run_cells
+from slimbench.sweep.store import ResultStore, check_results_folder, comparable_record
+from slimbench.sweep.suite import load_suite
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -223,7 +223,7 @@ def test_written_files_are_shared_like_any_file_the_user_writes(tmp_path):
     import os
     import stat
 
-    from slimbench.store import atomic_write_text
+    from slimbench.sweep.store import atomic_write_text
 
     mask = os.umask(0)
     os.umask(mask)

@@ -6,7 +6,7 @@ import pytest
 
 import benchmark
 from slimbench.errors import SuiteError
-from slimbench.suite import load_suite
+from slimbench.sweep.suite import load_suite
 
 
 def write(tmp_path, text, name="suite.yaml"):

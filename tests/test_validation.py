@@ -15,11 +15,11 @@ from slimbench.config import Config
 from slimbench.errors import SuiteError
 from slimbench.method import Method, MethodContext, MethodReport
 from slimbench.registry import METHODS
-from slimbench.runner import run_cells
-from slimbench.shapes import skeleton
 from slimbench.specs import HardwareSpec, ModelSpec
-from slimbench.store import ResultStore
-from slimbench.suite import load_suite
+from slimbench.sweep.driver import run_cells
+from slimbench.sweep.store import ResultStore
+from slimbench.sweep.suite import load_suite
+from slimbench.zoo.shapes import skeleton
 
 ROOT = Path(benchmark.__file__).resolve().parent
 torch.set_num_threads(1)
@@ -36,7 +36,7 @@ def no_weights(monkeypatch):
     """Any attempt to load weights fails the test: validation must read configs only."""
     from transformers import AutoModelForCausalLM
 
-    import slimbench.models as models
+    import slimbench.zoo.models as models
 
     def refuse(*a, **k):
         raise AssertionError("validation loaded weights")
@@ -200,7 +200,7 @@ def test_advice_names_only_group_sizes_smollm2_accepts():
     from slimbench.methods.quantization.grid import check_group_size
 
     from slimbench.modeling import get_weight, iter_linears
-    from slimbench.models import SMOLLM2_PROVENANCE
+    from slimbench.zoo.models import SMOLLM2_PROVENANCE
 
     sk = skeleton(ModelSpec(name="smollm2-135m"))
     widths = {n: get_weight(m).shape[1] for n, m in iter_linears(sk.model)}
@@ -213,7 +213,7 @@ def test_advice_names_only_group_sizes_smollm2_accepts():
 
 
 def test_check_config_takes_a_spec_or_a_transformers_config(no_weights):
-    from slimbench.models import tiny_config
+    from slimbench.zoo.models import tiny_config
 
     rtn = METHODS.get("rtn")
     rtn.check_config(tiny_config("opt"), rtn.config(group_size=32))

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import benchmark
-from slimbench.runner import run_cells
-from slimbench.store import ResultStore
-from slimbench.suite import load_suite
-from slimbench.verify import rerun, verify_folder
+from slimbench.devtools.verify import rerun, verify_folder
+from slimbench.sweep.driver import run_cells
+from slimbench.sweep.store import ResultStore
+from slimbench.sweep.suite import load_suite
 
 torch.set_num_threads(1)
 

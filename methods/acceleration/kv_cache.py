@@ -30,8 +30,8 @@ from slimbench.methods.acceleration.kv_layers import QuantizedKVLayer, SinkWindo
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
 from slimbench.config import Config
+from slimbench.measure.roofline import attention_shape
 from slimbench.method import Method, MethodReport
-from slimbench.roofline import attention_shape
 
 KINDS = ("dynamic", "static", "offloaded", "quantized", "sliding-window")
 LOSSY = {"quantized", "sliding-window"}

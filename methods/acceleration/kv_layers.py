@@ -1,7 +1,7 @@
 """KV cache layers of our own: quantized (int8 / int4) and sliding window with attention sinks.
 
 Both plug into transformers' ``Cache`` (one layer object per decoder layer) and answer
-``kv_bytes()`` so the efficiency task can count what they hold (slimbench.roofline).
+``kv_bytes()`` so the efficiency task can count what they hold (slimbench.measure.roofline).
 
 **Quantized** (:class:`QuantizedKVLayer`): keys and values are stored as integer codes with an
 fp16 scale and minimum (asymmetric min-max) per group:

@@ -45,7 +45,7 @@ def check(lm, cfg: OnnxRuntimeConfig) -> None:
 
 
 def prompt(lm, cfg) -> torch.Tensor:
-    from slimbench.corpora import encode_split
+    from slimbench.zoo.corpora import encode_split
 
     ids = encode_split(lm, cfg.corpus, cfg.split)[: cfg.check_prompt_len]
     if len(ids) < cfg.check_prompt_len:

@@ -26,7 +26,8 @@ import torch
 from pydantic import Field, model_validator
 
 from slimbench.config import Config
-from slimbench.engines.parallel import DistributedModel, check_split, head_counts, launch, stage_bounds
+from slimbench.engines.parallel import DistributedModel, launch
+from slimbench.engines.sharding import check_split, head_counts, stage_bounds
 from slimbench.method import Method, MethodReport
 
 
@@ -83,7 +84,7 @@ def check(lm, cfg: ParallelConfig) -> None:
 
 
 def check_prompt(lm, cfg: ParallelConfig) -> torch.Tensor:
-    from slimbench.corpora import encode_split
+    from slimbench.zoo.corpora import encode_split
 
     ids = encode_split(lm, cfg.corpus, cfg.split)[: cfg.check_prompt_len]
     if len(ids) < cfg.check_prompt_len:
@@ -118,8 +119,8 @@ def compare(lm, dm: DistributedModel, ids: torch.Tensor, ref_logits, ref_tokens,
 
 
 def apply(lm, cfg: ParallelConfig, ctx) -> MethodReport:
+    from slimbench.method import size_report
     from slimbench.modeling import count_parameters
-    from slimbench.runner import size_report
 
     model = lm.model
     ids = check_prompt(lm, cfg)

@@ -113,9 +113,9 @@ def vocabulary_difference(target_tok, draft_tok) -> str | None:
 
 def load_draft(lm, draft: DraftSpec, hw) -> tuple[Any, dict[str, Any] | None]:
     """The draft LanguageModel, and the harness' method report of its steps (None if no steps)."""
-    from slimbench.models import resolve
-    from slimbench.runner import apply_method
+    from slimbench.method import apply_method
     from slimbench.specs import ModelSpec
+    from slimbench.zoo.models import resolve
 
     spec = ModelSpec(name=draft.model) if draft.model else lm.spec
     if spec is None:
@@ -139,8 +139,8 @@ def check(lm, cfg: SpeculativeConfig) -> None:
             "accepted tokens (no crop / get_seq_length); use a cache that supports them"
         )
     if isinstance(cfg.draft, DraftSpec) and cfg.draft.model is not None:
-        from slimbench.models import resolve
         from slimbench.specs import HardwareSpec, ModelSpec
+        from slimbench.zoo.models import resolve
 
         spec = ModelSpec(name=cfg.draft.model)
         draft = resolve(spec, source="speculative", field="draft.model")(
@@ -181,7 +181,7 @@ def make_drafter(lm, cfg: SpeculativeConfig, hw) -> tuple[Any, dict[str, Any]]:
 # -- the self-check ----------------------------------------------------------------------------
 def self_check(lm, gen: SpeculativeGenerator, cfg: SpeculativeConfig) -> dict[str, Any]:
     """Plain vs speculative on one corpus prompt, interleaved; raises if the outputs differ."""
-    from slimbench.corpora import encode_split
+    from slimbench.zoo.corpora import encode_split
 
     ids = encode_split(lm, cfg.corpus, cfg.split)[: cfg.check_prompt_len]
     if len(ids) < cfg.check_prompt_len:

@@ -43,14 +43,15 @@ from slimbench.methods.distillation.kd import (
     topk_kl,
 )
 from slimbench.methods.distillation.layer_drop import DepthConfig, check, depth_details
-from slimbench.methods.distillation.student import drop_layers, kept_layers, teacher_depth
+from slimbench.methods.distillation.student import kept_layers
 
 from slimbench.calibration import CalibrationConfig, sample_calibration
 from slimbench.config import stable_hash
-from slimbench.measure import PeakMemory
+from slimbench.layerwise import drop_layers, teacher_depth
+from slimbench.measure.clocks import PeakMemory
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import count_parameters
-from slimbench.models import cache_dir
+from slimbench.zoo.models import cache_dir
 
 
 class DistillConfig(DepthConfig, CalibrationConfig):

@@ -7,9 +7,10 @@ so "before training" is measured by the same tasks as the distilled student.
 from __future__ import annotations
 
 from pydantic import Field, model_validator
-from slimbench.methods.distillation.student import drop_layers, kept_layers, teacher_depth
+from slimbench.methods.distillation.student import kept_layers
 
 from slimbench.config import Config
+from slimbench.layerwise import drop_layers, teacher_depth
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import count_parameters
 

@@ -1,21 +1,11 @@
-"""Building a shallower student from a teacher (no METHOD here).
+"""Which teacher layers a shallower student keeps (no METHOD here).
 
-Layers are really removed: the decoder's ModuleList keeps only the chosen layers,
-``config.num_hidden_layers`` (and a per-layer ``config.layer_types`` list, if the architecture
-has one) is updated, and each kept layer's attention ``layer_idx`` is renumbered so the KV
-cache, which is sized from the config, indexes the layers that exist. The kept layers' weights
-are the teacher's own (DistilBERT-style initialisation).
+``slimbench.layerwise.drop_layers`` then removes the others for real (the decoder's ModuleList,
+the config's layer count and layer types, each kept layer's cache index). The kept layers'
+weights are the teacher's own (DistilBERT-style initialisation).
 """
 
 from __future__ import annotations
-
-from torch import nn
-
-from slimbench.layerwise import adapter_for, get_path
-
-
-def teacher_depth(model: nn.Module) -> int:
-    return len(get_path(model, adapter_for(model).layers_path))
 
 
 def kept_layers(depth: int, keep_every: int | None, student_layers: int | None) -> list[int]:
@@ -33,25 +23,3 @@ def kept_layers(depth: int, keep_every: int | None, student_layers: int | None) 
         return sorted({round(i * (depth - 1) / (student_layers - 1)) for i in range(student_layers)})
     k = keep_every or 2
     return list(range(0, depth, k))
-
-
-def drop_layers(model: nn.Module, keep: list[int]) -> nn.Module:
-    """Keep only layers ``keep`` (in order) of ``model``, in place; returns the model."""
-    adapter = adapter_for(model)
-    parent_path, _, attr = adapter.layers_path.rpartition(".")
-    parent = get_path(model, parent_path) if parent_path else model
-    old = getattr(parent, attr)
-    depth = len(old)
-    if not keep or any(i < 0 or i >= depth for i in keep) or sorted(set(keep)) != list(keep):
-        raise ValueError(f"layers to keep {keep} must be increasing indices into {depth} layers")
-    setattr(parent, attr, nn.ModuleList([old[i] for i in keep]))
-    for new_idx, layer in enumerate(getattr(parent, attr)):
-        for mod in layer.modules():
-            if hasattr(mod, "layer_idx"):
-                mod.layer_idx = new_idx
-    cfg = model.config
-    cfg.num_hidden_layers = len(keep)
-    types = getattr(cfg, "layer_types", None)
-    if isinstance(types, list) and len(types) == depth:
-        cfg.layer_types = [types[i] for i in keep]
-    return model

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimbench.calibration import CalibrationConfig, sample_calibration
-from slimbench.measure import PeakMemory
+from slimbench.measure.clocks import PeakMemory
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight, iter_linears, unique_tensors
 

@@ -1,6 +1,6 @@
 """`auto`: per-layer settings chosen under a budget from a sensitivity profile, verified end to end.
 
-1. **Profile** (``slimbench.sensitivity``): for every linear of the decoder layers (or every
+1. **Profile** (``slimbench.methods.search.sensitivity``): for every linear of the decoder layers (or every
    decoder layer, ``unit: layer``) and every candidate setting of the family, the KL to the
    uncompressed model on calibration windows and the NLL change on validation windows when that
    unit alone is compressed. Cached on disk and shared by every search on the same model.
@@ -35,7 +35,6 @@ splits, the verification the validation split.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from typing import Any, Literal
 
 import torch
@@ -48,7 +47,7 @@ from slimbench.methods.pruning.sparse_format import sparse_storage
 from slimbench.methods.pruning.wanda import WandaConfig, WandaLayer
 from slimbench.methods.quantization.grid import GridConfig, quantize_matrix
 from slimbench.methods.quantization.packed import FormatConfig, finish_layer, format_report
-from slimbench.methods.search.allocate import BudgetError, allocate
+from slimbench.methods.search.allocate import BudgetError
 from slimbench.methods.search.choices import (
     CALIBRATED,
     SVD_LLM_DAMPING,
@@ -58,12 +57,13 @@ from slimbench.methods.search.choices import (
     parse_choice,
     stored_nbytes,
 )
+from slimbench.methods.search.plans import candidate_plans, expand, summarize_plan, unit_options
+from slimbench.methods.search.sensitivity import ProbeConfig, sensitivity_profile, units_of
 
 from slimbench.calibration import CalibrationConfig, sample_calibration
 from slimbench.layerwise import adapter_for, sequential
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight, iter_linears, serialized_bytes, set_weight, unique_tensors
-from slimbench.sensitivity import ProbeConfig, sensitivity_profile, units_of
 
 BUDGETS = ("budget_bits", "budget_bytes", "budget_like")
 HEADER_ALLOWANCE = 200  # bytes of safetensors header per stored tensor (real entries are ~120)
@@ -282,19 +282,6 @@ def profile_for(lm, cfg: AutoConfig, calib_fn, ctx) -> dict[str, Any]:
                                prepare=prepare)
 
 
-def unit_options(prof: dict[str, Any], objective: str, dense_bytes: dict[str, int] | None,
-                 keys: list[str]) -> dict[str, list]:
-    """Per unit, (choice, bytes, loss) of the measured candidates in ``keys``, and ``dense`` if given."""
-    loss_key = "kl" if objective == "kl" else "val_nll_delta"
-    out = {}
-    for u, e in prof["units"].items():
-        opts = [(k, v["bytes"], v[loss_key]) for k, v in e["candidates"].items() if k in keys]
-        if dense_bytes is not None:
-            opts.append(("dense", dense_bytes[u], 0.0))
-        out[u] = opts
-    return out
-
-
 def linear_budget(lm, cfg: AutoConfig, prof: dict[str, Any], units: dict[str, list[str]]) -> int:
     """Bytes the decoder linears may take, from whichever budget the config gives."""
     mods = dict(iter_linears(lm.model))
@@ -323,78 +310,13 @@ def linear_budget(lm, cfg: AutoConfig, prof: dict[str, Any], units: dict[str, li
     return budget
 
 
-def expand(unit_plan: dict[str, str], units: dict[str, list[str]]) -> dict[str, str]:
-    return {n: key for u, key in unit_plan.items() for n in units[u]}
-
-
-def choice_rates(options: dict[str, list]) -> dict[str, float]:
-    """Per choice key, its bytes over all units that offer it divided by those units' largest
-    option's bytes: where the choice lies from cheapest to costliest."""
-    num: dict[str, int] = {}
-    den: dict[str, int] = {}
-    for opts in options.values():
-        top = max(b for _, b, _ in opts)
-        for key, b, _ in opts:
-            num[key] = num.get(key, 0) + b
-            den[key] = den.get(key, 0) + top
-    return {k: num[k] / den[k] for k in num}
-
-
-def floored_plans(options: dict[str, list], budget: int, tag: str) -> dict[str, dict[str, str]]:
-    """Allocations that may not use choices cheaper than a floor, one per floor between the
-    cheapest choice and the budget.
-
-    Why: the allocation adds single-unit losses, and the units' errors interact: choices far
-    below the budget (2-bit linears in a 3-bit budget, 80% sparse layers in a 50% one) carry
-    large errors that compound, so the additive optimum leans on them more than is good. The
-    floored plans are the same optimisation with those choices removed; the end-to-end check
-    decides between them on validation text.
-    """
-    rates = choice_rates(options)
-    total = sum(max(b for _, b, _ in opts) for opts in options.values())
-    plans: dict[str, dict[str, str]] = {}
-    for floor in sorted((k for k in rates if min(rates.values()) < rates[k] <= budget / total), key=rates.get):
-        kept = {u: [o for o in opts if rates[o[0]] >= rates[floor]] for u, opts in options.items()}
-        try:
-            plans[f"{tag}:floor={floor}"] = allocate(kept, budget)
-        except BudgetError:  # this floor already exceeds the budget somewhere
-            continue
-    return plans
-
-
-def candidate_plans(options: dict[str, dict[str, list]], cfg: AutoConfig, budget: int) -> dict[str, dict[str, str]]:
-    """Name -> {unit: key}: one allocation per objective (and per floor, with ``floors``), and
-    the best-predicted fitting uniform choice; a plan equal to one already listed is dropped."""
-    plans: dict[str, dict[str, str]] = {}
-    for obj in cfg.objectives:
-        found = {f"search:{obj}": allocate(options[obj], budget)}
-        if cfg.floors:
-            found |= floored_plans(options[obj], budget, f"search:{obj}")
-        for name, plan in found.items():
-            if plan not in plans.values():
-                plans[name] = plan
-    if cfg.include_uniform:
-        best = None
-        for key in cfg.candidate_keys():
-            rows = [next((o for o in opts if o[0] == key), None) for opts in options["kl"].values()]
-            if None in rows or sum(r[1] for r in rows) > budget:
-                continue  # not measured for every unit, or over the budget
-            loss = sum(r[2] for r in rows)
-            if best is None or loss < best[1]:
-                best = (key, loss)
-        if best is not None:
-            uniform = dict.fromkeys(options["kl"], best[0])
-            plans = {k: p for k, p in plans.items() if p != uniform} | {f"uniform:{best[0]}": uniform}
-    return plans
-
-
 @torch.no_grad()
 def verify(lm, plans: dict[str, dict[str, str]], cfg: AutoConfig, calib_fn, progress=None) -> dict[str, float]:
     """Validation NLL of each plan applied to the model (restored after each). A calibrated plan
     costs a whole layer-wise pass (minutes on a real model), hence the progress bar."""
     from slimbench.tasks.perplexity import JOIN, windows
 
-    from slimbench.corpora import encode_split
+    from slimbench.zoo.corpora import encode_split
 
     win = windows(encode_split(lm, cfg.calib_corpus, "validation", JOIN), cfg.verify_seqlen, cfg.verify_windows)
     mods = dict(iter_linears(lm.model))
@@ -415,16 +337,6 @@ def verify(lm, plans: dict[str, dict[str, str]], cfg: AutoConfig, calib_fn, prog
     if bar is not None:
         bar.close()
     return out
-
-
-def summarize_plan(plan: dict[str, str], numel: dict[str, int]) -> dict[str, Any]:
-    """Counts of each choice, and the share of decoder-linear weights each covers."""
-    total = sum(numel.values())
-    counts = Counter(plan.values())
-    share = Counter()
-    for n, k in plan.items():
-        share[k] += numel[n] / total
-    return {k: {"linears": counts[k], "weight_share": round(share[k], 4)} for k in sorted(counts)}
 
 
 def search(lm, cfg: AutoConfig, calib_fn, ctx) -> tuple[dict[str, str], dict[str, Any], list[str]]:

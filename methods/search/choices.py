@@ -16,7 +16,7 @@ A choice is written as a short key, the form plans and profiles use:
   tensor).
 
 The bytes of a choice are the bytes of the tensors its stored form holds, summed exactly as the
-harness sums them for the record's effective bits (``runner.size_report``), so a plan's budget
+harness sums them for the record's effective bits (``slimbench.method.size_report``), so a plan's budget
 and the record agree to the byte.
 """
 

@@ -52,7 +52,7 @@ def parse_variants(args: argparse.Namespace) -> list[tuple[str, Any]]:
     import yaml
 
     from slimbench.errors import SuiteError
-    from slimbench.suite import Problems, parse_methods
+    from slimbench.sweep.suite import Problems, parse_methods
 
     raw: list[tuple[str, Any]] = []
     names = args.variants if args.variants is not None else ("" if args.variant else DEFAULT_VARIANTS)
@@ -93,10 +93,10 @@ def with_regime_warmup(steps: Any, args: argparse.Namespace) -> list[Any]:
 
 def build(label: str, spec, args, hw) -> dict[str, Any]:
     """Load a fresh model, apply the variant's steps (compiling warm-up included)."""
-    from slimbench.measure import release_memory
-    from slimbench.models import resolve
-    from slimbench.runner import apply_method
+    from slimbench.measure.clocks import release_memory
+    from slimbench.method import apply_method
     from slimbench.specs import ModelSpec
+    from slimbench.zoo.models import resolve
 
     model_spec = ModelSpec(name=args.model)
     lm = resolve(model_spec, source="accel-bench", field="--model")(model_spec, hw)
@@ -142,7 +142,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from slimbench.machine import last_thread_choice, limits_summary, machine_limits, resolve_threads
+    from slimbench.measure.machine import last_thread_choice, limits_summary, machine_limits, resolve_threads
     from slimbench.registry import TASKS
     from slimbench.specs import HardwareSpec
     from slimbench.task import TaskContext
@@ -200,7 +200,7 @@ def cmd_accel_bench(args: argparse.Namespace) -> int:
             print(f"- {r['label']} noisy: " + "; ".join(r["details"]["noise_reasons"]))
     print(f"(total {time.perf_counter() - t0:.0f} s)")
     if args.json:
-        from slimbench.machine import write_json_atomic
+        from slimbench.measure.machine import write_json_atomic
 
         out = [{"label": r["label"], "steps": r["steps"], "metrics": {k: m.to_dict() for k, m in r["metrics"].items()},
                 "details": r["details"], "method_report": r["report"]} for r in rows]

@@ -1,4 +1,4 @@
-"""`cache list|prune`: see and reclaim the artifact cache of compressed models (slimbench/artifacts.py)."""
+"""`cache list|prune`: see and reclaim the artifact cache of compressed models (slimbench/sweep/artifacts/cache.py)."""
 
 from __future__ import annotations
 
@@ -46,14 +46,14 @@ def human_age(seconds: float | None) -> str:
 
 
 def root_of(args: argparse.Namespace) -> Path:
-    from slimbench import artifacts
+    from slimbench.sweep.artifacts import cache as artifacts
 
     root = Path(args.artifacts).expanduser() if args.artifacts else artifacts.configured_root()
     return root or artifacts.default_root()
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from slimbench import artifacts
+    from slimbench.sweep.artifacts import cache as artifacts
 
     root = root_of(args)
     entries = artifacts.list_entries(root, check_files=args.verify)
@@ -70,7 +70,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from slimbench import artifacts
+    from slimbench.sweep.artifacts import cache as artifacts
 
     root = root_of(args)
     max_bytes = None if args.max_size is None else int(args.max_size * 2**30)

@@ -3,7 +3,7 @@
 For a plugin author: install the plugin (``pip install -e .``), then
 ``slimbench check-method my-method``. It loads tiny Llama-, OPT- and GPT-2-shaped models,
 runs the method with tiny budgets, and checks what it reports against the weights
-(slimbench.contract lists every check).
+(slimbench.devtools.contract lists every check).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from slimbench.errors import SuiteError
 
 
 def cmd_check_method(args: argparse.Namespace) -> int:
-    from slimbench.contract import TINY_ARCHS, check_method, contract_params
+    from slimbench.devtools.contract import TINY_ARCHS, check_method, contract_params
     from slimbench.registry import METHODS
 
     method = METHODS.get(args.name, source="check-method", field="NAME")

@@ -9,10 +9,9 @@ from slimbench.errors import SuiteError
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from slimbench import compare
     from slimbench.cli.report import stores
-    from slimbench.report import records
-    from slimbench.store import atomic_write_text
+    from slimbench.report import compare, records
+    from slimbench.sweep.store import atomic_write_text
 
     try:  # bad rules fail before anything is read
         for rule in args.fail_if_worse:

@@ -8,7 +8,7 @@ import sys
 
 
 def cmd_loop_bench(args: argparse.Namespace) -> int:
-    from slimbench.loopbench import VARIANTS, loop_bench
+    from slimbench.devtools.loopbench import VARIANTS, loop_bench
 
     variants = tuple(args.variants.split(","))
     unknown = [v for v in variants if v not in VARIANTS]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    from slimbench import scaffold
+    from slimbench.devtools import scaffold
 
     if args.plugin:
         paths = scaffold.write_plugin(args.name, args.family, Path(args.plugin), force=args.force)
@@ -30,7 +30,7 @@ def cmd_new(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from slimbench.scaffold import TEMPLATE_FAMILIES
+    from slimbench.devtools.scaffold import TEMPLATE_FAMILIES
 
     p = sub.add_parser("new", help="write a documented method template (into methods/ or a plugin package)")
     p.add_argument("kind", choices=["method"], help="what to create")

@@ -10,7 +10,7 @@ from slimbench.errors import SuiteError
 
 def stores(folders: list[str]) -> list:
     """One store per results folder (repeats dropped); a folder without records is an error."""
-    from slimbench.store import ResultStore
+    from slimbench.sweep.store import ResultStore
 
     out = []
     for f in dict.fromkeys(folders):
@@ -22,7 +22,7 @@ def stores(folders: list[str]) -> list:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from slimbench.report import write_report
+    from slimbench.report.write import write_report
 
     folders = args.results or ["results"]
     out = write_report(stores(folders), Path(args.out or Path(folders[0]) / "report"), html=args.html)

@@ -9,7 +9,9 @@ from slimbench.errors import SuiteError
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from slimbench import reproduce as rp
+    from slimbench.reproduce import papers as rp
+    from slimbench.reproduce import render as rp_render
+    from slimbench.reproduce import run as rp_run
 
     if args.list:
         for key in rp.available_papers():
@@ -23,7 +25,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     hardware = {k: v for k, v in (("device", args.device), ("dtype", args.dtype), ("threads", args.threads)) if v}
     reps = []
     for paper in papers:
-        rep = rp.reproduce(
+        rep = rp_run.reproduce(
             str(paper.path),
             budget=args.budget,
             results=args.results,
@@ -32,17 +34,17 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             isolate=args.isolate,
         )
-        print(rp.render(rep, markdown=False))
+        print(rp_render.render(rep, markdown=False))
         if not args.dry_run:
-            print(f"(written to {rp.write_outputs(rep, args.results)})\n")
+            print(f"(written to {rp_render.write_outputs(rep, args.results)})\n")
         reps.append(rep)
     if len(reps) > 1:
-        table = rp.summary_table(reps)
+        table = rp_render.summary_table(reps)
         print(table)
         if not args.dry_run:
             from pathlib import Path
 
-            from slimbench.store import atomic_write_text
+            from slimbench.sweep.store import atomic_write_text
 
             path = Path(args.results) / "reproduce" / f"summary-{args.budget}.md"
             atomic_write_text(path, table)

@@ -25,11 +25,11 @@ def build_executor(args: argparse.Namespace):
     """The executor the options ask for (nothing started yet)."""
     memory_limit = int(args.memory_limit * 2**30) if args.memory_limit else None
     if args.executor == "ray":
-        from slimbench.executors.ray_executor import RayExecutor  # imports Ray only here
+        from slimbench.sweep.executors.ray_executor import RayExecutor  # imports Ray only here
 
         return RayExecutor(address=args.address, max_groups=args.workers, memory_limit=memory_limit,
                            timeout=args.timeout)
-    from slimbench.executors import LocalExecutor
+    from slimbench.sweep.executors import LocalExecutor
 
     workers = args.workers
     if workers is None and (args.isolate or args.timeout is not None):
@@ -46,8 +46,8 @@ def report_is_current(store, out: Path) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from slimbench.store import ResultStore, check_results_folder
-    from slimbench.suite import load_suite, validate_against_models
+    from slimbench.sweep.store import ResultStore, check_results_folder
+    from slimbench.sweep.suite import load_suite, validate_against_models
 
     if args.address and args.executor != "ray":
         raise SuiteError("--address names a Ray cluster; use it with --executor ray")
@@ -76,8 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if len(done) == len(cells):  # the fast path: no executor, no model, no worker
         print(f"nothing to run: every cell has an ok record in {store.runs}")
         return finish(args, store, report_dir, ran=False)
-    from slimbench import artifacts
-    from slimbench.store import utc_now
+    from slimbench.sweep.artifacts import cache as artifacts
+    from slimbench.sweep.store import utc_now
 
     artifacts.configure(args.artifacts, disabled=args.no_artifact_cache)  # workers inherit it (environment)
     artifacts.preflight()  # a full or read-only cache folder: said now, before any cell
@@ -94,8 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def run_suite(args: argparse.Namespace, suite, cells, store):
-    from slimbench.executors.sweep import sweep
-    from slimbench.runner import group_cells
+    from slimbench.sweep.driver import sweep
+    from slimbench.sweep.runner import group_cells
 
     executor = build_executor(args)
     pending = [c for c in cells if not store.has_ok(c.run_id)]
@@ -122,7 +122,7 @@ def finish(args: argparse.Namespace, store, report_dir: Path, *, ran: bool) -> i
     if not ran and report_is_current(store, report_dir):
         print(f"report: {report_dir / 'leaderboard.md'} is up to date")
         return 0
-    from slimbench.report import write_report
+    from slimbench.report.write import write_report
 
     out = write_report(store, report_dir)
     print(out.summary)
@@ -183,7 +183,7 @@ def register(sub) -> None:
         help="memory a worker may use before its cell fails (default: 90%% of RAM shared by the workers; "
         "hardware.memory_gb, where set, wins)",
     )
-    from slimbench.claims import TIMEOUT_S
+    from slimbench.sweep.cell_claims import TIMEOUT_S
 
     r.add_argument(
         "--claim-timeout",

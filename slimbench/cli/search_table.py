@@ -9,7 +9,7 @@ from slimbench.errors import SuiteError
 
 def cmd_search_table(args: argparse.Namespace) -> int:
     from slimbench.methods.search.compare import collect, render
-    from slimbench.store import ResultStore
+    from slimbench.sweep.store import ResultStore
 
     store = ResultStore(args.results)
     if not store.runs.exists():

@@ -6,7 +6,7 @@ import argparse
 
 
 def cmd_speed(args: argparse.Namespace) -> int:
-    from slimbench.selfbench import perplexity_overhead
+    from slimbench.devtools.selfbench import perplexity_overhead
 
     perplexity_overhead(model=args.model, windows=args.windows, seqlen=args.seqlen, rounds=args.rounds)
     return 0

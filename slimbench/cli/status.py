@@ -9,9 +9,9 @@ from slimbench.errors import SuiteError
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from slimbench.claims import ClaimBook
-    from slimbench.status import CostModel, format_status, remaining_seconds, suite_state
-    from slimbench.store import ResultStore
+    from slimbench.sweep.cell_claims import ClaimBook
+    from slimbench.sweep.status import CostModel, format_status, remaining_seconds, suite_state
+    from slimbench.sweep.store import ResultStore
 
     root = Path(args.results)
     if not root.is_dir():
@@ -19,7 +19,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = ResultStore(root)
     cells = None
     if args.suite:
-        from slimbench.suite import load_suite
+        from slimbench.sweep.suite import load_suite
 
         suite = load_suite(args.suite, args.set)
         cells = suite.cells()
@@ -37,8 +37,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from slimbench.claims import TIMEOUT_S
     from slimbench.cli.run import add_set_option
+    from slimbench.sweep.cell_claims import TIMEOUT_S
 
     s = sub.add_parser("status", help="which cells of a results folder are done, running, failed or pending")
     s.add_argument("results", nargs="?", default="results", help="results folder (default: results)")

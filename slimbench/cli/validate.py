@@ -8,7 +8,7 @@ from slimbench.cli.run import add_set_option
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from slimbench.suite import load_suite
+    from slimbench.sweep.suite import load_suite
 
     suite = load_suite(args.suite, args.set)
     print(f"{suite.source}: valid, {len(suite.cells())} cells")

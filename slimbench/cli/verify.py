@@ -13,7 +13,7 @@ from slimbench.errors import SuiteError
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from slimbench.verify import rerun, verify_folder
+    from slimbench.devtools.verify import rerun, verify_folder
 
     if args.rerun is not None and args.rerun < 0:
         raise SuiteError("--rerun must be 0 or more", source="verify")

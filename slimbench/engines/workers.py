@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimbench import machine
+from slimbench.measure import machine
 
 POLL_SLICE_S = 0.05
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimbench.store import ResultStore
+from slimbench.sweep.store import ResultStore
 
 
 @dataclass

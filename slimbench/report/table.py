@@ -260,7 +260,7 @@ def absorb(row: dict[str, Any], r: dict[str, Any], qcols: dict, ecols: dict) -> 
 
 def paired_noise(details: Any, base: Any, metric: str | None) -> dict[str, Any] | None:
     """Paired bootstrap interval of the per-example difference, where both records have one."""
-    from slimbench.stats import paired_delta_from_details
+    from slimbench.measure.stats import paired_delta_from_details
 
     if not metric or not isinstance(details, dict) or not isinstance(base, dict):
         return None

@@ -1,0 +1,1 @@
+"""Paper reproduction: a paper's headline table and its claim card, from one YAML file."""

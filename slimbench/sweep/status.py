@@ -1,0 +1,210 @@
+"""Where a sweep stands, and how long the rest will take.
+
+The ETA is built from what each kind of work cost, not from a rate of cells per second: a
+cell's cost is its group's model load (or conversion), its method's compression and its own
+task, each estimated from the nearest finished work of the same kind (the same model and
+method, else the same method on any model, else any compression; likewise for loads and
+tasks). The first cell of a run, which also converts a model, therefore does not skew it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from slimbench.config import stable_hash
+from slimbench.specs import CellSpec
+
+DEFAULTS = {"load": 5.0, "compress": 2.0, "evaluate": 10.0}  # seconds, before anything was seen
+
+
+def _task_keys(model: str, task_label: str, params: Any) -> list[tuple]:
+    h = stable_hash(params, 8)
+    return [(model, task_label, h), ("*", task_label, h), (model, task_label), ("*", task_label), (model,), ("*",)]
+
+
+def _compress_keys(model: str, label: str, name: str) -> list[tuple]:
+    return [(model, label), ("*", label), (model, name), ("*", name), ("*",)]
+
+
+@dataclass
+class CostModel:
+    """Seconds per kind of work, learned from records and from a running sweep."""
+
+    seen: dict[str, dict[tuple, list[float]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+
+    def _add(self, kind: str, keys: list[tuple], seconds: float) -> None:
+        for k in keys:
+            self.seen[kind][k].append(float(seconds))
+
+    def add(self, kind: str, cell: CellSpec | dict, seconds: float) -> None:
+        """One observation: ``kind`` is load, compress or evaluate; ``cell`` a spec or a record."""
+        self._add(kind, self.keys(kind, cell), seconds)
+
+    @staticmethod
+    def keys(kind: str, cell: CellSpec | dict) -> list[tuple]:
+        if isinstance(cell, CellSpec):
+            model, label, name = cell.model.name, cell.method.label(), cell.method.name
+            task_label, params = cell.task.label(), cell.task.params
+        else:
+            model, label, name = cell["model"]["name"], cell["method"]["label"], cell["method"]["name"]
+            task_label = f"{cell['task']['name']}@{cell['task'].get('version')}"
+            params = cell["task"].get("params", {})
+        if kind == "load":
+            return [(model,), ("*",)]
+        if kind == "compress":
+            return _compress_keys(model, label, name)
+        return _task_keys(model, task_label, params)
+
+    def knows_method(self, cell: CellSpec) -> bool:
+        """Has any finished cell run this cell's method (on any model)? Else its cost is borrowed."""
+        return any(self.seen["compress"].get(k) for k in self.keys("compress", cell)[:-1])
+
+    def estimate(self, kind: str, cell: CellSpec | dict) -> float:
+        for k in self.keys(kind, cell):
+            obs = self.seen[kind].get(k)
+            if obs:
+                # A model's first load may include its one-time conversion: the next one will not.
+                return min(obs) if kind == "load" else statistics.median(obs)
+        return DEFAULTS[kind]
+
+    @classmethod
+    def from_records(cls, records: list[dict[str, Any]]) -> CostModel:
+        """What finished cells cost (a group's load and compression counted once)."""
+        cm = cls()
+        groups_seen: set[tuple] = set()
+        for r in records:
+            t = r.get("timings") or {}
+            rep = r.get("method_report") or {}
+            # the cells of one group share its method report: one load and one compression
+            group = (r["model"]["name"], r["method"]["label"], rep.get("compress_seconds"), t.get("load_seconds"))
+            if group not in groups_seen:
+                groups_seen.add(group)
+                if isinstance(t.get("load_seconds"), int | float):
+                    cm.add("load", r, t["load_seconds"])
+                if isinstance(rep.get("compress_seconds"), int | float):
+                    cm.add("compress", r, rep["compress_seconds"])
+            seconds = t.get("evaluate_seconds")
+            if not isinstance(seconds, int | float):
+                seconds = _elapsed(r.get("started_at"), r.get("finished_at"))
+            if r.get("status") == "ok" and seconds is not None:
+                cm.add("evaluate", r, seconds)
+        return cm
+
+    def group_seconds(self, cells: list[CellSpec], *, done: set[str] = frozenset()) -> float:
+        """Seconds a group still needs; ``done`` holds the stages finished ("load", "compress", run ids)."""
+        head = cells[0]
+        total = 0.0 if "load" in done else self.estimate("load", head)
+        total += 0.0 if "compress" in done else self.estimate("compress", head)
+        return total + sum(self.estimate("evaluate", c) for c in cells if c.run_id not in done)
+
+
+def _elapsed(start: str | None, end: str | None) -> float | None:
+    try:
+        fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
+        return (datetime.strptime(end, fmt) - datetime.strptime(start, fmt)).total_seconds()
+    except (TypeError, ValueError):
+        return None
+
+
+def human_seconds(s: float) -> str:
+    s = max(0.0, s)
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+# -- the state of a suite in a results folder ------------------------------------------------
+@dataclass
+class CellState:
+    cell: CellSpec | None
+    run_id: str
+    state: str  # done | running | failed | pending | stale (claimed by a dead driver)
+    detail: str = ""
+    label: str = ""
+
+
+def suite_state(store, cells: list[CellSpec] | None, claim_book=None) -> list[CellState]:
+    """One row per cell: of the suite's cells, or (no suite) of every cell the folder knows."""
+    from slimbench.sweep.cell_claims import ClaimBook
+
+    book = claim_book or ClaimBook(store)
+    latest = {r["run_id"]: r for r in store.records(include_failed=True)}
+    claims = book.all_claims()
+    ids = [c.run_id for c in cells] if cells is not None else sorted(set(latest) | set(claims))
+    by_id = {c.run_id: c for c in cells or []}
+    rows = []
+    for run_id in ids:
+        cell, rec = by_id.get(run_id), latest.get(run_id)
+        label = _label(cell, rec, claims.get(run_id))
+        if rec is not None and rec["status"] == "ok":
+            rows.append(CellState(cell, run_id, "done", "", label))
+        elif run_id in claims and claims[run_id][1]:
+            owner = claims[run_id][0]
+            rows.append(CellState(cell, run_id, "running", f"by {owner.describe()}", label))
+        elif run_id in claims:
+            owner = claims[run_id][0]
+            rows.append(CellState(cell, run_id, "stale", f"claimed by {owner.host}:{owner.pid}, which is gone", label))
+        elif rec is not None:
+            e = rec.get("error") or {}
+            why = f"{e.get('stage', '?')}: {e.get('type', '')}: {e.get('message', '')}".replace("\n", " ")
+            rows.append(CellState(cell, run_id, "failed", why[:300], label))
+        else:
+            rows.append(CellState(cell, run_id, "pending", "", label))
+    return rows
+
+
+def _label(cell: CellSpec | None, rec: dict | None, claim) -> str:
+    if cell is not None:
+        return f"{cell.model.name} | {cell.method.label()} | {cell.task.label()}"
+    if rec is not None:
+        return f"{rec['model']['name']} | {rec['method']['label']} | {rec['task']['name']}"
+    return claim[0].label if claim else ""
+
+
+@dataclass
+class Eta:
+    seconds: float
+    # methods of unfinished cells no finished cell has run: their compression cost is borrowed
+    # from other methods' and may be far off (a search or a calibrated method costs minutes)
+    unseen_methods: list[str]
+
+
+def remaining_seconds(cells: list[CellSpec], rows: list[CellState], cost: CostModel) -> Eta:
+    """Compute time the cells not yet done need (groups load and compress once)."""
+    from slimbench.sweep.runner import group_cells
+
+    todo = {r.run_id for r in rows if r.state in ("pending", "running", "stale", "failed")}
+    total, unseen = 0.0, set()
+    for group in group_cells([c for c in cells if c.run_id in todo]).values():
+        total += cost.group_seconds(group)
+        if not cost.knows_method(group[0]):
+            unseen.add(group[0].method.name)
+    return Eta(total, sorted(unseen))
+
+
+def format_status(rows: list[CellState], eta: Eta | None, *, verbose_done: bool = False) -> str:
+    counts = {k: sum(r.state == k for r in rows) for k in ("done", "running", "failed", "stale", "pending")}
+    head = ", ".join(f"{v} {k}" for k, v in counts.items() if v or k in ("done", "pending"))
+    lines = [f"{len(rows)} cells: {head}"]
+    for r in rows:
+        if r.state == "done" and not verbose_done:
+            continue
+        extra = f"  ({r.detail})" if r.detail else ""
+        lines.append(f"  {r.state:<8} {r.run_id}  {r.label}{extra}")
+    if eta is not None and len(rows) > counts["done"]:
+        lines.append(
+            f"ETA: about {human_seconds(eta.seconds)} of compute for the {len(rows) - counts['done']} cells not done "
+            "(estimated per model load, compression and task from the finished cells; divide by the workers in use)"
+        )
+        if eta.unseen_methods:
+            lines.append(
+                f"  no finished cell has run {', '.join(eta.unseen_methods)} yet: "
+                "its compression time is borrowed from other methods' and may be far off"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The model zoo and its data: registered models, corpora, evaluation datasets, shapes without weights."""
