@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_UPDATE_DOWNLOAD_COUNTS ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-all browser run test lint speed report claims clean-venv
+.PHONY: setup setup-all browser run test lint bench speed report claims clean-venv
 
 # `setup`: what `make run` needs. `setup-all`: the optional features, the test tools and Ray too.
 setup: $(STAMP)
@@ -39,8 +39,20 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	  else echo "chromium is missing: sudo apt-get install chromium chromium-driver (browser test skipped)"; fi; }
 
+# Two workers on the two cores, one torch thread each (SLIMBENCH_MAX_THREADS caps what a suite
+# asks for), so they do not fight; the 25 slowest tests are listed at the end of every run.
+TEST_WORKERS ?= 2
 test: setup-all browser
-	$(PY) -m pytest -q
+	SLIMBENCH_MAX_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
+
+# Micro-benchmarks of the hot paths (benchmarks/, pytest-benchmark): each run is saved under
+# .benchmarks/ (machine and commit in the name) and compared with the previous one; a median
+# more than BENCH_FAIL worse fails. Run it on an idle machine.
+BENCH_FAIL ?= median:25%
+bench: setup-all
+	$(PY) -m pytest benchmarks -o python_files='bench_*.py' -o python_functions='bench_*' -p no:xdist \
+	  --benchmark-autosave --benchmark-storage=file://.benchmarks --benchmark-compare \
+	  --benchmark-compare-fail=$(BENCH_FAIL) --benchmark-group-by=group --benchmark-columns=min,median,max,rounds
 
 lint: setup-all
 	$(PY) -m ruff check .

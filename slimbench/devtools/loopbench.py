@@ -48,11 +48,17 @@ def method_config(method: str, suite: str | None, overrides: dict[str, Any]) -> 
     return build_config(cls, {**params, **overrides}, source="loop-bench", field=method), model, hw
 
 
-def run_variant(method: str, cfg: Any, model: ModelSpec, hw: HardwareSpec, variant: str) -> dict[str, Any]:
+def load_for(model: ModelSpec, hw: HardwareSpec):
+    """A freshly loaded model, threads set: what every variant starts from."""
     from slimbench.zoo.models import resolve
 
     lm = resolve(model, source="loop-bench", field="--model")(model, hw)
     torch.set_num_threads(hw.threads)
+    return lm
+
+
+def apply_variant(lm, method: str, cfg: Any, hw: HardwareSpec, variant: str) -> dict[str, Any]:
+    """Apply ``method`` to ``lm`` with the loop run as ``variant``; times, counters, the result."""
     torch.manual_seed(0)
     stats: dict[str, int] = {}
     settings = dict(VARIANTS[variant])
@@ -65,6 +71,10 @@ def run_variant(method: str, cfg: Any, model: ModelSpec, hw: HardwareSpec, varia
     state = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
     return {"variant": variant, "wall_s": wall, "cpu_s": cpu, "stats": stats, "state": state,
             "storage": rep.storage, "details": rep.details}
+
+
+def run_variant(method: str, cfg: Any, model: ModelSpec, hw: HardwareSpec, variant: str) -> dict[str, Any]:
+    return apply_variant(load_for(model, hw), method, cfg, hw, variant)
 
 
 def identical(a: dict[str, Any], b: dict[str, Any]) -> tuple[bool, list[str]]:

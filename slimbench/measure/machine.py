@@ -183,6 +183,16 @@ def probe_threads(candidates: list[int], rounds: int = 5) -> dict[int, float]:
     return {c: statistics.median(v) for c, v in times.items()}
 
 
+THREADS_CAP_ENV = "SLIMBENCH_MAX_THREADS"
+
+
+def thread_cap() -> int | None:
+    """An upper bound on intra-op threads from the environment (None: no bound). Parallel test
+    workers set 1, so two workers on two cores do not each ask for both."""
+    raw = os.environ.get(THREADS_CAP_ENV, "").strip()
+    return max(1, int(raw)) if raw.isdigit() else None
+
+
 def resolve_threads(hw: Any) -> int:
     """The intra-op thread count for ``hw`` (a HardwareSpec), set in torch and returned.
 
@@ -192,13 +202,15 @@ def resolve_threads(hw: Any) -> int:
     timings are kept for the cell's record (:func:`last_thread_choice`).
     """
     setting = getattr(hw, "threads", hw)
+    cap = thread_cap()
     if setting != "auto":
-        n = int(setting)
+        n = min(int(setting), cap or int(setting))
         torch.set_num_threads(n)
         _LAST_THREADS.clear()
-        _LAST_THREADS.update({"setting": n, "used": n})
+        capped = {"capped_by": THREADS_CAP_ENV} if n < int(setting) else {}
+        _LAST_THREADS.update({"setting": int(setting), "used": n, **capped})
         return n
-    cands = thread_candidates(len(affinity()))
+    cands = [c for c in thread_candidates(len(affinity())) if not cap or c <= cap] or [1]
     with Contention() as c:
         timing = probe_threads(cands) if len(cands) > 1 else {cands[0]: 0.0}
     best = min(timing, key=timing.get)
