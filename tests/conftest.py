@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,15 @@ os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `run` caches compressed models in the user cache by default; tests opt in with a tmp folder.
 os.environ.setdefault("SLIMBENCH_ARTIFACTS", "off")
+# The machine-wide lock of timed cells: the tests' own, so the suite neither waits for nor
+# blocks a benchmark run on the same machine (tests that check the lock set their own path).
+os.environ.setdefault("SLIMBENCH_NODE_LOCK", os.path.join(tempfile.gettempdir(),
+                                                          f"slimbench-test-{os.getpid()}", "node.lock"))
+# Parallel workers (`make test` runs pytest-xdist): one intra-op thread each, whatever a suite
+# asks for, so two workers on two cores do not fight over them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("SLIMBENCH_MAX_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -21,6 +31,14 @@ from slimbench.specs import HardwareSpec, ModelSpec  # noqa: E402
 from slimbench.zoo.models import make_tiny_loader  # noqa: E402
 
 TINY_ARCHS = ("llama", "gpt2", "opt")
+
+
+def pytest_configure(config):
+    cap = os.environ.get("SLIMBENCH_MAX_THREADS")
+    if cap and cap.isdigit():  # torch's default is every core; a capped worker starts at the cap
+        import torch
+
+        torch.set_num_threads(int(cap))
 
 
 @pytest.fixture

@@ -120,6 +120,7 @@ def test_real_limits_measurement_is_positive_and_says_how():
 
 
 def test_threads_auto_probes_and_records_the_fastest(monkeypatch):
+    monkeypatch.delenv(machine.THREADS_CAP_ENV, raising=False)  # parallel test workers set one
     assert machine.resolve_threads(HardwareSpec(threads=1)) == 1
     assert machine.last_thread_choice() == {"setting": 1, "used": 1}
     monkeypatch.setattr(machine, "affinity", lambda: [0, 1, 2, 3])
@@ -128,6 +129,17 @@ def test_threads_auto_probes_and_records_the_fastest(monkeypatch):
     assert torch.get_num_threads() == 2
     choice = machine.last_thread_choice()
     assert choice["setting"] == "auto" and choice["used"] == 2 and set(choice["probe_ms"]) == {"1", "2", "4"}
+
+
+def test_thread_cap_bounds_a_setting_and_the_probe_and_says_so(monkeypatch):
+    monkeypatch.setenv(machine.THREADS_CAP_ENV, "1")
+    assert machine.resolve_threads(HardwareSpec(threads=2)) == 1
+    assert machine.last_thread_choice() == {"setting": 2, "used": 1, "capped_by": machine.THREADS_CAP_ENV}
+    monkeypatch.setattr(machine, "affinity", lambda: [0, 1, 2, 3])
+    probed = []
+    monkeypatch.setattr(machine, "probe_threads", lambda cands: probed.append(cands) or {c: 0.1 for c in cands})
+    assert machine.resolve_threads(HardwareSpec(threads="auto")) == 1
+    assert probed == []  # one candidate left under the cap: nothing to probe
 
 
 def test_threads_setting_accepts_an_int_or_auto_only():
