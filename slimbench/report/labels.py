@@ -43,9 +43,13 @@ def versions(rec: dict[str, Any]) -> str:
 
 
 def family(rec: dict[str, Any]) -> str:
+    """The method's family: as stored in the record (so a plugin's family shows without the plugin),
+    else from this installation's registry."""
     fams = []
     for s in steps(rec):
-        fam = METHODS.entries[s["name"]].family if s["name"] in METHODS else "unknown"
+        fam = s.get("family") if isinstance(s.get("family"), str) else None
+        if fam is None:
+            fam = METHODS.entries[s["name"]].family if s["name"] in METHODS else "unknown"
         if fam not in fams:
             fams.append(fam)
     return "+".join(fams)
@@ -66,6 +70,20 @@ def task_key(rec: dict[str, Any]) -> str:
 
 def quality_metric(task_name: str) -> str | None:
     return TASKS.get(task_name).quality_metric if task_name in TASKS else None
+
+
+def quality_metric_of(rec: dict[str, Any]) -> str | None:
+    """The record's quality metric: as stored in it, else the registered task's."""
+    stored = rec["task"].get("quality_metric")
+    return stored if isinstance(stored, str) else quality_metric(rec["task"]["name"])
+
+
+def paired_metric_of(rec: dict[str, Any]) -> str | None:
+    """The per-example metric a paired comparison uses: as stored, else the registered task's."""
+    stored = rec["task"].get("paired_metric")
+    if isinstance(stored, str):
+        return stored
+    return paired_metric(rec["task"]["name"]) or quality_metric_of(rec)
 
 
 def paired_metric(task_name: str) -> str | None:

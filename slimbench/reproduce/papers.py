@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from slimbench.config import Config, format_validation_error
@@ -34,6 +33,7 @@ from slimbench.errors import SuiteError
 from slimbench.reproduce.claim_cards import Check
 from slimbench.specs import CellSpec, MethodSpec, TaskSpec
 from slimbench.sweep.suite import Suite, suite_from_mapping
+from slimbench.sweep.yaml_limits import load_file
 
 PAPERS_DIR = Path("configs") / "papers"
 BUDGETS = ("small", "paper")
@@ -167,10 +167,7 @@ def find_paper(name: str) -> Path:
 def load_paper(name: str) -> Paper:
     """Read and validate a paper file: its blocks, both suites, the budgets and every matcher."""
     path = find_paper(name)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SuiteError(f"malformed YAML: {err}", source=str(path)) from None
+    raw = load_file(path)  # the suites' limits: size, encoding, depth, alias expansion
     try:
         spec = PaperFile(**(raw or {}))
     except ValidationError as err:
