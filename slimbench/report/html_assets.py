@@ -146,3 +146,41 @@ JS = """
   apply();
 })();
 """
+
+# compare.html: sort by a clicked header (numbers by value, empty last), filter by text and verdict.
+COMPARE_JS = """
+(function(){
+  var table=document.getElementById('cmp'); if(!table) return;
+  function key(td){
+    var v=td?td.getAttribute('data-v'):null;
+    if(v!==null && v!=='') return [0,parseFloat(v)];
+    var t=td?td.textContent.trim():'';
+    return (t===''||t==='\\u2013') ? [2,''] : [1,t.toLowerCase()];
+  }
+  table.querySelectorAll('th').forEach(function(th,idx){
+    th.addEventListener('click',function(){
+      var asc=th.getAttribute('aria-sort')!=='ascending';
+      table.querySelectorAll('th').forEach(function(x){x.removeAttribute('aria-sort');});
+      th.setAttribute('aria-sort',asc?'ascending':'descending');
+      var tb=table.tBodies[0], rows=Array.prototype.slice.call(tb.rows);
+      rows.sort(function(a,b){
+        var ka=key(a.cells[idx]), kb=key(b.cells[idx]);
+        if(ka[0]!==kb[0]) return ka[0]===2?1:(kb[0]===2?-1:ka[0]-kb[0]);
+        var c=ka[1]<kb[1]?-1:(ka[1]>kb[1]?1:0);
+        return asc?c:-c;
+      });
+      rows.forEach(function(r){tb.appendChild(r);});
+    });
+  });
+  var q=document.getElementById('q'), verdict=document.getElementById('verdict');
+  function apply(){
+    var text=(q.value||'').toLowerCase(), v=verdict.value, shown=0;
+    Array.prototype.forEach.call(table.tBodies[0].rows,function(tr){
+      var ok=(!text || tr.textContent.toLowerCase().indexOf(text)>=0) && (!v || tr.getAttribute('data-verdict')===v);
+      tr.hidden=!ok; if(ok) shown++;
+    });
+    document.getElementById('shown').textContent=String(shown);
+  }
+  q.addEventListener('input',apply); verdict.addEventListener('change',apply); apply();
+})();
+"""
