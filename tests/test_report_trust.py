@@ -249,3 +249,14 @@ def test_roofline_fraction_shows_its_denominator(tmp_path, metric):
     out = report(tmp_path, recs, plots=False)
     df = pd.read_csv(out.folder / "leaderboard.csv", keep_default_na=False)
     assert set(df["decode roofline of"]) >= {"of 45.9 GB/s at 512 MiB"}
+
+
+def test_an_edited_quality_value_gets_no_noise_interval_in_the_leaderboard(tmp_path):
+    base = fb.ppl_record("m", fb.method("baseline"), [2.0 + 0.01 * i for i in range(8)])
+    edited = fb.ppl_record("m", fb.method("rtn"), [2.0 + 0.01 * i for i in range(8)], report={"stored_bytes": 3e6})
+    edited["metrics"]["perplexity"]["value"] *= 1.49
+    out = report(tmp_path, [base, edited], plots=False)
+    md = (out.folder / "leaderboard.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| m | rtn"))
+    assert "no interval: perplexity contradicts its per-example data" in row.replace("\\", "")
+    assert "≈ noise" not in row

@@ -27,6 +27,7 @@ import pandas as pd
 
 from slimbench.measure.trust import interleaving, is_timed, roofline_denominator, roofline_errors, timing_trust
 from slimbench.report import labels
+from slimbench.report.consistency import mismatches
 
 # metric -> (column, scale, higher is better, x-axis words with unit); an efficiency v1 record
 # has prefill_ms, decode_tokens_per_s and peak_memory_mb, version 2 adds the rest.
@@ -258,6 +259,7 @@ def new_row(r: dict[str, Any], hw: str, label: str) -> dict[str, Any]:
         "_denominators": {},  # roofline column -> the limit it divides by, in words
         "_errors": [],  # measurement errors the task refused to report as values (roofline > 1)
         "_notes": {},  # column -> a few words read with the value ("rounded to zero")
+        "_inconsistent": {},  # noise column -> why the record's value contradicts its own data
     }
     for col, (k, scale) in SIZE_COLUMNS.items():
         row[col] = number(rep.get(k)) * scale
@@ -275,6 +277,10 @@ def absorb(row: dict[str, Any], r: dict[str, Any], qcols: dict, ecols: dict) -> 
     if q is not None and not math.isnan(v := metric_value(r, q.metric)):
         row[q.col] = v
         row["_details"][q.col] = details
+        wrong = mismatches(r)
+        if q.metric in wrong:  # an edited value: its per-example data cannot vouch for it
+            why = f"no interval: {q.metric} contradicts its per-example data ({wrong[q.metric]})"
+            row["_inconsistent"][q.noise] = why
     values = efficiency_values(r)
     if not values:
         return
@@ -332,9 +338,12 @@ def add_deltas(df: pd.DataFrame, quality: list[QualityColumn]) -> pd.DataFrame:
             has = pd.notna(row[q.col]) and pd.notna(b)
             deltas.append(row[q.col] - b if has else math.nan)
             p = None
-            if has and row.method_name != "baseline":
+            wrong = row["_inconsistent"].get(q.noise)
+            if not wrong and len(base):
+                wrong = base["_inconsistent"].iloc[0].get(q.noise)
+            if has and row.method_name != "baseline" and not wrong:
                 p = paired_noise(row["_details"].get(q.col), base["_details"].iloc[0].get(q.col), q.paired)
-            notes.append("" if p is None else noise_text(p, q.paired, q.paired_unit))
+            notes.append(wrong if wrong and has else ("" if p is None else noise_text(p, q.paired, q.paired_unit)))
         df[q.delta] = deltas
         df[q.noise] = notes
     return df
