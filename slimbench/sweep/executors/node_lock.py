@@ -188,7 +188,7 @@ class NodeLock:
                 if gate and self._try(self._main, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH):
                     break
                 waited = time.time() - t0
-                if not noted and waited >= POLL_S:  # a wait worth telling others about
+                if not noted:  # others (status, their bars) see who waits, for which cells
                     self._note("waiting", mode, who, t0)
                     noted = True
                 if timeout is not None and waited >= timeout:
