@@ -232,9 +232,12 @@ def test_sparsity_of_a_quantizer_says_it_is_rounding(tmp_path):
 def test_stored_family_wins_over_the_registry(tmp_path):
     plug = fb.method("someone-elses-pruner")
     plug["family"] = "pruning"
-    plug["steps"][0]["family"] = "pruning"
+    plug["families"] = ["pruning"]
     recs = [fb.ppl_record("m", fb.method("baseline"), [2.0] * 4), fb.ppl_record("m", plug, [2.2] * 4)]
     lb = board(tmp_path, recs)
+    assert lb.df.set_index("method_name").loc["someone-elses-pruner", "family"] == "pruning"
+    plug.pop("families")  # only the chain's family
+    lb = board(tmp_path / "2", recs)
     assert lb.df.set_index("method_name").loc["someone-elses-pruner", "family"] == "pruning"
 
 
@@ -260,3 +263,16 @@ def test_an_edited_quality_value_gets_no_noise_interval_in_the_leaderboard(tmp_p
     row = next(line for line in md.splitlines() if line.startswith("| m | rtn"))
     assert "no interval: perplexity contradicts its per-example data" in row.replace("\\", "")
     assert "≈ noise" not in row
+
+
+def test_a_plugin_tasks_quality_metric_comes_from_the_record(tmp_path):
+    task = {"name": "someone-elses-task", "version": "1", "params": {}, "provider": "plugin==1.0"}
+    recs = []
+    for name, score in (("baseline", 0.7), ("rtn", 0.6)):
+        r = fb.record("m", fb.method(name), task, {"score": fb.m(score, "fraction", True)})
+        r["task_info"] = {"quality_metric": "score", "paired_metric": None, "timed": False}
+        recs.append(r)
+    lb = board(tmp_path, recs)
+    (q,) = lb.quality
+    assert q.metric == "score" and q.higher_better
+    assert lb.df.set_index("method_name").loc["rtn", q.delta] == pytest.approx(-0.1)
