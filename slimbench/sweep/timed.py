@@ -130,6 +130,7 @@ def _alone(c: CellSpec, h: Held, suite_source: str, guard, progress) -> Iterator
 def _interleaved(task, comp, suite_source, guard, progress, options, block) -> Iterator[tuple]:
     t0 = time.perf_counter()
     entries = [Entry(c, h) for c, h in comp]
+    bar = progress(total=len(entries), desc="timed: memory, fresh processes", unit="cell") if progress else None
     for e in entries:  # sessions, and each model's memory in a fresh process (before anything is timed)
         try:
             cfg = build_config(task.config, e.cell.task.params, source="record", field=e.cell.task.name)
@@ -138,6 +139,10 @@ def _interleaved(task, comp, suite_source, guard, progress, options, block) -> I
             e.reading, e.memory_why = memory_probe.probe(e.cell, e.held.report, options.preload)
         except Exception as exc:
             e.error = failure(exc, "evaluate")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     memo: dict = {}
     live = [e for e in entries if e.error is None]
     bar = progress(total=len(live), desc=f"timed: warm-up of {len(live)}", unit="cell") if progress else None
