@@ -276,3 +276,36 @@ def test_a_plugin_tasks_quality_metric_comes_from_the_record(tmp_path):
     (q,) = lb.quality
     assert q.metric == "score" and q.higher_better
     assert lb.df.set_index("method_name").loc["rtn", q.delta] == pytest.approx(-0.1)
+
+
+def test_how_the_timings_were_taken_is_said_once_per_group(tmp_path):
+    recs = one_regime_records()
+    labels_ = {
+        "baseline": "baseline",
+        "cast": "cast(bfloat16)",
+        "svd": "svd(ratio=0.2)",
+        "rtn": "rtn(8-bit, per-channel)",
+    }
+    for r in recs:
+        if r["task"]["name"] != "efficiency":
+            continue
+        name = r["method"]["name"]
+        if name == "svd":
+            r["task_details"]["interleaving"] = {"interleaved": False, "reason": "another worker"}
+        else:
+            others = [v for k, v in labels_.items() if k not in (name, "svd")]
+            r["task_details"]["interleaving"] = {
+                "interleaved": True,
+                "labels": others,
+                "with": ["x"] * len(others),
+                "rounds": 8,
+                "order": "A B C, C B A",
+            }
+    out = report(tmp_path, recs, plots=False, html=True)
+    md = (out.folder / "leaderboard.md").read_text().replace("\\", "")
+    notes = md.split("Timings:")[1].split("\n\n")[1].splitlines()
+    assert notes == [
+        "- [b1 p128 n32] interleaved: baseline, cast(bfloat16), rtn(8-bit, per-channel) (8 rounds, A B C, C B A)",
+        "- [b1 p128 n32] measured alone: another worker: svd(ratio=0.2)",
+    ]
+    assert "measured alone: another worker" in (out.folder / "report.html").read_text()

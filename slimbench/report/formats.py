@@ -47,13 +47,21 @@ def markdown_table(df: pd.DataFrame, cols: list[str], lb: Leaderboard | None = N
 
 
 def timing_notes(sec: pd.DataFrame) -> list[str]:
-    """How each row's timings were taken (interleaved or alone) and what was refused, one line each."""
-    out = []
+    """How the timings were taken, one line per group of cells measured together (or alone, per
+    reason), per regime; then what the task refused to report."""
+    groups: dict[tuple, list[str]] = {}
     for _, r in sec.iterrows():
-        for where, text in r["_interleaving"].items():
-            out.append(f"{r['method']} [{where}]: {text}")
+        for where, it in r["_interleaving"].items():
+            groups.setdefault((where, it["done"], it["group"], it["rounds"]), []).append(str(r["method"]))
+    out = []
+    for (where, done, group, rounds), rows in groups.items():
+        if done:
+            out.append(f"[{where}] interleaved: {', '.join(group)} ({rounds})")
+        else:
+            out.append(f"[{where}] {group[0]}: {', '.join(rows)}")
+    for _, r in sec.iterrows():
         out += [f"{r['method']}: {e}" for e in r["_errors"]]
-    return out
+    return list(dict.fromkeys(out))
 
 
 def protocol_table(lb: Leaderboard, sec: pd.DataFrame) -> list[tuple[str, str, str]]:

@@ -304,7 +304,12 @@ def absorb(row: dict[str, Any], r: dict[str, Any], qcols: dict, ecols: dict) -> 
         row[FLAGS] = "; ".join(f"{k}: {v}" for k, v in row["_flag_reasons"].items())
     done, text = interleaving(r)
     if done is not None:
-        row["_interleaving"][where] = text
+        info = (r.get("task_details") or {}).get("interleaving") or {}
+        peers = [str(x) for x in info.get("labels") or []] if done else []
+        # cells measured together say so once: the group is the row and its peers
+        group = tuple(sorted({row["method"], *peers})) if done else (text,)
+        rounds = f"{info.get('rounds')} rounds, {info.get('order')}" if done else ""
+        row["_interleaving"][where] = {"done": done, "text": text, "group": group, "rounds": rounds}
     row["_errors"] += [f"{where}: {e}" for e in roofline_errors(r)]
 
 
