@@ -346,3 +346,19 @@ def test_memory_split_by_hand():
     fresh, proto = memory.split({**reading, "runtime": None, "isolation": "fresh process"})
     assert fresh["peak"] == 1000 * mib and fresh["runtime"] == 400 * mib and fresh["leftover"] == 0
     assert proto["clean"] is True and fresh["other"] == 90 * mib
+
+
+def test_check_limits_measures_twice_and_fails_when_they_disagree(monkeypatch, capsys):
+    from slimbench.cli import main
+
+    rates = iter([10e9, 12e9, 10e9, 10.5e9])
+
+    def fake(*a, **k):
+        bw = next(rates)
+        return {**FAKE_LIMITS, "bandwidth": {**FAKE_LIMITS["bandwidth"], "bytes_per_s": bw, "kernels": {}},
+                "identity": {"threads": 1, "device": "cpu"}, "cached": True}
+
+    monkeypatch.setattr(limits, "machine_limits", fake)
+    args = ["accel-bench", "--check-limits", "--threads", "1", "--working-set-mib", "8"]
+    assert main(args) == 1 and "differ by 16.7% (DISAGREE)" in capsys.readouterr().out
+    assert main(args) == 0 and "agree within 10%" in capsys.readouterr().out

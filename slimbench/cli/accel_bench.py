@@ -210,7 +210,38 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def check_limits(args: argparse.Namespace) -> int:
+    """Measure the machine's limits twice, from scratch, and say whether the two agree within 10%."""
+    from slimbench.measure.limits import AGREEMENT, limits_summary, machine_limits
+    from slimbench.measure.machine import resolve_threads
+    from slimbench.specs import HardwareSpec
+
+    threads = resolve_threads(HardwareSpec(device=args.device, threads=args.threads if args.threads == "auto"
+                                           else int(args.threads)))
+    size = int(args.working_set_mib * 2**20)
+    runs = [limits_summary(machine_limits(threads, args.device, working_set=size, refresh=True)) for _ in range(2)]
+    ok = True
+    print(f"threads {threads}, working set {args.working_set_mib:g} MiB, measured twice from scratch:")
+    rows = [("bandwidth GB/s", [r["bandwidth_bytes_per_s"] / 1e9 for r in runs])]
+    rows += [(f"{k} GFLOP/s", [r["flops"][k]["flops_per_s"] / 1e9 for r in runs])
+             for k in runs[0]["flops"] if all("flops_per_s" in r["flops"].get(k, {}) for r in runs)]
+    for name, (a, b) in rows:
+        diff = abs(a - b) / max(a, b)
+        ok &= diff <= AGREEMENT
+        print(f"  {name:20s} {a:9.1f} {b:9.1f}  differ by {diff:.1%} ({'ok' if diff <= AGREEMENT else 'DISAGREE'})")
+    for i, r in enumerate(runs, 1):
+        kernels = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in r["bandwidth_kernels"].items())
+        print(f"  measurement {i}: {r['bandwidth_method']}; kernels GB/s: {kernels}; noisy {r['noisy']}, "
+              f"unstable {r['unstable'] or 'no'}, kept in the cache: {r['cached']}")
+        ok &= not r["noisy"] and not r["unstable"]
+    print("limits agree within 10% and were measured quietly" if ok else
+          "the limits are not reliable now (load, or a machine that does not hold its speed): do not quote fractions")
+    return 0 if ok else 1
+
+
 def cmd_accel_bench(args: argparse.Namespace) -> int:
+    if args.check_limits:
+        return check_limits(args)
     if args.list:
         for name, steps in PRESETS.items():
             print(f"{name:30s} {json.dumps(steps)}")
@@ -260,4 +291,9 @@ def register(sub) -> None:
                    help="dtype the model is loaded in (variants cast further)")
     s.add_argument("--cv-threshold", type=float, default=0.1)
     s.add_argument("--json", help="also write every variant's metrics and details to this JSON file")
+    s.add_argument("--check-limits", action="store_true",
+                   help="only measure the machine's bandwidth and FLOP/s limits twice and check they agree within "
+                        "10%% (exit 1 if not, or if measured under load)")
+    s.add_argument("--working-set-mib", type=float, default=274.0,
+                   help="with --check-limits: the bytes a decode step reads, in MiB (default 274: SmolLM2 in fp16)")
     s.set_defaults(fn=cmd_accel_bench)

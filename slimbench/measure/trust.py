@@ -62,11 +62,30 @@ class Trust:
         return ""
 
 
+def task_is_timed(record: dict[str, Any]) -> bool | None:
+    """Whether the record's task measured alone on the machine (a timed task); None if unknown."""
+    info = record.get("task_info")
+    if isinstance(info, dict) and isinstance(info.get("timed"), bool):
+        return info["timed"]
+    from slimbench.registry import TASKS  # older records: what this installation knows of the task
+
+    name = (record.get("task") or {}).get("name")
+    return TASKS.get(name).timed if isinstance(name, str) and name in TASKS else None
+
+
 def timing_trust(record: dict[str, Any]) -> Trust:
-    """How far the timed metrics of ``record`` can be trusted."""
+    """How far the timed metrics of ``record`` can be trusted.
+
+    A throughput an untimed task reports on the side (perplexity's ``eval_tokens_per_s``) was
+    measured while other cells could share the machine: it counts as noisy, saying so.
+    """
     details = record.get("task_details") or {}
     noisy = bool(details.get("noisy"))
     reasons = [str(r) for r in details.get("noise_reasons") or []]
+    if "noisy" not in details and task_is_timed(record) is False:
+        noisy = True
+        reasons.append("measured by an untimed task, which shares the machine with other cells: not a controlled "
+                       "timing")
     proto = details.get("timing_protocol")
     sufficient = None
     if isinstance(proto, dict) and "sufficient" in proto:
