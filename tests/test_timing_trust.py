@@ -261,7 +261,7 @@ def test_the_bar_reads_right_and_efficiency_has_its_own(tmp_path, lock_path, mon
 
 
 def test_counts_say_what_was_compressed_built_or_unchanged():
-    from slimbench.sweep.artifacts.cache import run_counts
+    from slimbench.sweep.artifacts.counts import run_counts
 
     def rec(name, families, steps, art):
         return {"started_at": "2030", "model": {"name": "m"}, "hardware": {}, "method": {

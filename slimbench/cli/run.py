@@ -95,7 +95,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         + (f", finished by another run {len(summary.elsewhere)}" if summary.elsewhere else "")
         + f" -> {store.runs}"
     )
-    print(artifacts.counts_line(artifacts.run_counts(store.records(include_failed=True), started)))
+    from slimbench.sweep.artifacts.counts import counts_line, run_counts
+
+    print(counts_line(run_counts(store.records(include_failed=True), started)))
     finish(args, store, report_dir, ran=True)
     return 1 if summary.failed else 0
 

@@ -178,4 +178,5 @@ def iter_group(
             release_memory()
     if held:
         yield from timed_block(held, suite_source, lock, guard, progress, options, block=blocks + 1 if blocks else 0)
+        held = []
     release_memory()

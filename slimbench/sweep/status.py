@@ -171,8 +171,8 @@ class ProgressFile:
 
     @staticmethod
     def live(root) -> list[dict[str, Any]]:
-        """The progress of every live driver of this results folder (on this host: pid alive;
-        elsewhere: written in the last minute)."""
+        """The progress of every live driver of this results folder (on this host: its pid alive;
+        elsewhere: written in the last five minutes)."""
         import psutil
 
         out = []
@@ -182,9 +182,11 @@ class ProgressFile:
                 d = json.loads(p.read_text())
             except (OSError, ValueError):
                 continue
-            here = d.get("host") == socket.gethostname()
-            if (here and not psutil.pid_exists(int(d.get("pid", -1)))) or time.time() - d.get("written_at", 0) > 60:
-                continue
+            if d.get("host") == socket.gethostname():
+                if not psutil.pid_exists(int(d.get("pid", -1))):
+                    continue  # that run is gone
+            elif time.time() - d.get("written_at", 0) > 300:
+                continue  # another host's run, silent for five minutes: gone, as far as we can tell
             out.append(d)
         return out
 
