@@ -62,6 +62,11 @@ def page_file(tmp_path_factory) -> Path:
         # another method at exactly the same size and quality: both must stay reachable
         fb.ppl_record("tiny-gpt2", fb.method("gptq", {"bits": 4}), [3.3] * 8, execution="simulated", report=SAME_SPOT),
     ]
+    long_path = "/data/models/" + "very-long-organisation-name/" * 6 + "model-without-spaces"  # no break point
+    recs += [
+        fb.ppl_record(long_path, fb.method("baseline"), [3.0] * 8),
+        fb.ppl_record(long_path, fb.method("rtn"), [3.2] * 8, execution="simulated", report=SAME_SPOT),
+    ]
     for r in recs:  # every timing of the long-prompt regime taken on a busy machine: its plots are greyed
         if r["task"]["name"] == "efficiency" and r["task"]["params"]["prompt_len"] == 2048:
             r["task_details"].update(noisy=True, noise_reasons=["other processes took 0.9 cores"])
@@ -233,7 +238,7 @@ def test_baseline_rows_stay_under_every_filter_but_the_model_filter(browser_page
     assert any(r.startswith("tiny-gpt2 | baseline") for r in rows)
     assert any("magnitude" in r for r in rows) and not any("rtn" in r for r in rows)
     page.select_option("select[data-filter=execution]", "simulated")
-    assert sum(r.split(" | ")[1].startswith("baseline") for r in visible_rows(page)) == 2
+    assert sum(r.split(" | ")[1].startswith("baseline") for r in visible_rows(page)) == 3  # one per model
     reset_filters(page)
     page.select_option("select[data-filter=model]", "tiny-gpt2")
     assert all(r.startswith("tiny-gpt2") for r in visible_rows(page))
@@ -312,4 +317,39 @@ def test_compare_page_sorts_and_filters(tmp_path, browser):
     )
     assert values == sorted(values)
     assert errors == []
+    page.close()
+
+
+def test_a_one_regime_leaderboard_fits_the_view_without_scrolling(tmp_path, browser):
+    """The common report (a quality task and one efficiency regime, flags and noise included)
+    needs no sideways scrolling at 1,364 pixels."""
+    store = ResultStore(tmp_path / "r")
+    recs = []
+    for key, (meth, execution, shift, speed, rep) in fb.methods().items():
+        recs.append(
+            fb.ppl_record(
+                "tiny-llama", meth, [2.0 + shift + 0.01 * i for i in range(8)], execution=execution, report=rep
+            )
+        )
+        recs.append(
+            fb.eff_v2(
+                "tiny-llama",
+                meth,
+                (128, 32, 1),
+                speed,
+                50.0,
+                noisy=key in ("cast", "svd"),
+                execution=execution,
+                report=rep,
+            )
+        )
+    fb.write(store, recs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_report(store, tmp_path / "rep", html=True, plots=False)
+    page = browser.new_page(viewport=VIEW)
+    page.goto((tmp_path / "rep" / "report.html").as_uri())
+    wrap = page.locator(".wrap").first
+    assert wrap.evaluate("w => w.scrollWidth <= w.clientWidth"), wrap.evaluate("w => [w.scrollWidth, w.clientWidth]")
+    assert page.evaluate("document.documentElement.scrollWidth") <= VIEW["width"]
     page.close()

@@ -86,13 +86,58 @@ def column_info(lb: Leaderboard) -> dict[str, dict[str, str]]:
         )
         for c in (q.col, q.delta, q.noise):
             info[c] = {"task": q.task, "tip": tip}
+    ttft = {e.regime for e in lb.efficiency if e.metric == "ttft_ms"}
     for e in lb.efficiency:
+        # prefill latency repeats TTFT where a record has both: one click away, so the table fits the view
+        main = e.main and not (e.metric == "prefill_ms" and e.regime in ttft)
         info[e.col] = {
-            "extra": "" if e.main else "extra",
+            "extra": "" if main else "extra",
             "tip": e.axis + (f"; {labels.regime_words(e.regime)}" if e.regime else ""),
             "regime": labels.regime_label(e.regime) if e.regime else "efficiency",
         }
+    for c, tip in SIZE_TIPS.items():
+        info[c] = {"extra": "extra" if c in EXTRA_SIZE else "", "tip": tip}
+    info["warnings"] = {"extra": "extra", "tip": "what the method reported about its own settings (⚠ beside it)"}
     return info
+
+
+# The method report's columns: their meaning on hover; parameters and compression time one click away.
+SIZE_TIPS = {
+    "stored MB": "real bytes of the saved format (MB)",
+    "eff. bits": "bits per linear weight, scales and zero-points included",
+    "params M": "parameters (millions)",
+    "sparsity": "share of linear weights that are exactly zero (for a quantizer: rounded to zero)",
+    "compress s": "compression seconds",
+}
+EXTRA_SIZE = ("params M", "compress s")
+
+
+def breakable(text: str) -> str:
+    """A header that may wrap after @ / _ and before [, so a narrow column breaks it at a sensible place."""
+    out = h(text)
+    for mark in ("@", "/", "_"):
+        out = out.replace(mark, mark + "<wbr>")
+    return out.replace("[", "<wbr>[")
+
+
+def noise_cell(text: str) -> str:
+    """The paired-noise verdict compact: the verdict, Δ and its interval (the unit is in the header)."""
+    verdict, _, rest = text.partition(" (")
+    if not rest or "CI [" not in rest:
+        return h(text)
+    delta = rest.split(" ")[3] if len(rest.split(" ")) > 3 else ""
+    interval = "[" + rest.split("CI [", 1)[1].rstrip(")")
+    cls = "noise" if verdict.startswith("≈") else "sig"
+    return f'<span class="{cls}">{h(verdict)}</span> {h(delta)} {h(interval)}'
+
+
+def flags_cell(r: pd.Series) -> str:
+    """Badges per flag and the regimes they hit; each regime's reasons on hover."""
+    out = []
+    for where, why in r["_flag_reasons"].items():
+        label = why.split(":", 1)[0]
+        out.append(f'<span class="badge flagged" title="{h(why)}">{h(label)}</span> {h(where)}')
+    return "<br>".join(out)
 
 
 def filter_attrs(r: pd.Series) -> dict[str, list[str]]:
@@ -130,17 +175,22 @@ def row_html(idx: int, r: pd.Series, cols: list[str], info: dict, lb: Leaderboar
             tds.append(f'<td><span class="badge {h(v)}">{h(v)}</span></td>')
         elif c == "model":
             tds.append(f'<td class="nw" title="{h(v)}">{hn(v)}</td>')
-        elif c in ("warnings", FLAGS) or c.startswith("noise "):
-            badge = ""
-            if c == FLAGS and v:
-                badge = "".join(
-                    f'<span class="badge flagged">{h(x)}</span> ' for x in sorted(set(r["_flags"].values()))
-                )
-            tds.append(f'<td class="text"{task_attr}>{badge}{h(v)}</td>')
+        elif c == FLAGS:
+            tds.append(f'<td class="flags" title="{h(v)}">{flags_cell(r)}</td>')
+        elif c.startswith("noise "):
+            tds.append(f'<td class="text noise"{task_attr} title="{h(v)}">{noise_cell(str(v))}</td>')
+        elif c == "warnings":  # the ⚠ beside the method says so; the text is one click away
+            tds.append(f'<td class="text extra"{task_attr}>{h(v)}</td>')
         else:
             title = f"{flag}: {r[FLAGS]}" if flag else r["_denominators"].get(c, "")
             den = r["_denominators"].get(c, "")
-            cell = cell_html(v, extra, mark=flag, title=title, note=note or den)
+            cell = cell_html(
+                v,
+                " ".join(x for x in (extra, info.get(c, {}).get("extra", "")) if x),
+                mark=flag,
+                title=title,
+                note=note or den,
+            )
             tds.append(cell.replace("<td", f"<td{task_attr}", 1))
     attrs = data_attrs(filter_attrs(r))
     return f'<tr id="lb-{idx}" class="{" ".join(classes)}" {attrs}>' + "".join(tds) + "</tr>"
@@ -169,7 +219,7 @@ def leaderboard_html(lb: Leaderboard) -> list[str]:
         select("task", tasks),
     ]
     out += [
-        '<label><input type="checkbox" id="allcols"> all efficiency columns</label>',
+        '<label><input type="checkbox" id="allcols"> all columns</label>',
         f'<span><span id="shown">{len(df)}</span> of {len(df)} rows shown (each model\'s baseline stays: it is '
         "the reference of every Δ)</span></div>",
     ]
@@ -185,7 +235,7 @@ def leaderboard_html(lb: Leaderboard) -> list[str]:
             i = info.get(c, {})
             cls = f' class="{i["extra"]}"' if i.get("extra") else ""
             task = f' data-task="{h(i["task"])}"' if "task" in i else ""
-            head.append(f'<th{cls}{task} title="{h(i.get("tip", "click to sort"))}">{h(c)}</th>')
+            head.append(f'<th{cls}{task} title="{h(i.get("tip", "click to sort"))}">{breakable(c)}</th>')
         out.append('<div class="wrap"><table class="lb"><thead><tr>' + "".join(head) + "</tr></thead><tbody>")
         out += [row_html(int(idx), r, cols, info, lb) for idx, r in sec.iterrows()]
         out.append("</tbody></table></div>")

@@ -24,11 +24,15 @@ th,td{border:1px solid #d9dde1;border-width:0 1px 1px 0;padding:3px 7px;vertical
 tr > :first-child{border-left-width:1px}
 thead th,table.protocol th,table.plain th{border-top-width:1px}
 td.nw{white-space:nowrap}
-td.method{min-width:150px;max-width:260px}
+td.method{min-width:130px;max-width:240px}
 td.text{min-width:220px;font-size:12px}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 table.lb th{background:#eef1f4;cursor:pointer;user-select:none;position:relative;padding-right:16px;
-  overflow-wrap:normal}
+  overflow-wrap:normal;min-width:3.5em;font-size:12px}
+table.lb td.noise{min-width:120px;max-width:190px}
+table.lb td.flags{font-size:12px;white-space:nowrap}
+span.sig{font-weight:600}
+table.lb td.text{min-width:140px;max-width:260px}
 table.lb th[aria-sort=ascending]::after{content:"▲";position:absolute;right:3px;font-size:9px}
 table.lb th[aria-sort=descending]::after{content:"▼";position:absolute;right:3px;font-size:9px}
 table.lb th:nth-child(1),table.lb td:nth-child(1){position:sticky;left:0;z-index:2}
@@ -40,15 +44,15 @@ table.lb:not(.all) .extra{display:none}
 tr.baseline td{background:#f4f4f4;font-weight:600}
 tr.sim td.method{border-left:3px dashed #c0392b}
 tr.native td.method{border-left:3px solid #2471a3}
-.badge{display:inline-block;border-radius:9px;padding:0 7px;font-size:12px}
+.badge{display:inline-block;border-radius:9px;padding:0 7px;font-size:12px;white-space:nowrap;overflow-wrap:normal}
 .badge.native{background:#2471a3;color:#fff}
 .badge.simulated{border:1.5px dashed #c0392b;color:#c0392b}
 .badge.flagged{background:#e8e8e8;color:#444;border:1px dotted #777}
 .warn{color:#a04000}
 td.flagged{background:#f1f1f1;color:#666}
-span.flag{display:inline-block;font-size:10px;color:#555;border:1px dotted #777;border-radius:6px;padding:0 4px;
-  margin-left:3px}
-span.note{font-size:10px;color:#555;margin-left:3px}
+span.flag{display:block;width:fit-content;margin-left:auto;font-size:10px;color:#555;border:1px dotted #777;
+  border-radius:6px;padding:0 4px}
+span.note{display:block;font-size:10px;color:#555;white-space:normal}
 span.ctl{font:10px monospace;background:#ffe0e0;color:#900;border:1px solid #c66;border-radius:3px;padding:0 2px}
 figure{display:inline-block;margin:8px 12px 18px 0;vertical-align:top;max-width:100%}
 figure img{max-width:100%;height:auto}
