@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `run` caches compressed models in the user cache by default; tests opt in with a tmp folder.
 os.environ.setdefault("SLIMBENCH_ARTIFACTS", "off")
+# The machine lock is machine-wide: a test session has its own, so it never waits for (nor blocks) other
+# SlimBench runs on a shared machine; its own processes (workers, drivers it starts) still share it.
+os.environ.setdefault("SLIMBENCH_NODE_LOCK", os.path.join(tempfile.gettempdir(), f"slimbench-tests-{os.getpid()}",
+                                                          "node.lock"))
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 

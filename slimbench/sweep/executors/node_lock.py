@@ -103,6 +103,20 @@ def read_parties(path: Path | None = None) -> list[Party]:
     return out
 
 
+def prune(path: Path) -> None:
+    """Remove the registry files of this host's processes that are gone (killed before they could)."""
+    host = socket.gethostname()
+    for f in registry_dir(path).glob(f"{host}-*.json"):
+        try:
+            d = json.loads(f.read_text())
+            dead = not _alive(int(d["pid"]), d.get("pid_started"))
+        except (OSError, ValueError, KeyError, TypeError):
+            dead = time.time() - f.stat().st_mtime > 60 if f.exists() else False  # damaged and old
+        if dead:
+            with contextlib.suppress(OSError):
+                f.unlink()
+
+
 def proc_lock_pids(path: Path) -> list[int]:
     """Pids that hold a flock on ``path``, from /proc/locks (Linux; empty elsewhere)."""
     try:
@@ -134,6 +148,7 @@ class NodeLock:
         self.registry.mkdir(exist_ok=True)
         self._entry = self.registry / f"{socket.gethostname()}-{os.getpid()}.json"
         self.held: str | None = None  # mode held now
+        prune(self.path)
 
     # -- the registry --------------------------------------------------------------------------
     def _note(self, state: str, mode: str, who: dict[str, Any], since: float) -> None:
