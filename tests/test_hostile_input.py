@@ -15,7 +15,6 @@ from pathlib import Path
 import fabricate as fb
 import pytest
 
-from slimbench.report.escape import csv_text, html_name, latex_text, md_text, reveal
 from slimbench.report.write import write_report
 from slimbench.sweep.store import ResultStore
 
@@ -149,6 +148,8 @@ RLO, ZWSP = "\u202e", "\u200b"
 
 
 def test_invisible_characters_are_written_out_in_every_format():
+    from slimbench.report.escape import csv_text, html_name, latex_text, md_text, reveal
+
     name = f"rtn{RLO}8-tib{ZWSP}"
     for text in (reveal(name), md_text(name), str(csv_text(name)), latex_text(name), html_name(name)):
         assert RLO not in text and ZWSP not in text
