@@ -144,7 +144,8 @@ def iter_group(
     ``("started", host, pid)``; ``("waiting", info)`` while the machine lock is busy (about once
     a second: ``info["text"]`` says on whom); ``("stage", kind, run_id, seconds)`` after each load,
     compression (kind ``load``/``compress``, the group's first cell) and evaluation (``evaluate``,
-    that cell): what the ETA learns from; and ``("record", record)``. Every stage holds the machine
+    that cell): what the ETA learns from; ``("progress", info)`` now and then during a long timed
+    block (the bar stays alive); and ``("record", record)``. Every stage holds the machine
     lock, shared, or exclusive for timed tasks (none with ``options.use_lock`` false).
     """
     import socket

@@ -298,8 +298,13 @@ def node_lock() -> NodeLock:
 def waiting_cells(path: Path | None = None) -> dict[str, tuple[Party, str]]:
     """run id -> (the waiter, what it waits for), for every cell some process waits the lock for."""
     out: dict[str, tuple[Party, str]] = {}
+    path = path or node_lock_path()
     parties = read_parties(path)
     holders = sorted((p for p in parties if p.state == "holding"), key=lambda p: (p.mode != "exclusive", p.since))
+    if not holders and any(p.state == "waiting" for p in parties):  # a holder without a record (older SlimBench)
+        known = {p.pid for p in parties}
+        holders = [Party(pid, socket.gethostname(), "holding", "?", 0.0, recorded=False)
+                   for pid in proc_lock_pids(path) if pid not in known]
     for p in parties:
         if p.state != "waiting":
             continue
