@@ -328,9 +328,10 @@ def paired_noise(details: Any, base: Any, metric: str | None) -> dict[str, Any] 
 def noise_text(p: dict[str, Any], metric: str | None, unit: str) -> str:
     from slimbench.report.formatting import fmt
 
-    verdict = "≈ noise" if p["within_noise"] else "significant"
+    lo, hi = min(p["ci_low"], p["delta"]), max(p["ci_high"], p["delta"])  # the estimate inside its interval
+    verdict = "≈ noise" if lo <= 0 <= hi else "significant"
     u = f" {unit}" if unit else ""
-    return f"{verdict} (paired Δ {metric} {fmt(p['delta'])}{u}, 95% CI [{fmt(p['ci_low'])}, {fmt(p['ci_high'])}])"
+    return f"{verdict} (paired Δ {metric} {fmt(p['delta'])}{u}, 95% CI [{fmt(lo)}, {fmt(hi)}])"
 
 
 def add_deltas(df: pd.DataFrame, quality: list[QualityColumn]) -> pd.DataFrame:
