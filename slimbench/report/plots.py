@@ -244,7 +244,7 @@ def render(pts: list[Point], q: QualityColumn, axis: Axis, title: str, path: Pat
     unit = f"{q.unit}, " if q.unit else ""
     better = "higher is better" if q.higher_better else "lower is better"
     ax.set_ylabel(f"{q.metric} ({unit}{better}{', log scale' if log_y else ''})", parse_math=False, fontsize=7.5)
-    ax.tick_params(labelsize=7)
+    ax.tick_params(which="both", labelsize=7)
     ax.grid(alpha=0.3)
     ax.get_xlim(), ax.get_ylim()  # settle the autoscaled limits before reading positions
     if len(front) > 1:
