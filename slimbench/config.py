@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from slimbench.errors import SuiteError
+from slimbench.errors import SuiteError, brief
 
 
 class Config(BaseModel):
@@ -48,7 +48,7 @@ def format_validation_error(err: ValidationError, cls: type[BaseModel] | None = 
             if close:
                 msg += f" (did you mean {', '.join(map(repr, close))}?)"
         got = e.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        got_s = "" if isinstance(got, dict) else f" (got {brief(got)})"  # cut: a value may be huge
         lines.append(f"{loc}: {msg}{got_s}")
     return "; ".join(lines)
 

@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+_brief = reprlib.Repr()
+_brief.maxstring = 60
+_brief.maxother = 60
+_brief.maxlist = _brief.maxtuple = _brief.maxdict = _brief.maxset = 6
+_brief.maxlevel = 3
+
+
+def brief(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut short for a message (lists to their first items, strings to 60 characters)."""
+    text = _brief.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class SuiteError(ValueError):
     """Bad user input, found before any cell starts.

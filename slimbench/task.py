@@ -52,3 +52,9 @@ class Task:
     # A timed task measures time (latency, throughput): it never shares the machine with
     # another running cell (an exclusive node lock locally, a whole-node resource on Ray).
     timed: bool = False
+    # A timed task whose repeats can alternate with other cells' (A B C, C B A, ...) gives a
+    # session: ``session(lm, cfg, ctx)`` -> an object with ``warm()``, ``sample()`` (one timed
+    # repeat), ``needs_more()``, ``memory()`` (a reading, see slimbench.measure.memory) and
+    # ``result(memory_reading=None)`` -> TaskResult; the harness may set its ``interleaving``
+    # (how the repeats alternated) and ``limits_memo``. tasks/efficiency.py is the example.
+    session: Callable[[LanguageModel, Any, TaskContext], Any] | None = None

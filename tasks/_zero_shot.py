@@ -109,6 +109,18 @@ def examples(cfg: ZeroShotConfig, source: HubSource, build: Builder) -> tuple[li
     return (exs[: cfg.limit] if cfg.limit else exs), where
 
 
+def provenance(cfg: ZeroShotConfig, source: HubSource, where: str) -> dict[str, str | None]:
+    """Where the examples came from: the local file that was read, or the hub dataset at its revision.
+
+    A local file is named as such, with the hub dataset whose format (and prompts) it follows,
+    never as if the hub copy had been read.
+    """
+    hub = f"{source.dataset}/{source.config}:{source.split}" if source.config else f"{source.dataset}:{source.split}"
+    if cfg.path is not None:
+        return {"read": "local file", "source": where, "format_of": hub}
+    return {"read": "hub", "source": where, "hub": hub, "revision": cfg.revision}
+
+
 def zero_shot_task(name: str, version: str, description: str, source: HubSource, build: Builder,
                    quality: str = "acc") -> Task:
     class TaskConfig(ZeroShotConfig):
@@ -129,7 +141,7 @@ def zero_shot_task(name: str, version: str, description: str, source: HubSource,
             metrics=mc.accuracy_metrics(scored, seed=cfg.seed),
             details={
                 "examples": len(exs),
-                "data": {"source": where, "hub": f"{source.dataset}/{source.config}:{source.split}"},
+                "data": provenance(cfg, source, where),
                 "examples_sha256": fingerprint([(e.id, e.requests, e.gold) for e in exs]),
                 "per_example": mc.per_example(scored),
             },

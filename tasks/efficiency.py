@@ -1,4 +1,4 @@
-"""`efficiency` (version 2): latency, throughput and memory of inference in one deployment regime,
+"""`efficiency` (version 3): latency, throughput and memory of inference in one deployment regime,
 against the machine's own limits.
 
 The regime is three parameters a suite can grid over: ``prompt_len``, ``new_tokens``,
@@ -20,25 +20,39 @@ every clock read:
 
 The value of each metric is the median over repeats; raw samples and spread are kept.
 
+Sampling (new in version 3, like MLPerf's minimum query count and duration): at least
+``repeats`` timed repeats, continued (up to ``max_repeats``) until the timed repeats last
+``MIN_SECONDS`` in all. A result is ``sufficient`` with at least ``MIN_REPEATS`` repeats over at
+least ``MIN_SECONDS``; ``details.timing_protocol`` says so (slimbench.measure.trust).
+
 Memory, in one more untimed generation (a sampler thread would steal cycles from the clock):
 ``peak_memory_mb`` (process RSS on CPU, max allocated on CUDA), split into
+``memory_runtime_mb`` (the process before any model: Python, torch, libraries),
 ``memory_weights_mb`` (the model's tensors), ``memory_kv_mb`` (the KV cache's tensors at the
-end: prompt + new tokens) and ``memory_other_mb`` (the rest: activations, runtime, allocator).
+end: prompt + new tokens) and ``memory_other_mb`` (the rest: activations, allocator). The
+harness measures it in a fresh process that holds only this model where it can
+(slimbench.measure.memory says how, ``details.memory_protocol`` says where).
 ``kv_cache_bytes_logical`` / ``kv_cache_bytes_physical``: what the cache stands for (every
 position, in its float dtype) vs what it really holds (slimbench.measure.roofline.kv_cache_bytes).
 
-Roofline (``roofline: true``): the machine's bandwidth and FLOP/s, measured once per machine
-and thread count and cached (slimbench.measure.machine), give ``decode_roofline_fraction`` and
-``prefill_roofline_fraction`` (formulas in slimbench.measure.roofline).
+Roofline (``roofline: true``): the machine's bandwidth, measured at this model's decode working
+set (weights + KV read per step), and its FLOP/s (slimbench.measure.limits) give
+``decode_roofline_fraction`` and ``prefill_roofline_fraction`` (formulas in
+slimbench.measure.roofline); ``details.roofline.denominators`` holds each denominator. A
+fraction above 1 is a measurement error (a limit measured too low), kept in
+``details.roofline.errors`` and not reported as a metric.
 
 Hygiene: before and after the timed block the load average, CPU affinity and thread counts are
 recorded; during every repeat, the CPU time other processes took on our cores. The cell is
 ``noisy`` (with ``noise_reasons``) when the coefficient of variation of the decode or prefill
 samples exceeds ``cv_threshold``, when other processes took more than ``load_threshold`` cores,
-or when torch.compile compiled during the timed repeats.
+when torch.compile compiled during the timed repeats, or when the limits were measured under
+load or disagreed with themselves.
 
-The repeats of several models can be interleaved in one process (A/B/A/B; the
-``accel-bench`` command): :class:`EfficiencyRun` exposes ``warm`` / ``sample`` / ``result``.
+The repeats of several models can be interleaved in one process (A B C, C B A, ...: the sweep
+does so for cells of one model, regime and hardware, and so does ``accel-bench``):
+:class:`EfficiencyRun` is the task's session (``warm`` / ``sample`` / ``needs_more`` /
+``memory`` / ``result``).
 """
 
 from __future__ import annotations
@@ -53,20 +67,27 @@ import torch
 from pydantic import Field
 
 from slimbench.config import Config
-from slimbench.measure import machine, roofline
+from slimbench.measure import limits as machine_limits
+from slimbench.measure import machine, memory, roofline
 from slimbench.measure.clocks import PeakMemory, summarize, timed
 from slimbench.modeling import memory_bytes
 from slimbench.registry import CORPORA
 from slimbench.task import Metric, Task, TaskResult
 
-VERSION = "2"
+VERSION = "3"
+# The protocol's minimum before a timing may be read as a result (version 3).
+MIN_REPEATS = 5
+MIN_SECONDS = 1.0
 
 
 class EfficiencyConfig(Config):
     prompt_len: int = Field(128, ge=1, le=32768, description="prompt tokens (regime)")
     new_tokens: int = Field(32, ge=2, le=4096, description="generated tokens per sequence (regime)")
     batch_size: int = Field(1, ge=1, le=512, description="sequences per batch (regime)")
-    repeats: int = Field(5, ge=1, le=1000, description="timed repetitions")
+    repeats: int = Field(5, ge=1, le=1000, description=f"timed repetitions, at least (a result needs {MIN_REPEATS})")
+    max_repeats: int = Field(
+        100, ge=1, le=10000,
+        description=f"repetitions go on until the timed ones last {MIN_SECONDS:g} s in all, up to this many")
     warmup: int = Field(1, ge=0, le=100, description="untimed warm-up repetitions")
     corpus: str = Field("shakespeare", description="where the prompt text comes from")
     split: str = Field("test", description="corpus split for the prompt")
@@ -131,7 +152,12 @@ class CacheCapture:
 
 
 class EfficiencyRun:
-    """One model's measurement in one regime, in steps so runs of several models can interleave."""
+    """One model's measurement in one regime, in steps so runs of several models can interleave.
+
+    The harness may set ``interleaving`` (how the repeats alternated with other runs') and
+    ``limits_memo`` (a dict shared by the runs of one interleaved block, so the limits are
+    measured once per working set) before :meth:`result`.
+    """
 
     def __init__(self, lm, cfg: EfficiencyConfig, ctx) -> None:
         self.lm, self.cfg, self.ctx = lm, cfg, ctx
@@ -143,10 +169,12 @@ class EfficiencyRun:
         self.e2e: list[float] = []
         self.itl: list[float] = []
         self.other_cores: list[float] = []
+        self.timed_seconds = 0.0
         self.load_before: dict[str, Any] | None = None
         self.load_after: dict[str, Any] | None = None
         self.compiles_during_timed = 0
-        self.interleaved: dict[str, Any] | None = None
+        self.interleaving: dict[str, Any] | None = None
+        self.limits_memo: dict[Any, dict[str, Any]] | None = None
         self.warmup_cost: dict[str, Any] = {}
 
     # -- steps ---------------------------------------------------------------------------------
@@ -186,6 +214,7 @@ class EfficiencyRun:
             self.prefill.append(timed(prefill, self.lm.synchronize) * 1e3)
             stamps = self._generate_timed()
         self.other_cores.append(c.other_cores)
+        self.timed_seconds += c.wall
         self.compiles_during_timed += compile_counter() - compiles
         t0, (t_first, k_first), t_last = stamps[0][0], stamps[1], stamps[-1][0]
         self.ttft.append((t_first - t0) * 1e3)
@@ -196,18 +225,30 @@ class EfficiencyRun:
             self.itl += [(t - t_prev) * 1e3] + [0.0] * (k - 1)
         self.load_after = machine.snapshot()
 
+    def needs_more(self) -> bool:
+        """Whether the protocol asks for another timed repeat (``repeats``, then ``MIN_SECONDS`` in all)."""
+        n = len(self.prefill)
+        if n < self.cfg.repeats:
+            return True
+        return self.timed_seconds < MIN_SECONDS and n < max(self.cfg.max_repeats, self.cfg.repeats)
+
+    def timing_protocol(self) -> dict[str, Any]:
+        n = len(self.prefill)
+        return {"repeats": n, "min_repeats": MIN_REPEATS, "timed_seconds": round(self.timed_seconds, 4),
+                "min_seconds": MIN_SECONDS, "sufficient": n >= MIN_REPEATS and self.timed_seconds >= MIN_SECONDS}
+
     # -- results -------------------------------------------------------------------------------
     def memory(self) -> dict[str, Any]:
-        """Peak memory and KV cache bytes in one untimed generation."""
+        """Peak memory and KV cache bytes of one untimed generation, read in this process."""
         with CacheCapture(self.lm) as cap, PeakMemory(self.lm.device) as mem:
             self.lm.generate(self.ids, self.cfg.new_tokens)
         kv = roofline.kv_cache_bytes(cap.cache) if cap.cache is not None else None
-        rep = self.ctx.method_report
         try:
             weights = memory_bytes(self.lm.model)
         except (AttributeError, RuntimeError, TypeError):  # a model that is not a torch module (an engine)
-            weights = rep.get("memory_bytes")
-        return {"peak": mem.peak_bytes, "start": mem.start_bytes, "kind": mem.kind, "weights": weights, "kv": kv}
+            weights = self.ctx.method_report.get("memory_bytes")
+        return {"peak": mem.peak_bytes, "start": mem.start_bytes, "kind": mem.kind, "weights": weights, "kv": kv,
+                "runtime": memory.runtime_rss(), "isolation": "same process", "loaded": None}
 
     def noise(self, limits: dict[str, Any] | None) -> list[str]:
         reasons = []
@@ -222,29 +263,37 @@ class EfficiencyRun:
             )
         if self.compiles_during_timed:
             reasons.append(f"torch.compile compiled {self.compiles_during_timed} graph(s) during the timed repeats")
-        if limits is not None and limits.get("noisy"):
-            reasons.append("the machine limits were measured while other processes used the cores")
+        if limits is not None:
+            reasons += machine_limits.problems(limits)
         return reasons
 
-    def result(self) -> TaskResult:
+    def limits(self, working_set: int | None) -> dict[str, Any]:
+        """The machine's limits at ``working_set`` bytes (shared through ``limits_memo`` when set)."""
+        size = machine_limits.working_set_size(working_set, self.lm.device)
+        key = (torch.get_num_threads(), str(self.lm.device), size)
+        if self.limits_memo is not None and key in self.limits_memo:
+            return self.limits_memo[key]
+        lim = machine_limits.machine_limits(torch.get_num_threads(), self.lm.device, working_set=working_set)
+        if self.limits_memo is not None:
+            self.limits_memo[key] = lim
+        return lim
+
+    def result(self, memory_reading: dict[str, Any] | None = None) -> TaskResult:
+        """Metrics and details; ``memory_reading``: taken elsewhere (a fresh process), else read here now."""
         cfg, rep = self.cfg, self.ctx.method_report
-        limits = None
-        if cfg.roofline:
-            limits = machine.machine_limits(torch.get_num_threads(), self.lm.device)
-        mem = self.memory()
+        mem = memory_reading or self.memory()
         metrics = {
             "prefill_ms": self._metric(self.prefill, "ms", False),
             "ttft_ms": self._metric(self.ttft, "ms", False),
             "e2e_tokens_per_s": self._metric(self.e2e, "tokens/s", True),
-            "peak_memory_mb": Metric(mem["peak"] / 2**20, "MiB", False),
         }
         if self.decode:  # empty only if a generator delivered every token in its first burst
             metrics["decode_tokens_per_s"] = self._metric(self.decode, "tokens/s", True)
         if self.itl:
             for q in (50, 90, 99):
                 metrics[f"itl_p{q}_ms"] = Metric(float(np.percentile(self.itl, q)), "ms", False)
-        metrics.update(self._memory_metrics(mem))
-        details_roofline = self._roofline(metrics, mem, limits)
+        memory_protocol = self._memory_metrics(mem, metrics)
+        roof, limits = self._roofline(metrics, mem)
         for key, unit in (("parameters", "count"), ("memory_bytes", "bytes"), ("stored_bytes", "bytes"),
                           ("effective_bits", "bits/weight")):
             if rep.get(key) is not None:
@@ -254,6 +303,10 @@ class EfficiencyRun:
             "regime": {"prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens, "batch_size": cfg.batch_size},
             "noisy": bool(reasons),
             "noise_reasons": reasons,
+            "timing_protocol": self.timing_protocol(),
+            "interleaving": self.interleaving or {
+                "interleaved": False, "with": [], "labels": [], "rounds": len(self.prefill), "order": None,
+                "reason": "measured on its own (the task run by itself, not by a sweep that interleaves)"},
             "threads": {"torch_threads": torch.get_num_threads(), "setting": self.ctx.hardware.threads,
                         **({"choice": machine.last_thread_choice()} if machine.last_thread_choice() else {})},
             "load_before": self.load_before,
@@ -263,13 +316,12 @@ class EfficiencyRun:
             "itl_samples_ms": self.itl,
             "memory_kind": mem["kind"],
             "memory_before_mb": mem["start"] / 2**20,
+            "memory_protocol": memory_protocol,
             "kv_cache": mem["kv"],
             "execution": rep.get("execution"),
-            "machine_limits": machine.limits_summary(limits) if limits else None,
-            "roofline": details_roofline,
+            "machine_limits": machine_limits.limits_summary(limits) if limits else None,
+            "roofline": roof,
         }
-        if self.interleaved is not None:
-            details["interleaved"] = self.interleaved
         return TaskResult(metrics=metrics, details=details)
 
     @staticmethod
@@ -278,72 +330,105 @@ class EfficiencyRun:
         return Metric(s["median"], unit, higher, samples=samples, spread={**s, "cv": cv(samples) or 0.0})
 
     @staticmethod
-    def _memory_metrics(mem: dict[str, Any]) -> dict[str, Metric]:
-        out = {}
+    def _memory_metrics(mem: dict[str, Any], metrics: dict[str, Metric]) -> dict[str, Any]:
+        """Peak and its split into ``metrics``; returns the memory protocol for the details."""
+        parts, proto = memory.split(mem)
+        metrics["peak_memory_mb"] = Metric(parts["peak"] / 2**20, "MiB", False)
         kv = mem["kv"]
+        if "runtime" in parts:
+            metrics["memory_runtime_mb"] = Metric(parts["runtime"] / 2**20, "MiB", False)
         if mem["weights"] is not None:
-            out["memory_weights_mb"] = Metric(mem["weights"] / 2**20, "MiB", False)
+            metrics["memory_weights_mb"] = Metric(parts["weights"] / 2**20, "MiB", False)
         if kv is not None:
-            out["memory_kv_mb"] = Metric(kv["physical"] / 2**20, "MiB", False)
-            out["kv_cache_bytes_logical"] = Metric(float(kv["logical"]), "bytes", False)
-            out["kv_cache_bytes_physical"] = Metric(float(kv["physical"]), "bytes", False)
+            metrics["memory_kv_mb"] = Metric(kv["physical"] / 2**20, "MiB", False)
+            metrics["kv_cache_bytes_logical"] = Metric(float(kv["logical"]), "bytes", False)
+            metrics["kv_cache_bytes_physical"] = Metric(float(kv["physical"]), "bytes", False)
         if mem["weights"] is not None and kv is not None:
-            other = mem["peak"] - mem["weights"] - kv["physical"]
-            out["memory_other_mb"] = Metric(other / 2**20, "MiB", False)
-        return out
+            metrics["memory_other_mb"] = Metric(parts["other"] / 2**20, "MiB", False)
+        return proto
 
-    def _roofline(self, metrics: dict[str, Metric], mem: dict[str, Any], limits: dict[str, Any] | None) -> dict:
-        """Both roofline fractions (added to ``metrics``) and the inputs they were computed from."""
-        cfg, model = self.cfg, self.lm.model
-        out: dict[str, Any] = {}
+    def _weights_read(self, out: dict[str, Any]) -> int | None:
         try:
-            weights = roofline.weight_bytes_read_per_step(model)
+            weights = roofline.weight_bytes_read_per_step(self.lm.model)
         except (AttributeError, RuntimeError, TypeError):
             weights = None
         if not weights:  # an engine whose weights live elsewhere (worker processes, ONNX Runtime)
-            weights = None
-            out["roofline_skipped"] = f"no weights of {type(model).__name__} in this process to count"
-        elif getattr(self.lm, "generator", None) is not None:
+            out["roofline_skipped"] = f"no weights of {type(self.lm.model).__name__} in this process to count"
+            return None
+        if getattr(self.lm, "generator", None) is not None:
             # Speculative decoding: one verify pass reads the weights once for several accepted
             # tokens, and a draft model reads its own: bytes per token are not the weights' bytes.
-            weights = None
             out["roofline_skipped"] = "a generator drives decoding (speculative): bytes per token are not the weights'"
+            return None
+        return weights
+
+    def _roofline(self, metrics: dict[str, Metric], mem: dict[str, Any]) -> tuple[dict, dict | None]:
+        """Both roofline fractions (added to ``metrics`` unless above 1), their inputs and denominators."""
+        cfg = self.cfg
+        out: dict[str, Any] = {"denominators": {}, "errors": []}
+        weights = self._weights_read(out)
         kv = mem["kv"]
         kv_read = roofline.kv_read_per_step(kv, cfg.prompt_len, cfg.new_tokens) if kv else 0.0
+        working_set = int(weights + kv_read) if weights is not None else None
+        limits = self.limits(working_set) if cfg.roofline else None
         if weights is not None and self.decode:
             rate = metrics["decode_tokens_per_s"].value
             out["weight_bytes_read_per_step"] = weights
             out["kv_bytes_read_per_step"] = kv_read
             metrics["decode_bandwidth_gbs"] = Metric((weights + kv_read) * rate / cfg.batch_size / 1e9, "GB/s", True)
             if limits is not None:
-                bw = limits["bandwidth"]["bytes_per_s"]
-                out["bandwidth_bytes_per_s"] = bw
-                out["decode_tokens_per_s_at_roofline"] = bw / (weights + kv_read) * cfg.batch_size
-                metrics["decode_roofline_fraction"] = Metric(
-                    roofline.decode_roofline_fraction(weights, kv_read, rate, cfg.batch_size, bw), "fraction", True
-                )
+                bw = limits["bandwidth"]
+                out["bandwidth_bytes_per_s"] = bw["bytes_per_s"]
+                out["decode_tokens_per_s_at_roofline"] = bw["bytes_per_s"] / (weights + kv_read) * cfg.batch_size
+                out["denominators"]["decode"] = {"bytes_per_s": bw["bytes_per_s"], "method": bw["method"],
+                                                 "working_set_bytes": working_set, "size_bytes": bw.get("size_bytes")}
+                frac = roofline.decode_roofline_fraction(weights, kv_read, rate, cfg.batch_size, bw["bytes_per_s"])
+                self._fraction(metrics, out, "decode_roofline_fraction", frac,
+                               f"{bw['bytes_per_s'] / 1e9:.1f} GB/s at {bw.get('size_bytes', 0) / 2**20:.0f} MiB")
         try:
-            flops = roofline.prefill_flops(model, cfg.batch_size, cfg.prompt_len)
-            dtype = roofline.compute_dtype(model)
+            flops = roofline.prefill_flops(self.lm.model, cfg.batch_size, cfg.prompt_len)
+            dtype = roofline.compute_dtype(self.lm.model)
         except (AttributeError, RuntimeError, TypeError):
             flops, dtype = None, None
         if flops:
             out.update(prefill_flops=flops, compute_dtype=dtype)
-            attainable = (limits or {}).get("flops", {}).get(dtype, {}).get("flops_per_s")
-            if attainable:
-                out["attainable_flops_per_s"] = attainable
-                metrics["prefill_roofline_fraction"] = Metric(
-                    roofline.prefill_roofline_fraction(flops, metrics["prefill_ms"].value / 1e3, attainable),
-                    "fraction", True,
-                )
-        return out
+            limit = (limits or {}).get("flops", {}).get(dtype, {})
+            if limit.get("flops_per_s"):
+                out["attainable_flops_per_s"] = limit["flops_per_s"]
+                out["denominators"]["prefill"] = {"flops_per_s": limit["flops_per_s"], "dtype": dtype,
+                                                  "method": limit.get("method")}
+                seconds = metrics["prefill_ms"].value / 1e3
+                frac = roofline.prefill_roofline_fraction(flops, seconds, limit["flops_per_s"])
+                self._fraction(metrics, out, "prefill_roofline_fraction", frac,
+                               f"{limit['flops_per_s'] / 1e9:.0f} GFLOP/s {dtype}")
+        return out, limits
+
+    @staticmethod
+    def _fraction(metrics: dict[str, Metric], out: dict[str, Any], name: str, value: float, denominator: str) -> None:
+        """A fraction of at most 1 is a result; above 1 the limit was measured too low: an error, said so."""
+        out[f"{name}_value"] = value
+        if value <= 1.0:
+            metrics[name] = Metric(value, "fraction", True)
+            return
+        out["errors"].append(
+            f"{name} came out at {value:.0%} of {denominator}: above the limit, so the limit was measured too low "
+            "(under load, or by kernels slower than the model's); a measurement error, not a result"
+        )
 
 
 def evaluate(lm, cfg: EfficiencyConfig, ctx) -> TaskResult:
     run = EfficiencyRun(lm, cfg, ctx)
+    bar = ctx.progress(total=cfg.warmup + cfg.repeats, desc="efficiency", unit="rep") if ctx.progress else None
     run.warm()
-    for _ in range(cfg.repeats):
+    if bar is not None:
+        bar.update(cfg.warmup)
+    while run.needs_more():
         run.sample()
+        if bar is not None:
+            bar.total = max(bar.total, cfg.warmup + len(run.prefill))
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return run.result()
 
 
@@ -355,4 +440,5 @@ TASK = Task(
     config=EfficiencyConfig,
     evaluate=evaluate,
     timed=True,  # runs alone on the machine: a parallel cell would corrupt its clocks
+    session=EfficiencyRun,  # interleavable: the sweep alternates the repeats of cells it compares
 )

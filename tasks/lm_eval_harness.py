@@ -103,20 +103,40 @@ def harness_lm_class():
     return HarnessLM
 
 
+# Scores whose name says lower is better, where the harness states no direction.
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "bpb", "loss", "nll", "ter")
+
+
 def metrics_of(results: dict[str, Any]) -> dict[str, Metric]:
-    """``<task>/<metric>`` from the harness' results, stderr into the spread."""
+    """``<task>/<metric>`` from the harness' results, stderr into the spread.
+
+    Only the harness' scores are metrics: they are keyed ``metric,filter``. Its bookkeeping
+    (``sample_len``, the number of documents scored; ``alias``) has no filter and is not a
+    score: it goes to the details (``bookkeeping``), never into a leaderboard as "higher is better".
+    """
     out = {}
     for task, values in results["results"].items():
         better = results.get("higher_is_better", {}).get(task, {})
         for key, value in values.items():
-            metric, _, _filter = key.partition(",")
-            if metric.endswith("_stderr") or not isinstance(value, int | float) or isinstance(value, bool):
+            metric, comma, _filter = key.partition(",")
+            if not comma or metric.endswith("_stderr") or not isinstance(value, int | float) or isinstance(value, bool):
                 continue
             stderr = values.get(f"{metric}_stderr,{_filter}")
             spread = {"stderr": float(stderr)} if isinstance(stderr, int | float) else None
             unit = "fraction" if metric.startswith(("acc", "exact_match", "f1", "mcc")) else "value"
-            out[f"{task}/{metric}"] = Metric(float(value), unit, bool(better.get(metric, True)), spread=spread)
+            higher = better.get(metric)
+            if not isinstance(higher, bool):
+                higher = not any(word in metric for word in LOWER_IS_BETTER)
+            out[f"{task}/{metric}"] = Metric(float(value), unit, higher, spread=spread)
     return out
+
+
+def bookkeeping(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per task, the harness' entries that are not scores (``sample_len``, ...)."""
+    return {
+        task: {k: v for k, v in values.items() if "," not in k and k != "alias"}
+        for task, values in results["results"].items()
+    }
 
 
 def evaluate(lm, cfg: LmEvalConfig, ctx) -> TaskResult:
@@ -143,6 +163,7 @@ def evaluate(lm, cfg: LmEvalConfig, ctx) -> TaskResult:
             "task_versions": results.get("versions", {}),
             "n_shot": results.get("n-shot", {}),
             "n_samples": results.get("n-samples", {}),
+            "bookkeeping": bookkeeping(results),
         },
     )
 

@@ -10,7 +10,6 @@ from conftest import TINY_ARCHS, load_tiny
 from slimbench.tasks.perplexity_cached import logits_through_cache, new_cache
 
 from slimbench.errors import SuiteError
-from slimbench.measure import machine
 from slimbench.measure.roofline import compute_dtype
 from slimbench.method import MethodContext
 from slimbench.registry import METHODS, TASKS
@@ -257,19 +256,23 @@ def test_accel_bench_rejects_unknown_variants():
 def test_accel_bench_interleaves_variants(monkeypatch, capsys, tmp_path):
     from slimbench.cli import main
 
-    fake = {"identity": {"threads": 1, "device": "cpu"}, "bandwidth": {"bytes_per_s": 1e10, "method": "fake"},
+    fake = {"identity": {"threads": 1, "device": "cpu"},
+            "bandwidth": {"bytes_per_s": 1e10, "method": "fake", "size_bytes": 2**20},
             "flops": {"float32": {"flops_per_s": 1e11, "method": "fake"}}, "noisy": False, "source": "cache"}
-    monkeypatch.setattr(machine, "machine_limits", lambda *a, **k: dict(fake))
+    from slimbench.measure import limits
+
+    monkeypatch.setattr(limits, "machine_limits", lambda *a, **k: dict(fake))
     out = tmp_path / "ab.json"
     rc = main(["accel-bench", "--model", "tiny-llama", "--variants", "eager-fp32,eager-bf16", "--prompt-len", "8",
                "--new-tokens", "3", "--repeats", "2", "--warmup", "0", "--threads", "1", "--json", str(out)])
     text = capsys.readouterr().out
-    assert rc == 0 and "| eager-bf16 |" in text and "1.00x" in text and "round 2/2" in text
+    assert rc == 0 and "| eager-bf16 |" in text and "1.00x" in text and "round 2 (of at least 2)" in text
+    assert "% of 10.0 GB/s at 1 MiB" in text and "GFLOP/s float32" in text  # every fraction beside its denominator
     import json
 
     data = json.loads(out.read_text())
     assert [v["label"] for v in data["variants"]] == ["eager-fp32", "eager-bf16"]
-    assert data["variants"][1]["details"]["interleaved"]["variants"] == ["eager-fp32", "eager-bf16"]
+    assert data["variants"][1]["details"]["interleaving"]["labels"] == ["eager-fp32"]
     assert "decode_roofline_fraction" in data["variants"][0]["metrics"]
 
 

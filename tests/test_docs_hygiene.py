@@ -7,11 +7,11 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TRACKER = re.compile(r"\bissues?\s*#?\d+\b|\bthe issue'?s\b|\(#\d+\)", re.IGNORECASE)
+TRACKER = re.compile(r"\bissues?\s*#?\d+\b|\bthe issue'?s\b|\b\w+'s issue\b|\(#\d+\)", re.IGNORECASE)
 
 
 def texts():
-    yield from (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "configs").glob("*.yaml")))
+    yield from (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "configs").rglob("*.yaml")))
     for folder in ("slimbench", "methods", "tasks"):
         yield from sorted((ROOT / folder).rglob("*.py"))
 

@@ -1,4 +1,5 @@
-"""Efficiency v2: roofline arithmetic, machine limits (cached), threads: auto, the task's metrics and noise flags."""
+"""Efficiency v3: roofline arithmetic, machine limits (at the working set, checked against themselves, cached
+only when quiet), threads: auto, the task's metrics, sampling minimums, memory split and noise flags."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ import torch
 from conftest import load_tiny
 
 from slimbench.lm import LanguageModel
-from slimbench.measure import machine, roofline
+from slimbench.measure import limits, machine, memory, roofline
 from slimbench.registry import TASKS
 from slimbench.specs import HardwareSpec
 from slimbench.task import TaskContext
 
 FAKE_LIMITS = {
     "identity": {"threads": 1, "device": "cpu"},
-    "bandwidth": {"bytes_per_s": 10e9, "method": "fake"},
+    "bandwidth": {"bytes_per_s": 10e9, "method": "fake", "size_bytes": 2**20},
     "flops": {"float32": {"flops_per_s": 50e9, "method": "fake"}, "bfloat16": {"flops_per_s": 100e9, "method": "fake"}},
     "noisy": False,
+    "unstable": [],
     "source": "cache",
 }
 
@@ -81,42 +83,67 @@ def test_compute_dtype_follows_the_kernels():
 
 
 # -- machine limits, threads --------------------------------------------------------------------------
+def fake_measurements(monkeypatch, outcomes):
+    """limits.measure_limits replaced: each call takes the next (noisy, unstable) outcome; returns the calls."""
+    calls = []
+    outcomes = iter(outcomes)
+
+    def fake(threads, device, working_set=None, **kw):
+        noisy, unstable = next(outcomes)
+        calls.append((threads, working_set))
+        return {**FAKE_LIMITS, "identity": limits.machine_identity(threads, device), "noisy": noisy,
+                "unstable": unstable}
+
+    monkeypatch.setattr(limits, "measure_limits", fake)
+    return calls
+
+
 def test_machine_limits_are_measured_once_and_cached_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMBENCH_CACHE", str(tmp_path))
-    calls = []
-
-    def fake_measure(threads, device, **kw):
-        calls.append(threads)
-        return {**FAKE_LIMITS, "identity": machine.machine_identity(threads, device), "noisy": False}
-
-    monkeypatch.setattr(machine, "measure_limits", fake_measure)
-    first = machine.machine_limits(1)
-    second = machine.machine_limits(1)
-    assert (first["source"], second["source"], calls) == ("measured", "cache", [1])
+    calls = fake_measurements(monkeypatch, [(False, [])] * 4)
+    first = limits.machine_limits(1, working_set=64 * 2**20)
+    second = limits.machine_limits(1, working_set=64 * 2**20)
+    assert (first["source"], second["source"], len(calls)) == ("measured", "cache", 1)
     files = list((tmp_path / "machine").iterdir())
     assert [f.suffix for f in files] == [".json"]  # no temporary file left behind
     assert json.loads(files[0].read_text())["bandwidth"]["bytes_per_s"] == 10e9
-    machine.machine_limits(2)  # another thread count is another key
-    assert calls == [1, 2]
+    limits.machine_limits(2, working_set=64 * 2**20)  # another thread count is another key
+    limits.machine_limits(1, working_set=128 * 2**20)  # so is another working set: the limit depends on it
+    assert [c[0] for c in calls] == [1, 2, 1]
 
 
-def test_noisy_limits_are_measured_again_when_the_machine_is_quiet(tmp_path, monkeypatch):
+def test_limits_measured_under_load_or_unstable_are_never_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMBENCH_CACHE", str(tmp_path))
-    noisy = iter([True, False])
-    monkeypatch.setattr(machine, "measure_limits", lambda t, d, **kw: {
-        **FAKE_LIMITS, "identity": machine.machine_identity(t, d), "noisy": next(noisy)})
-    monkeypatch.setattr(machine, "machine_busy", lambda: False)
-    assert machine.machine_limits(1)["noisy"] is True
-    again = machine.machine_limits(1)
-    assert (again["noisy"], again["source"]) == (False, "measured")
-    assert machine.machine_limits(1)["source"] == "cache"
+    calls = fake_measurements(monkeypatch, [(True, []), (False, ["bandwidth"]), (False, []), (False, [])])
+    assert limits.machine_limits(1)["cached"] is False  # under load: used for this cell only
+    assert limits.machine_limits(1)["cached"] is False  # measured again, unstable: not kept either
+    assert limits.machine_limits(1)["cached"] is True  # quiet and stable: kept
+    assert limits.machine_limits(1)["source"] == "cache" and len(calls) == 3
+    # a cache file written by an older version that kept a noisy entry is not read
+    path = next((tmp_path / "machine").iterdir())
+    path.write_text(json.dumps({**json.loads(path.read_text()), "noisy": True}))
+    assert limits.machine_limits(1)["source"] == "measured"
 
 
-def test_real_limits_measurement_is_positive_and_says_how():
-    lim = machine.measure_limits(1, stream_bytes=8 * 2**20, matmul_n=64, dtypes=("float32",))
-    assert lim["bandwidth"]["bytes_per_s"] > 0 and "torch.sum" in lim["bandwidth"]["method"]
+def test_real_limits_use_two_kernels_at_the_working_set_and_check_themselves():
+    lim = limits.measure_limits(1, working_set=3 * 2**20, matmul_n=64, dtypes=("float32",))
+    bw = lim["bandwidth"]
+    assert bw["bytes_per_s"] > 0 and set(bw["kernels"]) == {"sum", "matvec"} and bw["size_bytes"] == 3 * 2**20
+    assert "3.0 MiB" in bw["method"] and bw["bytes_per_s"] == max(k["bytes_per_s"] for k in bw["kernels"].values())
+    assert set(bw["agreement"]) >= {"halves_s", "difference", "ok"} and bw["agreement"]["within"] == 0.10
     assert lim["flops"]["float32"]["flops_per_s"] > 0 and "64x64" in lim["flops"]["float32"]["method"]
     assert lim["identity"]["threads"] == 1 and lim["identity"]["torch"] == torch.__version__
+    # past DRAM size the size no longer matters: a 100 GB working set is measured at the cap (or at a quarter of
+    # the memory free now), never allocated whole
+    assert limits.working_set_size(100 * 2**30, torch.device("cpu")) <= limits.BANDWIDTH_CAP_BYTES
+
+
+def test_two_measurements_of_a_limit_must_agree_within_ten_percent():
+    assert limits.agreement([1.00, 1.05, 1.01, 1.04])["ok"]  # best of the odd rounds 1.00, of the even 1.04
+    bad = limits.agreement([1.0, 1.2, 1.1, 1.3])
+    assert not bad["ok"] and bad["difference"] == pytest.approx(0.2 / 1.2, abs=1e-3)
+    lim = {**FAKE_LIMITS, "unstable": ["bandwidth"], "bandwidth": {**FAKE_LIMITS["bandwidth"], "agreement": bad}}
+    assert "differ by 17%" in limits.problems(lim)[0]
 
 
 def test_threads_auto_probes_and_records_the_fastest(monkeypatch):
@@ -164,17 +191,19 @@ V2_METRICS = {"ttft_ms", "prefill_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms",
               "prefill_roofline_fraction"}
 
 
-def run_task(lm, monkeypatch, **params):
-    monkeypatch.setattr(machine, "machine_limits", lambda *a, **k: dict(FAKE_LIMITS))
+def run_task(lm, monkeypatch, fake_limits=FAKE_LIMITS, **params):
+    monkeypatch.setattr(limits, "machine_limits", lambda *a, **k: dict(fake_limits))
+    if "repeats" in params and "max_repeats" not in params:  # exactly that many repeats: counts are checked
+        params["max_repeats"] = params["repeats"]
     task = TASKS.get("efficiency")
     ctx = TaskContext(hardware=HardwareSpec(threads=1), method_report={"memory_bytes": 123, "parameters": 7})
     return task.evaluate(lm, task.config(**params), ctx)
 
 
-def test_efficiency_v2_reports_every_regime_metric(monkeypatch):
+def test_efficiency_reports_every_regime_metric(monkeypatch):
     lm = load_tiny("llama")
     res = run_task(lm, monkeypatch, prompt_len=12, new_tokens=5, batch_size=2, repeats=2, warmup=1)
-    assert TASKS.get("efficiency").version == "2"
+    assert TASKS.get("efficiency").version == "3"
     assert set(res.metrics) >= V2_METRICS
     d = res.details
     assert d["regime"] == {"prompt_len": 12, "new_tokens": 5, "batch_size": 2}
@@ -259,3 +288,89 @@ def test_a_suite_with_threads_auto_records_the_choice(tmp_path, monkeypatch):
     threads = rec["task_details"]["threads"]
     assert threads["torch_threads"] == 1
     assert threads["choice"]["setting"] == "auto" and threads["choice"]["used"] == 1
+
+
+# -- version 3: denominators, impossible fractions, sampling minimums, memory split -------------------
+def test_every_fraction_keeps_its_denominator_and_one_above_1_is_an_error(monkeypatch):
+    from slimbench.measure.trust import roofline_denominator, roofline_errors
+
+    lm = load_tiny("llama")
+    res = run_task(lm, monkeypatch, prompt_len=8, new_tokens=3, repeats=2, warmup=0, max_repeats=2)
+    den = res.details["roofline"]["denominators"]
+    assert den["decode"]["bytes_per_s"] == 10e9 and den["decode"]["working_set_bytes"] > 0
+    assert den["prefill"] == {"flops_per_s": 50e9, "dtype": "float32", "method": "fake"}
+    record = {"task_details": res.details}
+    assert roofline_denominator(record, "decode_roofline_fraction") == "of 10.0 GB/s at 1 MiB"
+    assert roofline_denominator(record, "prefill_roofline_fraction") == "of 50 GFLOP/s float32"
+    # limits measured far too low (under load): every fraction comes out above 1
+    tiny = {**FAKE_LIMITS, "bandwidth": {**FAKE_LIMITS["bandwidth"], "bytes_per_s": 1.0},
+            "flops": {"float32": {"flops_per_s": 1.0, "method": "fake"}}}
+    bad = run_task(lm, monkeypatch, fake_limits=tiny, prompt_len=8, new_tokens=3, repeats=2, warmup=0, max_repeats=2)
+    assert "decode_roofline_fraction" not in bad.metrics and "prefill_roofline_fraction" not in bad.metrics
+    errors = roofline_errors({"task_details": bad.details})
+    assert len(errors) == 2 and all("measurement error, not a result" in e for e in errors)
+    assert bad.details["roofline"]["decode_roofline_fraction_value"] > 1
+
+
+def test_sampling_goes_on_to_the_minimum_duration_and_says_whether_it_is_sufficient(monkeypatch):
+    from slimbench.tasks import efficiency
+
+    from slimbench.measure.trust import timing_trust
+
+    lm = load_tiny("llama")
+    monkeypatch.setattr(efficiency, "MIN_SECONDS", 0.0)
+    few = run_task(lm, monkeypatch, prompt_len=8, new_tokens=3, repeats=2, warmup=0)
+    proto = few.details["timing_protocol"]
+    assert proto["repeats"] == 2 and proto["min_repeats"] == 5 and proto["sufficient"] is False
+    assert set(proto) == {"repeats", "min_repeats", "timed_seconds", "min_seconds", "sufficient"}
+    assert timing_trust({"task_details": few.details}).label() in ("under-sampled", "noisy")
+    enough = run_task(lm, monkeypatch, prompt_len=8, new_tokens=3, repeats=5, warmup=0)
+    assert enough.details["timing_protocol"]["sufficient"] is True
+    # a minimum duration the repeats have not reached: more repeats, up to max_repeats
+    monkeypatch.setattr(efficiency, "MIN_SECONDS", 1e9)
+    longer = run_task(lm, monkeypatch, prompt_len=8, new_tokens=3, repeats=2, warmup=0, max_repeats=7)
+    assert longer.details["timing_protocol"]["repeats"] == 7 == len(longer.metrics["prefill_ms"].samples)
+    assert longer.details["timing_protocol"]["sufficient"] is False
+
+
+def test_memory_is_split_into_parts_that_add_up_to_the_peak(monkeypatch):
+    memory.note_runtime()  # what a sweep's process does before its first model
+    lm = load_tiny("llama")
+    res = run_task(lm, monkeypatch, prompt_len=8, new_tokens=3, repeats=2, warmup=0, max_repeats=2)
+    m = {k: v.value for k, v in res.metrics.items()}
+    parts = m["memory_runtime_mb"] + m["memory_weights_mb"] + m["memory_kv_mb"] + m["memory_other_mb"]
+    assert parts == pytest.approx(m["peak_memory_mb"])
+    proto = res.details["memory_protocol"]
+    assert proto["isolation"] == "same process" and proto["runtime_mb"] == pytest.approx(m["memory_runtime_mb"])
+    # what the process held beyond its runtime and this model is left out of the peak, and said
+    assert proto["leftover_mb"] >= 0 and "left out of the peak" in proto["note"]
+
+
+def test_memory_split_by_hand():
+    mib = 2**20
+    reading = {"peak": 1000 * mib, "start": 900 * mib, "kind": "process_rss", "weights": 500 * mib,
+               "kv": {"physical": 10 * mib}, "runtime": 300 * mib, "isolation": "same process"}
+    parts, proto = memory.split(reading)
+    # 100 MiB held beyond runtime + weights before the generation (compression leftovers): not inference memory
+    assert parts["leftover"] == 100 * mib and parts["peak"] == 900 * mib and parts["other"] == 90 * mib
+    assert proto["clean"] is False and proto["tolerance_mb"] == 40  # 5% of 800 MiB
+    # a fresh process holds only the model: all the rest is its runtime, and the peak is measured as is
+    fresh, proto = memory.split({**reading, "runtime": None, "isolation": "fresh process"})
+    assert fresh["peak"] == 1000 * mib and fresh["runtime"] == 400 * mib and fresh["leftover"] == 0
+    assert proto["clean"] is True and fresh["other"] == 90 * mib
+
+
+def test_check_limits_measures_twice_and_fails_when_they_disagree(monkeypatch, capsys):
+    from slimbench.cli import main
+
+    rates = iter([10e9, 12e9, 10e9, 10.5e9])
+
+    def fake(*a, **k):
+        bw = next(rates)
+        return {**FAKE_LIMITS, "bandwidth": {**FAKE_LIMITS["bandwidth"], "bytes_per_s": bw, "kernels": {}},
+                "identity": {"threads": 1, "device": "cpu"}, "cached": True}
+
+    monkeypatch.setattr(limits, "machine_limits", fake)
+    args = ["accel-bench", "--check-limits", "--threads", "1", "--working-set-mib", "8"]
+    assert main(args) == 1 and "differ by 16.7% (DISAGREE)" in capsys.readouterr().out
+    assert main(args) == 0 and "agree within 10%" in capsys.readouterr().out

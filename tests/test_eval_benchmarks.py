@@ -70,6 +70,15 @@ def test_each_benchmark_runs_offline_and_matches_the_plain_loop(tiny_llama, task
     assert res.details["data"]["source"].endswith(FILES[task])
 
 
+def test_a_local_file_is_named_as_the_data_read_not_the_hub_dataset():
+    source = zs.HubSource("ybisk/piqa", None, "validation")
+    local = zs.provenance(build("piqa", path=str(DATA / "piqa.jsonl")), source, str(DATA / "piqa.jsonl"))
+    assert local["read"] == "local file" and local["source"].endswith("piqa.jsonl")
+    assert "hub" not in local and local["format_of"] == "ybisk/piqa:validation"  # whose format it follows
+    online = zs.provenance(build("piqa", revision="abc123").model_copy(), source, "hub:ybisk/piqa/@abc123")
+    assert online["read"] == "hub" and online["hub"] == "ybisk/piqa:validation" and online["revision"] == "abc123"
+
+
 @pytest.mark.parametrize(
     ("task", "file", "expected"),
     [

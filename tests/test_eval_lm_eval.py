@@ -84,3 +84,19 @@ def test_our_loglikelihood_equals_the_harness_hflm(tiny_llama):
     (r_theirs,) = hf.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
     (r_ours,) = tiny_llama.loglikelihood_rolling([text])
     assert r_ours == pytest.approx(r_theirs, abs=1e-3)
+
+
+def test_bookkeeping_is_not_a_metric_and_directions_come_from_the_harness_or_the_name():
+    results = {
+        "results": {
+            "piqa": {"alias": "piqa", "acc,none": 0.6, "acc_stderr,none": 0.02, "sample_len": 100},
+            "wikitext": {"word_perplexity,none": 30.0, "bits_per_byte,none": 1.1, "sample_len": 62},
+        },
+        "higher_is_better": {"piqa": {"acc": True}},
+    }
+    metrics = adapter.metrics_of(results)
+    assert set(metrics) == {"piqa/acc", "wikitext/word_perplexity", "wikitext/bits_per_byte"}
+    assert metrics["piqa/acc"].higher_is_better and metrics["piqa/acc"].spread == {"stderr": 0.02}
+    assert not metrics["wikitext/word_perplexity"].higher_is_better
+    assert not metrics["wikitext/bits_per_byte"].higher_is_better
+    assert adapter.bookkeeping(results) == {"piqa": {"sample_len": 100}, "wikitext": {"sample_len": 62}}

@@ -200,10 +200,10 @@ def test_efficiency_v2_columns_regimes_and_noisy_marks(store, tmp_path):
     ):
         assert col in df
     row = df.set_index("method").loc["cast(bfloat16)"]
-    assert "b8 p128 n32" in row["noisy"] and "spread of repeats" in row["noisy"]
-    assert df.set_index("method").loc["baseline", "noisy"] == ""
+    assert "b8 p128 n32" in row["timing flags"] and "spread of repeats" in row["timing flags"]
+    assert df.set_index("method").loc["baseline", "timing flags"] == ""
     md = (out.folder / "leaderboard.md").read_text()
-    assert "| noisy |" in md.split("\n## ")[1].splitlines()[6]  # the noisy column in the Markdown table
+    assert "| timing flags |" in md.split("\n## ")[1].splitlines()[6]  # the flags column in the Markdown table
     tex = (out.folder / "leaderboard.tex").read_text()
     assert "noisy" in next(line for line in tex.splitlines() if line.startswith("tiny-llama & cast"))
 
@@ -366,7 +366,7 @@ def test_html_is_self_contained_and_escaped(store, tmp_path):
     assert page.count("<script") == 1 and "data:image/png;base64," in page
     assert "Content-Security-Policy" in page
     assert 'id="failed"' in page and "rank-deficient Hessian" in page
-    assert 'class="badge simulated"' in page and 'class="badge noisy"' in page
+    assert 'class="badge simulated"' in page and 'class="badge flagged">noisy' in page
 
 
 def test_empty_store_reports_no_records(tmp_path):

@@ -275,3 +275,29 @@ def test_real_claim_card_end_to_end_on_smollm2(tmp_path):
     assert rep.verdict.verdict in ("holds", "fails", "inconclusive")
     fp = {a.arm: a.value for a in rep.arms}["fp"]
     assert 5 < fp < 500  # a real language model on Shakespeare, not a broken one
+
+
+def test_a_check_row_reads_in_one_unit():
+    """The premise "at least 1.5x fp" is shown as 1.5x against a measured multiple of fp, not as
+    a bound of 0.5 beside a measured 11.07."""
+    premise = Check(text="premise: 3-bit RTN per channel does hurt this model (perplexity at least 1.5x fp)",
+                    measure="relative_increase", arms=["rtn"], role="premise", at_least=0.5)
+    claim = check("increase_ratio", ["gptq", "rtn"], at_most=0.4)
+    v = evaluate([claim, premise], {"fp": 37.9, "rtn": 457.3, "gptq": 105.7}, "fp")
+    kept, hurt = v.checks
+    assert hurt.check.bound_shown("fp") == ">= 1.5x fp (+50%)"
+    assert hurt.shown() == "12.07x fp (+1,107%)"
+    assert kept.check.bound_shown("fp") == "<= 40% of rtn's increase" and kept.shown() == "16.2% of rtn's increase"
+    assert check("ratio", ["svd_llm", "svd"], at_most=0.01).bound_shown("fp") == "<= 0.01x svd"
+    assert hurt.to_dict()["shown"] == "12.07x fp (+1,107%)"
+
+
+def test_arm_labels_say_a_key_setting_once():
+    from slimbench.specs import MethodSpec, StepSpec
+
+    rtn3 = MethodSpec(steps=(StepSpec(name="rtn", params={"bits": 3}),))
+    assert rp.method_label(rtn3, {"name": "rtn", "bits": 3}) == "rtn(3-bit, per-channel)"
+    gptq = MethodSpec(steps=(StepSpec(name="gptq", params={"bits": 3, "act_order": False}),))
+    assert rp.method_label(gptq, {"name": "gptq", "bits": 3, "act_order": False}) == (
+        "gptq(3-bit, per-channel, act_order=False)"
+    )

@@ -393,7 +393,8 @@ def test_eta_is_built_per_kind_not_from_the_first_cell(tmp_path):
     assert cm.estimate("compress", opt_mag) == 8.0
     assert cm.estimate("evaluate", opt_mag) == 2.0
     assert cm.group_seconds([opt_mag]) == pytest.approx(1.0 + 8.0 + 2.0)
-    assert cm.group_seconds([opt_mag], done={"load", "compress"}) == pytest.approx(2.0)
+    assert cm.group_seconds([opt_mag], done={f"load:{opt_mag.run_id}", f"compress:{opt_mag.run_id}"}) == \
+        pytest.approx(2.0)
     # a method no finished cell ran borrows any compression's cost, and `status` says so
     fresh = CostModel()
     fresh.add("compress", first, 0.0)

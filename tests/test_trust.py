@@ -20,3 +20,10 @@ def test_noisy_or_under_sampled_records_are_not_trusted():
     assert not timing_trust(noisy).trusted and timing_trust(noisy).label() == "noisy"
     assert not timing_trust(thin).trusted and "minimum of 5 repeats" in timing_trust(thin).reasons[0]
     assert timing_trust(old).trusted and timing_trust(old).sufficient is None
+
+
+def test_a_throughput_measured_by_an_untimed_task_is_not_trusted():
+    ppl = {"task": {"name": "perplexity"}, "task_info": {"timed": False}, "task_details": {}}
+    assert timing_trust(ppl).noisy and "untimed task" in timing_trust(ppl).reasons[0]
+    old = {"task": {"name": "perplexity"}, "task_details": {}}  # before task_info: the registry says
+    assert timing_trust(old).noisy

@@ -62,17 +62,79 @@ def test_a_clean_folder_verifies_and_its_reruns_agree(results, capsys):
     rerun(v, 2, log=lambda s: None)
     assert [r["status"] for r in v.reruns] == ["agree", "agree"]
     assert benchmark.main(["verify", str(results), "--rerun", "1"]) == 0
-    assert "1 agree, 0 disagree" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 agree, 0 disagree" in out
+    line = next(x for x in out.splitlines() if x.startswith("rerun agree"))
+    # the cell by model, method label and task, not by file
+    assert "tiny-llama | " in line and "@concat-windows/1" in line and ".json" not in line
 
 
-def test_a_changed_metric_disagrees_on_rerun(results):
+def forge(rec, factor=0.9):
+    """Scale perplexity and every per-window NLL consistently: the record agrees with itself."""
+    import math
+
+    nll = [x + math.log(factor) for x in rec["task_details"]["per_example"]["nll"]]
+    rec["task_details"]["per_example"]["nll"] = nll
+    rec["task_details"]["window_nll"] = nll
+    rec["metrics"]["nll"]["value"] = sum(nll) / len(nll)
+    rec["metrics"]["perplexity"]["value"] = math.exp(sum(nll) / len(nll))
+
+
+def test_a_consistently_forged_metric_disagrees_on_rerun(results):
     first = files(results)[0]
-    edit(first, lambda r: r["metrics"]["perplexity"].update(value=r["metrics"]["perplexity"]["value"] * 0.9))
+    edit(first, forge)
     v = verify_folder(results)
-    assert v.errors == []  # the file itself is well-formed: only a re-run can tell
+    assert v.errors == []  # the record agrees with itself: only a re-run can tell
     rerun(v, 2, log=lambda s: None)
     (bad,) = v.disagreements
     assert bad["file"] == first.name and any(p.startswith("perplexity: recorded") for p in bad["problems"])
+
+
+def test_a_metric_edited_without_its_per_example_data_is_an_error(results):
+    first = files(results)[0]
+    edit(first, lambda r: r["metrics"]["perplexity"].update(value=r["metrics"]["perplexity"]["value"] * 1.49))
+    found = errors(results)
+    assert any("metric perplexity contradicts the record's own data" in e and "exp(mean of 2 per-example nll)" in e
+               for e in found), found
+
+
+def test_counts_and_timing_protocol_are_checked(results):
+    first = files(results)[0]
+    edit(first, lambda r: r["task_details"].update(windows=5))
+    assert any("task_details.windows is 5, but its per-example data holds 2" in e for e in errors(results))
+
+
+def test_protocol_fields_must_fit_the_task_version(results):
+    first = files(results)[0]
+    edit(first, lambda r: r["task_details"].update(protocol="rolling-loglikelihood"))
+    assert any("its details say protocol 'rolling-loglikelihood'" in e for e in errors(results))
+
+
+def test_efficiency_protocol_fields_against_the_installed_version():
+    import fabricate as fb
+
+    from slimbench.devtools.verify import Verification, check_protocol, installed_minimums
+    from slimbench.registry import TASKS
+
+    rec = fb.eff_v2("tiny-llama", fb.method("baseline"), (16, 4, 1), 1.0, 50.0)
+    rec["task"]["version"] = str(TASKS.get("efficiency").version)
+    v = Verification(root=None)
+    minimums = installed_minimums(rec)
+    check_protocol(v, "r.json", rec)
+    if minimums is not None:  # this installation's efficiency states minimums: the record must carry them
+        assert any("no timing_protocol" in str(f) for f in v.errors)
+    rec["task_details"]["timing_protocol"] = {"repeats": 2, "min_repeats": 5, "timed_seconds": 0.1,
+                                              "min_seconds": 1.0, "sufficient": True}  # claims enough
+    rec["task_details"]["noisy"] = True  # flagged without a reason
+    v = Verification(root=None)
+    check_protocol(v, "r.json", rec)
+    found = [str(f) for f in v.errors]
+    assert any("says sufficient=True for 2 repeats" in e for e in found)
+    assert any("details.noisy and details.noise_reasons disagree" in e for e in found)
+    rec["task_details"]["regime"]["prompt_len"] = 99
+    v = Verification(root=None)
+    check_protocol(v, "r.json", rec)
+    assert any("differs from the task parameters in prompt_len" in str(f) for f in v.errors)
 
 
 def test_an_edited_spec_no_longer_matches_its_run_id(results):

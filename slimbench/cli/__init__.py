@@ -27,7 +27,6 @@ import os
 import pkgutil
 import sys
 
-from slimbench.errors import SuiteError
 from slimbench.zoo.hub import offline_defaults
 
 
@@ -45,7 +44,39 @@ def parser(prog: str = "slimbench") -> argparse.ArgumentParser:
     return p
 
 
+# What each dependency SlimBench imports is installed as (import name -> pip name); requirements.txt pins them.
+DEPENDENCIES = {
+    "torch": "torch", "transformers": "transformers", "accelerate": "accelerate", "gguf": "gguf",
+    "safetensors": "safetensors", "datasets": "datasets", "evaluate": "evaluate", "pandas": "pandas",
+    "matplotlib": "matplotlib", "pydantic": "pydantic", "yaml": "PyYAML", "tqdm": "tqdm", "psutil": "psutil",
+    "numpy": "numpy", "tokenizers": "tokenizers", "huggingface_hub": "huggingface_hub",
+}
+
+
+def missing_dependency(err: ModuleNotFoundError) -> str | None:
+    """One line saying what to install, if ``err`` is a missing dependency of SlimBench itself."""
+    top = (err.name or "").split(".")[0]
+    if top not in DEPENDENCIES:
+        return None
+    return (f"SlimBench needs the Python package {DEPENDENCIES[top]!r}, which is not installed in this environment "
+            f"({sys.executable}): install SlimBench's requirements with `pip install -r requirements.txt` "
+            f"(or `pip install .`) from a clone, or this one alone with `pip install {DEPENDENCIES[top]}`")
+
+
 def main(argv: list[str] | None = None, prog: str = "slimbench") -> int:
+    try:
+        return _main(argv, prog)
+    except ModuleNotFoundError as err:  # a dependency missing: one line, not a traceback
+        line = missing_dependency(err)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None, prog: str) -> int:
+    from slimbench.errors import SuiteError
+
     offline_defaults()
     try:
         args = parser(prog).parse_args(argv)

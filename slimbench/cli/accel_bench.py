@@ -3,9 +3,13 @@
 Ratios between execution paths are only trustworthy when the variants share the machine's
 state: each variant is built (its method steps applied), warmed up (compiled), then the timed
 repeats of all variants alternate, in reverse order every other round (A B C, C B A, ...), so
-slow drift and bursts of load hit every variant alike. Each repeat is the efficiency task's
-(tasks/efficiency.py, protocol version 2); the table gives decode tokens/s, the speed-up over the
-first variant, inter-token latency, prefill, time to first token and both roofline fractions.
+slow drift and bursts of load hit every variant alike; rounds go on until every variant has the
+efficiency protocol's minimum (``--repeats``, then its minimum timed duration). Each repeat is
+the efficiency task's (tasks/efficiency.py, protocol version 3); the table gives decode
+tokens/s, the speed-up over the first variant, inter-token latency, prefill, time to first
+token and both roofline fractions, each with its denominator: the bandwidth measured at that
+variant's decode working set, the FLOP/s of the dtype its linear layers compute in. A fraction
+above 100% is printed as an error (the limit was measured too low), never as a value.
 
     benchmark.py accel-bench --list
     benchmark.py accel-bench --variants eager-fp32,compile-static-fp32 --prompt-len 128 --new-tokens 64
@@ -117,6 +121,20 @@ def fmt(x: float | None, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
+def fraction_cell(r: dict[str, Any], name: str) -> str:
+    """'52.1% of 26.7 GB/s at 257 MiB', or the error when the fraction came out above 1."""
+    from slimbench.measure.trust import roofline_denominator
+
+    record = {"task_details": r["details"]}
+    roof = r["details"].get("roofline") or {}
+    if name in r["metrics"]:
+        return f"{r['metrics'][name].value * 100:.1f}% {roofline_denominator(record, name)}".rstrip()
+    value = roof.get(f"{name}_value")
+    if value is not None:  # above 1: refused as a result
+        return f"error: {value * 100:.0f}% {roofline_denominator(record, name)} (limit measured too low)"
+    return "–"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = ["variant", "decode tok/s (cv)", "speed-up", "ITL p50 ms", "prefill ms", "TTFT ms",
             "decode roofline", "prefill roofline", "compile s", "noisy"]
@@ -132,8 +150,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             fmt(m["itl_p50_ms"].value if "itl_p50_ms" in m else None, ".1f"),
             fmt(m["prefill_ms"].value, ".1f"),
             fmt(m["ttft_ms"].value, ".1f"),
-            fmt(m["decode_roofline_fraction"].value * 100 if "decode_roofline_fraction" in m else None, ".1f") + "%",
-            fmt(m["prefill_roofline_fraction"].value * 100 if "prefill_roofline_fraction" in m else None, ".1f") + "%",
+            fraction_cell(r, "decode_roofline_fraction"),
+            fraction_cell(r, "prefill_roofline_fraction"),
             fmt(compile_seconds(r["report"]), ".0f"),
             "yes" if r["details"]["noisy"] else "no",
         ]
@@ -142,7 +160,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from slimbench.measure.machine import last_thread_choice, limits_summary, machine_limits, resolve_threads
+    from slimbench.measure.limits import limits_summary, machine_limits
+    from slimbench.measure.machine import last_thread_choice, resolve_threads
     from slimbench.registry import TASKS
     from slimbench.specs import HardwareSpec
     from slimbench.task import TaskContext
@@ -158,33 +177,71 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     print(f"threads: {n_threads} ({last_thread_choice()})", flush=True)
     limits = machine_limits(n_threads, hw.device)
     summary = limits_summary(limits)
-    print(f"machine: {summary['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s streaming read ({summary['source']}); "
+    print(f"machine: {summary['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s read at "
+          f"{summary['bandwidth_size_bytes'] / 2**20:.0f} MiB ({summary['source']}; each variant's roofline uses the "
+          "bandwidth at its own decode working set); "
           + ", ".join(f"{k} {v['flops_per_s'] / 1e9:.0f} GFLOP/s" for k, v in summary["flops"].items()
                       if "flops_per_s" in v), flush=True)
     built = [build(label, spec, args, hw) for label, spec in variants]
-    runs = []
+    runs, memo = [], {}
     for b in built:
         r = EfficiencyRun(b["lm"], cfg, TaskContext(hardware=hw, method_report=b["report"]))
+        r.limits_memo = memo
         r.warm()
         runs.append(r)
     order = list(range(len(runs)))
-    for rnd in range(cfg.repeats):
+    rnd = 0
+    while any(r.needs_more() for r in runs):  # --repeats rounds, then until the protocol's minimum duration
         for i in order if rnd % 2 == 0 else order[::-1]:  # A B C, C B A, ...: drift hits all alike
             runs[i].sample()
-        print(f"round {rnd + 1}/{cfg.repeats}: " + ", ".join(
+        rnd += 1
+        print(f"round {rnd} (of at least {cfg.repeats}): " + ", ".join(
             f"{b['label']} {r.decode[-1]:.1f}" for b, r in zip(built, runs, strict=True) if r.decode), flush=True)
     rows = []
     labels = [b["label"] for b in built]
     for b, r in zip(built, runs, strict=True):
-        r.interleaved = {"variants": labels, "rounds": cfg.repeats, "order": "alternating: A B C, C B A, ...",
-                         "note": "peak memory is of one process holding every variant"}
+        r.interleaving = {"interleaved": len(labels) > 1, "with": [], "labels": [x for x in labels if x != b["label"]],
+                          "rounds": rnd, "order": "alternating: A B C, C B A, ...",
+                          "reason": None if len(labels) > 1 else "one variant",
+                          "note": "peak memory is of one process holding every variant"}
         res = r.result()
         rows.append({"label": b["label"], "steps": b["spec"].label(), "metrics": res.metrics,
                      "details": res.details, "report": b["report"]})
     return rows
 
 
+def check_limits(args: argparse.Namespace) -> int:
+    """Measure the machine's limits twice, from scratch, and say whether the two agree within 10%."""
+    from slimbench.measure.limits import AGREEMENT, limits_summary, machine_limits
+    from slimbench.measure.machine import resolve_threads
+    from slimbench.specs import HardwareSpec
+
+    threads = resolve_threads(HardwareSpec(device=args.device, threads=args.threads if args.threads == "auto"
+                                           else int(args.threads)))
+    size = int(args.working_set_mib * 2**20)
+    runs = [limits_summary(machine_limits(threads, args.device, working_set=size, refresh=True)) for _ in range(2)]
+    ok = True
+    print(f"threads {threads}, working set {args.working_set_mib:g} MiB, measured twice from scratch:")
+    rows = [("bandwidth GB/s", [r["bandwidth_bytes_per_s"] / 1e9 for r in runs])]
+    rows += [(f"{k} GFLOP/s", [r["flops"][k]["flops_per_s"] / 1e9 for r in runs])
+             for k in runs[0]["flops"] if all("flops_per_s" in r["flops"].get(k, {}) for r in runs)]
+    for name, (a, b) in rows:
+        diff = abs(a - b) / max(a, b)
+        ok &= diff <= AGREEMENT
+        print(f"  {name:20s} {a:9.1f} {b:9.1f}  differ by {diff:.1%} ({'ok' if diff <= AGREEMENT else 'DISAGREE'})")
+    for i, r in enumerate(runs, 1):
+        kernels = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in r["bandwidth_kernels"].items())
+        print(f"  measurement {i}: {r['bandwidth_method']}; kernels GB/s: {kernels}; noisy {r['noisy']}, "
+              f"unstable {r['unstable'] or 'no'}, kept in the cache: {r['cached']}")
+        ok &= not r["noisy"] and not r["unstable"]
+    print("limits agree within 10% and were measured quietly" if ok else
+          "the limits are not reliable now (load, or a machine that does not hold its speed): do not quote fractions")
+    return 0 if ok else 1
+
+
 def cmd_accel_bench(args: argparse.Namespace) -> int:
+    if args.check_limits:
+        return check_limits(args)
     if args.list:
         for name, steps in PRESETS.items():
             print(f"{name:30s} {json.dumps(steps)}")
@@ -198,9 +255,15 @@ def cmd_accel_bench(args: argparse.Namespace) -> int:
     for r in rows:
         if r["details"]["noise_reasons"]:
             print(f"- {r['label']} noisy: " + "; ".join(r["details"]["noise_reasons"]))
+        for err in (r["details"].get("roofline") or {}).get("errors") or []:
+            print(f"- {r['label']} measurement error: {err}")
+        proto = r["details"].get("timing_protocol") or {}
+        if proto and not proto.get("sufficient"):
+            print(f"- {r['label']} under-sampled: {proto['repeats']} repeats over {proto['timed_seconds']:.2f} s "
+                  f"(the protocol asks for {proto['min_repeats']} over {proto['min_seconds']} s)")
     print(f"(total {time.perf_counter() - t0:.0f} s)")
     if args.json:
-        from slimbench.measure.machine import write_json_atomic
+        from slimbench.measure.limits import write_json_atomic
 
         out = [{"label": r["label"], "steps": r["steps"], "metrics": {k: m.to_dict() for k, m in r["metrics"].items()},
                 "details": r["details"], "method_report": r["report"]} for r in rows]
@@ -228,4 +291,9 @@ def register(sub) -> None:
                    help="dtype the model is loaded in (variants cast further)")
     s.add_argument("--cv-threshold", type=float, default=0.1)
     s.add_argument("--json", help="also write every variant's metrics and details to this JSON file")
+    s.add_argument("--check-limits", action="store_true",
+                   help="only measure the machine's bandwidth and FLOP/s limits twice and check they agree within "
+                        "10%% (exit 1 if not, or if measured under load)")
+    s.add_argument("--working-set-mib", type=float, default=274.0,
+                   help="with --check-limits: the bytes a decode step reads, in MiB (default 274: SmolLM2 in fp16)")
     s.set_defaults(fn=cmd_accel_bench)

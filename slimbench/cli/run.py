@@ -56,6 +56,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, args.set, check_models=False)
     check_results_folder(args.results)
     cells = suite.cells()
+    if args.quality_only:
+        from slimbench.sweep.executors.resources import cell_is_timed
+
+        timed = [c for c in cells if cell_is_timed(c)]
+        cells = [c for c in cells if not cell_is_timed(c)]
+        print(f"quality only: {len(timed)} timed cell(s) left out (run without --quality-only to measure them); "
+              "no machine lock taken, so no waiting for other runs' timed cells")
     store = ResultStore(args.results)
     done = {c.run_id for c in cells if store.has_ok(c.run_id)}
     if len(done) < len(cells) or args.dry_run:
@@ -88,24 +95,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         + (f", finished by another run {len(summary.elsewhere)}" if summary.elsewhere else "")
         + f" -> {store.runs}"
     )
-    print(artifacts.counts_line(artifacts.run_counts(store.records(include_failed=True), started)))
+    from slimbench.sweep.artifacts.counts import counts_line, run_counts
+
+    print(counts_line(run_counts(store.records(include_failed=True), started)))
     finish(args, store, report_dir, ran=True)
     return 1 if summary.failed else 0
 
 
 def run_suite(args: argparse.Namespace, suite, cells, store):
     from slimbench.sweep.driver import sweep
-    from slimbench.sweep.runner import group_cells
+    from slimbench.sweep.runner import units_of
 
     executor = build_executor(args)
     pending = [c for c in cells if not store.has_ok(c.run_id)]
     try:
         executor.start()  # connects to Ray, if asked: an unreachable cluster stops here
-        executor.check(list(group_cells(pending).values()))  # a request nobody can meet stops here
+        executor.check(units_of(pending, interleave=not args.no_interleave))  # a request nobody can meet stops here
     except BaseException:
         executor.close()
         raise
     print(f"executor: {executor.name}")
+    from slimbench.sweep.runner import RunOptions
+
+    options = RunOptions(lock_timeout=args.lock_timeout, use_lock=not args.quality_only,
+                         interleave=not args.no_interleave)
     return sweep(
         cells,
         store,
@@ -113,6 +126,7 @@ def run_suite(args: argparse.Namespace, suite, cells, store):
         suite_source=suite.source,
         show_progress=not args.no_progress,
         claim_timeout=args.claim_timeout,
+        options=options,
     )
 
 
@@ -200,4 +214,23 @@ def register(sub) -> None:
         "else ~/.cache/slimbench/artifacts); see docs/artifacts.md",
     )
     r.add_argument("--no-artifact-cache", action="store_true", help="compress every group afresh, save nothing")
+    r.add_argument(
+        "--lock-timeout",
+        type=positive(float, "seconds"),
+        metavar="SECONDS",
+        help="fail a cell whose stage waited this long for the machine lock (other SlimBench runs' timed cells "
+        "hold it; default: wait as long as it takes, saying on whom on the progress bar and in `status`)",
+    )
+    r.add_argument(
+        "--quality-only",
+        action="store_true",
+        help="run only the untimed cells, without the machine lock: never waits for other runs' timed cells "
+        "(whose measurements may then see this run's load and be flagged noisy)",
+    )
+    r.add_argument(
+        "--no-interleave",
+        action="store_true",
+        help="keep every (model, method) group apart (more parallel with --workers) instead of measuring the "
+        "timed cells of one model interleaved; their records say they were measured alone",
+    )
     r.set_defaults(fn=cmd_run)

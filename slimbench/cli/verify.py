@@ -28,7 +28,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
               log=lambda s: print(f"  {s}"))
         for r in v.reruns:
             detail = r.get("reason") or "; ".join(r.get("problems") or [])
-            print(f"rerun {r['status']:8} {r['file']}" + (f": {detail}" if detail else ""))
+            print(f"rerun {r['status']:8} {r['cell']}" + (f": {detail}" if detail else ""))
         agree = sum(r["status"] == "agree" for r in v.reruns)
         print(f"re-ran {len(v.reruns)} sampled cell(s): {agree} agree, {len(v.disagreements)} disagree, "
               f"{len(v.reruns) - agree - len(v.disagreements)} skipped")

@@ -12,6 +12,13 @@ What is checked:
   that matches its run id and status, a run id that is the hash of its own spec (so the spec
   was not edited after the run), finite metrics with units, a complete environment, and
   method/task versions (compared with this installation: a warning when they differ);
+- every record against itself: each metric that can be recomputed from the record's own
+  per-example data or samples (perplexity from the per-window NLL, accuracy from per-example
+  scores, latency percentiles from the inter-token samples; slimbench.report.consistency) must
+  equal it, example counts must match, a metric's stated interval must hold its value, and the
+  protocol fields must fit the task version (the protocol named in the version, the regime of the
+  parameters, ``noisy`` with its reasons, ``timing_protocol`` with its minimums: those of this
+  installation's task when the versions are equal);
 - across records: no cell with two ok records (duplicates), none whose records disagree
   (contradictions);
 - ``--rerun K``: K ok cells sampled with a seed, run here, and compared metric by metric:
@@ -148,6 +155,9 @@ def check_record(v: Verification, path: Path, rec: Any) -> None:
     if cell.run_id != rec["run_id"]:
         v.error(where, f"run id {rec['run_id']} is not the hash of its spec ({cell.run_id}): the spec was edited")
     check_metrics(v, where, rec)
+    if rec["status"] == "ok":
+        check_self_consistency(v, where, rec)
+        check_protocol(v, where, rec)
     check_environment(v, where, rec)
     check_versions(v, where, rec)
     v.records[path.name] = rec
@@ -168,6 +178,76 @@ def check_metrics(v: Verification, where: str, rec: dict[str, Any]) -> None:
             v.error(where, f"metric {name}: value {value!r} is not a finite number")
         elif not isinstance(m.get("unit"), str):
             v.error(where, f"metric {name}: no unit")
+
+
+def check_self_consistency(v: Verification, where: str, rec: dict[str, Any]) -> None:
+    """Metrics against the record's own per-example data and samples; stated intervals against values."""
+    from slimbench.report.consistency import counts, mismatches
+
+    for name, why in mismatches(rec).items():
+        v.error(where, f"metric {name} contradicts the record's own data: {why} (edited?)")
+    for why in counts(rec):
+        v.error(where, why)
+    for name, m in rec["metrics"].items():
+        spread = m.get("spread") if isinstance(m, dict) else None
+        value = m.get("value") if isinstance(m, dict) else None
+        if not isinstance(spread, dict) or not isinstance(value, int | float):
+            continue
+        lo, hi = spread.get("ci_low"), spread.get("ci_high")
+        if isinstance(lo, int | float) and isinstance(hi, int | float) and not lo - 1e-9 <= value <= hi + 1e-9:
+            v.error(where, f"metric {name}: value {value:.6g} outside its own interval [{lo:.6g}, {hi:.6g}]")
+
+
+def check_protocol(v: Verification, where: str, rec: dict[str, Any]) -> None:
+    """The protocol fields a record states against its task version (and this installation's task)."""
+    task, details = rec["task"], rec.get("task_details") or {}
+    version, params = str(task.get("version")), task.get("params") or {}
+    stated = details.get("protocol")
+    if isinstance(stated, str) and "/" in version and version.rsplit("/", 1)[0] != stated:
+        v.error(where, f"task version {version} but its details say protocol {stated!r}")
+    regime = details.get("regime")
+    if isinstance(regime, dict):
+        off = [k for k in ("prompt_len", "new_tokens", "batch_size") if k in params and params[k] != regime.get(k)]
+        if off:
+            v.error(where, f"details.regime {regime} differs from the task parameters in {', '.join(off)}")
+    if "noisy" in details and bool(details.get("noisy")) != bool(details.get("noise_reasons")):
+        v.error(where, "details.noisy and details.noise_reasons disagree (a flag without reasons, or the reverse)")
+    proto = details.get("timing_protocol")
+    if isinstance(proto, dict):
+        check_timing_protocol(v, where, proto)
+    minimums = installed_minimums(rec)
+    if minimums is not None:
+        if not isinstance(proto, dict):
+            v.error(where, f"{task.get('name')} version {version} states timing minimums, but the record has no "
+                           "timing_protocol")
+        elif (proto.get("min_repeats"), proto.get("min_seconds")) != minimums:
+            v.error(where, f"timing_protocol minimums {proto.get('min_repeats')} repeats / {proto.get('min_seconds')} "
+                           f"s, but {task.get('name')} version {version} asks {minimums[0]} / {minimums[1]} s")
+
+
+def check_timing_protocol(v: Verification, where: str, proto: dict[str, Any]) -> None:
+    try:
+        enough = proto["repeats"] >= proto["min_repeats"] and proto["timed_seconds"] >= proto["min_seconds"]
+    except (KeyError, TypeError):
+        v.error(where, f"timing_protocol lacks repeats, min_repeats, timed_seconds or min_seconds: {proto}")
+        return
+    if bool(proto.get("sufficient")) != enough:
+        v.error(where, f"timing_protocol says sufficient={proto.get('sufficient')} for {proto['repeats']} repeats over "
+                       f"{proto['timed_seconds']} s (minimum {proto['min_repeats']} / {proto['min_seconds']} s)")
+
+
+def installed_minimums(rec: dict[str, Any]) -> tuple[Any, Any] | None:
+    """(min repeats, min seconds) the installed task of the record's version states, or None."""
+    import sys
+
+    from slimbench.registry import TASKS
+
+    name = rec["task"].get("name")
+    if name not in TASKS or str(TASKS.get(name).version) != str(rec["task"].get("version")):
+        return None
+    module = sys.modules.get(getattr(TASKS.get(name).evaluate, "__module__", ""), None)
+    reps, secs = getattr(module, "MIN_REPEATS", None), getattr(module, "MIN_SECONDS", None)
+    return (reps, secs) if reps is not None and secs is not None else None
 
 
 def check_environment(v: Verification, where: str, rec: dict[str, Any]) -> None:
@@ -250,6 +330,17 @@ def verify_folder(root: str | Path) -> Verification:
 
 
 # -- re-running ----------------------------------------------------------------------------------
+def cell_name(rec: dict[str, Any]) -> str:
+    """The cell as a reader names it: model | method label | task@version."""
+    from slimbench.report.labels import method_label
+
+    try:
+        label = method_label(rec)
+    except (KeyError, TypeError, AttributeError):
+        label = str(rec.get("method", {}).get("label") or rec.get("method", {}).get("name"))
+    return f"{rec['model']['name']} | {label} | {rec['task']['name']}@{rec['task'].get('version')}"
+
+
 def rerun_refusal(rec: dict[str, Any]) -> str | None:
     """Why this cell is not re-run here (None: it can be)."""
     import torch
@@ -319,7 +410,7 @@ def rerun(v: Verification, k: int, *, seed: int = 0, rtol: float = 1e-3, timing_
         rec = v.records[name]
         why = rerun_refusal(rec)
         if why:
-            v.reruns.append({"file": name, "status": "skipped", "reason": why})
+            v.reruns.append({"file": name, "cell": cell_name(rec), "status": "skipped", "reason": why})
             continue
         cell = cell_of(rec)
         cell = type(cell).model_validate(cell.to_dict())  # validated here, now that it will run
@@ -329,4 +420,4 @@ def rerun(v: Verification, k: int, *, seed: int = 0, rtol: float = 1e-3, timing_
             new = json.loads(next((Path(tmp) / "runs").glob("*.json")).read_text())
         problems = compare_rerun(rec, new, rtol, timing_rtol)
         status = "disagree" if problems else "agree"
-        v.reruns.append({"file": name, "status": status, "problems": problems})
+        v.reruns.append({"file": name, "cell": cell_name(rec), "status": status, "problems": problems})

@@ -13,14 +13,26 @@ For each metric both cells have, the delta B - A comes with its noise:
   runs are paired example by example (slimbench.measure.stats.paired_delta_from_details);
 - else the spread of repeats where both keep raw samples (latency): a seeded bootstrap
   interval of the difference of the medians;
-- else none (a single value per side): the delta is shown without an interval.
+- else none (a single value per side, or fewer than ``MIN_REPEATS`` repeats a side): the delta
+  is shown without an interval.
 
-``regressions`` checks rules ``METRIC=TOL`` (TOL absolute, or relative with ``%``): a metric
-that got worse by more than TOL, beyond its noise where an interval exists, is a regression.
+An interval is in the unit of its metric and always contains the metric's own point estimate:
+a perplexity's interval is the paired NLL interval carried through exp(); a metric whose
+recorded value contradicts the record's own per-example data or samples (an edited record) gets
+no interval, and says so (slimbench.report.consistency).
+
+A timed metric (latency, throughput, roofline fraction) of a record whose timings are not
+trusted (slimbench.measure.trust: ``noisy``, ``under-sampled``; or, in a record that predates the
+protocol's minimums, fewer than ``MIN_REPEATS`` repeats a side) is flagged: it gets no verdict.
+
+``judge`` checks rules ``METRIC=TOL`` (TOL absolute, or relative with ``%``): a metric that got
+worse by more than TOL, beyond its noise where an interval exists, is a regression; a flagged
+or inconsistent metric is refused (neither pass nor fail) unless ``allow_noisy``.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
@@ -28,11 +40,13 @@ from typing import Any
 
 import numpy as np
 
+from slimbench.measure.trust import is_timed, timing_trust
 from slimbench.report import labels
-from slimbench.report.escape import html_text as h
-from slimbench.report.escape import md_text
+from slimbench.report.consistency import mismatches
 from slimbench.report.formatting import fmt
 from slimbench.report.records import Loaded
+
+MIN_REPEATS = 5  # repeats a side for an interval of timings from a record without a timing protocol
 
 
 def like_key(rec: dict[str, Any]) -> tuple[str, ...]:
@@ -73,6 +87,10 @@ class Delta:
     unit: str
     higher_better: bool
     noise: dict[str, Any] | None = None  # ci_low, ci_high, within_noise, how
+    flag: str = ""  # a timing that is not a result: "noisy (B)", "under-sampled (A, B)", ...
+    flag_why: str = ""
+    inconsistent: str = ""  # the record contradicts its own data for this metric (no interval)
+    no_noise_why: str = "one value per side"
 
     @property
     def delta(self) -> float:
@@ -85,6 +103,34 @@ class Delta:
     @property
     def worse(self) -> bool:
         return self.delta < 0 if self.higher_better else self.delta > 0
+
+    @property
+    def beyond_noise(self) -> bool:
+        """A change that its interval says is real (False without an interval)."""
+        return bool(self.noise) and not self.noise["within_noise"]
+
+    @property
+    def verdict(self) -> str:
+        """worse / better (beyond noise), within noise, identical, changed (no interval), not judged, inconsistent."""
+        if self.inconsistent:
+            return "inconsistent record"
+        if self.delta == 0:
+            return "identical"
+        if self.flag:
+            return "not judged: " + self.flag.split(" (")[0] + " timing"
+        if self.noise is None:
+            return "changed, no noise estimate"
+        if self.noise["within_noise"]:
+            return "within noise"
+        return "worse" if self.worse else "better"
+
+    @property
+    def significance(self) -> float:
+        """How far beyond its noise a change is: |Δ| over the interval's half-width (else |Δ %|)."""
+        if self.noise:
+            half = (self.noise["ci_high"] - self.noise["ci_low"]) / 2
+            return abs(self.delta) / half if half > 0 else math.inf
+        return abs(self.relative) if math.isfinite(self.relative) else 0.0
 
 
 @dataclass
@@ -105,10 +151,13 @@ class Comparison:
     problems: list[str] = field(default_factory=list)
 
 
-def repeats_interval(sa: list[float], sb: list[float], n: int = 2000, seed: int = 0) -> dict[str, Any] | None:
-    """Bootstrap interval of median(B) - median(A) from the raw repeats of each side."""
+def repeats_interval(
+    sa: list[float], sb: list[float], n: int = 2000, seed: int = 0, minimum: int = 2
+) -> dict[str, Any] | None:
+    """Bootstrap interval of median(B) - median(A) from the raw repeats of each side (None below
+    ``minimum`` repeats a side: a bootstrap of 2 vs 2 samples says nothing about noise)."""
     a, b = np.asarray(sa, dtype=float), np.asarray(sb, dtype=float)
-    if a.size < 2 or b.size < 2:
+    if a.size < max(2, minimum) or b.size < max(2, minimum):
         return None
     rng = np.random.default_rng(seed)
     ma = np.median(a[rng.integers(0, a.size, (n, a.size))], axis=1)
@@ -122,25 +171,63 @@ def repeats_interval(sa: list[float], sb: list[float], n: int = 2000, seed: int 
     }
 
 
-def paired_interval(a: dict, b: dict, metric: str) -> dict[str, Any] | None:
+def paired_interval(a: dict, b: dict, metric: str, name: str, unit: str) -> dict[str, Any] | None:
+    """The paired bootstrap interval of Δ ``name``, from the per-example ``metric`` of both records.
+
+    ``name`` is the paired metric itself (its interval as is), or a perplexity over a per-example
+    NLL (the interval carried through exp(): perplexity is exp of the mean NLL). For any other
+    metric there is no interval in its own unit: None.
+    """
     from slimbench.measure.stats import paired_delta_from_details
 
+    if name != metric and not (metric == "nll" and unit == "ppl"):
+        return None
     try:
         p = paired_delta_from_details(b.get("task_details") or {}, a.get("task_details") or {}, metric)
     except (ValueError, TypeError, KeyError):
         return None
-    return {
-        "ci_low": p["ci_low"],
-        "ci_high": p["ci_high"],
-        "within_noise": p["within_noise"],
-        "how": f"paired bootstrap over {p['n']} examples (Δ {metric} {fmt(p['delta'])}, 95% CI)",
-    }
+    lo, hi = min(p["ci_low"], p["delta"]), max(p["ci_high"], p["delta"])  # the estimate inside its interval
+    how = f"paired bootstrap over {p['n']} examples (Δ {metric} {fmt(p['delta'])}, 95% CI)"
+    if name != metric:  # perplexity = exp(mean nll): carry the interval through exp, from A's mean
+        base = math.log(float(a["metrics"][name]["value"]))
+        lo, hi = math.exp(base + lo) - math.exp(base), math.exp(base + hi) - math.exp(base)
+        how = f"paired bootstrap of Δ {metric} over {p['n']} examples through exp(), 95% CI"
+    return {"ci_low": lo, "ci_high": hi, "within_noise": bool(lo <= 0 <= hi), "how": how}
+
+
+def samples_of(m: dict[str, Any]) -> list[float] | None:
+    s = m.get("samples")
+    return s if isinstance(s, list) and all(isinstance(x, int | float) for x in s) else None
+
+
+def timing_flag(a: dict, b: dict, xa: dict, xb: dict) -> tuple[str, str]:
+    """(flag, why) of a timed metric neither side may be judged on; ("", "") when both are trusted."""
+    sides = []
+    for side, rec, m in (("A", a, xa), ("B", b, xb)):
+        trust = timing_trust(rec)
+        if not trust.trusted:
+            sides.append((side, trust.label(), "; ".join(trust.reasons)))
+        elif trust.sufficient is None and len(samples_of(m) or []) < MIN_REPEATS:
+            n = len(samples_of(m) or [])
+            sides.append((side, "under-sampled", f"{n} repeat(s), fewer than {MIN_REPEATS} (no timing protocol)"))
+    if not sides:
+        return "", ""
+    labels_ = sorted({label for _, label, _ in sides})
+    flag = " / ".join(f"{lb} ({', '.join(s for s, label, _ in sides if label == lb)})" for lb in labels_)
+    if len(sides) == 1:
+        return flag, sides[0][2]
+    return flag, "; ".join(f"{s}: {why}" for s, _, why in sides if why)
+
+
+def contains(noise: dict[str, Any], delta: float) -> bool:
+    tol = 1e-9 * max(1.0, abs(delta))
+    return noise["ci_low"] - tol <= delta <= noise["ci_high"] + tol
 
 
 def metric_deltas(a: dict[str, Any], b: dict[str, Any]) -> list[Delta]:
     ma, mb = a.get("metrics") or {}, b.get("metrics") or {}
-    task = a["task"]["name"]
-    quality, paired = labels.quality_metric(task), labels.paired_metric(task)
+    paired = labels.paired_metric_of(a)
+    bad_a, bad_b = mismatches(a), mismatches(b)
     out = []
     for name in sorted(set(ma) & set(mb)):
         xa, xb = ma[name], mb[name]
@@ -150,10 +237,29 @@ def metric_deltas(a: dict[str, Any], b: dict[str, Any]) -> list[Delta]:
         if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in (va, vb)):
             continue
         d = Delta(name, float(va), float(vb), str(xa.get("unit", "")), bool(xa.get("higher_is_better", False)))
-        if paired and name in {quality, paired}:
-            d.noise = paired_interval(a, b, paired)
-        if d.noise is None and isinstance(xa.get("samples"), list) and isinstance(xb.get("samples"), list):
-            d.noise = repeats_interval(xa["samples"], xb["samples"])
+        wrong = [f"{side}: {bad[name]}" for side, bad in (("A", bad_a), ("B", bad_b)) if name in bad]
+        if wrong:
+            d.inconsistent = "; ".join(wrong)
+            d.no_noise_why = "the record contradicts its own data"
+            out.append(d)
+            continue
+        if is_timed(name, xa):
+            d.flag, d.flag_why = timing_flag(a, b, xa, xb)
+        if paired:
+            d.noise = paired_interval(a, b, paired, name, d.unit)
+        sa, sb = samples_of(xa), samples_of(xb)
+        if d.noise is None and sa is not None and sb is not None:
+            d.noise = repeats_interval(sa, sb, minimum=MIN_REPEATS if is_timed(name, xa) else 2)
+            if d.noise is None:
+                d.no_noise_why = f"too few repeats for an interval ({len(sa)} vs {len(sb)})"
+        if d.noise is not None and not contains(d.noise, d.delta):
+            # The value is not what its samples say (e.g. edited): an interval that excludes its own
+            # estimate would be a contradiction in print.
+            d.inconsistent = (
+                f"Δ {fmt(d.delta)} lies outside the interval [{fmt(d.noise['ci_low'])}, {fmt(d.noise['ci_high'])}] "
+                "of its own samples"
+            )
+            d.noise, d.no_noise_why = None, "the record contradicts its own data"
         out.append(d)
     return out
 
@@ -196,7 +302,10 @@ def compare(a: Loaded, b: Loaded) -> Comparison:
 
 
 def parse_rule(text: str) -> tuple[str, float, bool]:
-    """``METRIC=TOL`` -> (metric, tolerance, relative). ``perplexity=2%`` or ``decode_tokens_per_s=5``."""
+    """``METRIC=TOL`` -> (metric, tolerance, relative). ``perplexity=2%`` or ``decode_tokens_per_s=5``.
+
+    Raises ValueError with a message that names the rule once (the caller adds no prefix).
+    """
     metric, sep, tol = text.partition("=")
     if not sep or not metric.strip() or not tol.strip():
         raise ValueError(f"--fail-if-worse expects METRIC=TOL (TOL a number, or a percentage like 2%), got {text!r}")
@@ -204,7 +313,7 @@ def parse_rule(text: str) -> tuple[str, float, bool]:
     try:
         value = float(tol.strip().rstrip("%"))
     except ValueError:
-        raise ValueError(f"--fail-if-worse {text!r}: tolerance {tol!r} is not a number") from None
+        raise ValueError(f"--fail-if-worse {text!r}: tolerance {tol.strip()!r} is not a number") from None
     if value < 0 or not math.isfinite(value):
         raise ValueError(f"--fail-if-worse {text!r}: tolerance must be a finite number >= 0")
     return metric.strip(), value / 100 if relative else value, relative
@@ -216,23 +325,61 @@ def rule_matches(rule_metric: str, pair: Pair, d: Delta) -> bool:
     return d.metric == metric and (not task or task == pair.a["task"]["name"])
 
 
-def regressions(cmp: Comparison, rules: list[str]) -> tuple[list[str], list[str]]:
-    """(regressions, rules that matched no compared metric), each in words."""
-    found, unmatched = [], []
+def unknown_rules(cmp: Comparison, rules: list[str]) -> list[str]:
+    """An error per rule that names no compared metric, with the closest names ("did you mean")."""
+    known = sorted({d.metric for p in cmp.pairs for d in p.deltas})
+    qualified = sorted({f"{p.a['task']['name']}/{d.metric}" for p in cmp.pairs for d in p.deltas})
+    out = []
+    for text in rules:
+        metric, _, _ = parse_rule(text)
+        if any(rule_matches(metric, p, d) for p in cmp.pairs for d in p.deltas):
+            continue
+        pool = qualified if "/" in metric else known
+        close = difflib.get_close_matches(metric, pool, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        have = f" (compared metrics: {', '.join(known[:12])}{', ...' if len(known) > 12 else ''})" if known else ""
+        out.append(
+            f"--fail-if-worse {text}: no compared cell has metric {metric!r}, so nothing would be checked"
+            f"{hint}{have if not close else ''}"
+        )
+    return out
+
+
+@dataclass
+class Judgement:
+    regressions: list[str] = field(default_factory=list)  # worse than allowed, beyond noise
+    refused: list[str] = field(default_factory=list)  # not judged: a noisy/under-sampled timing, an edited record
+    judged: int = 0  # metric comparisons that passed or failed
+
+
+def judge(cmp: Comparison, rules: list[str], *, allow_noisy: bool = False) -> Judgement:
+    """Apply every rule to every compared metric it names."""
+    out = Judgement()
     for text in rules:
         metric, tol, relative = parse_rule(text)
-        hits = [(p, d) for p in cmp.pairs for d in p.deltas if rule_matches(metric, p, d)]
-        if not hits:
-            unmatched.append(text)
+        allowed = f"{tol:.2%}" if relative else fmt(tol)
+        hits = [(pair, d) for pair in cmp.pairs for d in pair.deltas if rule_matches(metric, pair, d)]
         for p, d in hits:
+            if d.inconsistent:
+                out.refused.append(
+                    f"{cell_name(p.a)}: {d.metric}: the record contradicts its own data ({d.inconsistent})"
+                )
+                continue
+            if d.flag and not allow_noisy:
+                out.refused.append(
+                    f"{cell_name(p.a)}: {d.metric} is a {d.flag} timing ({d.flag_why}): not a result, so neither a "
+                    "pass nor a fail; measure again on an idle machine (or pass --allow-noisy to judge it anyway)"
+                )
+                continue
+            out.judged += 1
             size = abs(d.relative) if relative else abs(d.delta)
             if d.worse and size > tol and not (d.noise and d.noise["within_noise"]):
-                allowed = f"{tol:.2%}" if relative else fmt(tol)
-                found.append(
+                note = f"; judged on a {d.flag} timing (--allow-noisy)" if d.flag else ""
+                out.regressions.append(
                     f"{cell_name(p.a)}: {d.metric} {fmt(d.a)} -> {fmt(d.b)} ({signed(d.delta)} {d.unit}, "
-                    f"{signed(100 * d.relative)}%), worse than allowed {allowed}"
+                    f"{signed(100 * d.relative)}%), worse than allowed {allowed}{note}"
                 )
-    return found, unmatched
+    return out
 
 
 def cell_name(rec: dict[str, Any]) -> str:
@@ -241,121 +388,3 @@ def cell_name(rec: dict[str, Any]) -> str:
 
 def signed(v: float) -> str:
     return ("+" if v > 0 else "") + fmt(v)
-
-
-def noise_words(d: Delta) -> str:
-    if d.noise is None:
-        return "no noise estimate (one value per side)"
-    verdict = "≈ within noise" if d.noise["within_noise"] else "beyond noise"
-    return f"{verdict}: [{fmt(d.noise['ci_low'])}, {fmt(d.noise['ci_high'])}], {d.noise['how']}"
-
-
-def table_rows(cmp: Comparison) -> list[list[str]]:
-    rows = []
-    for p in cmp.pairs:
-        for d in p.deltas:
-            mark = "worse" if d.worse and not (d.noise and d.noise["within_noise"]) and d.delta else ""
-            rows.append(
-                [
-                    cell_name(p.a),
-                    labels.hardware_key(p.a),
-                    d.metric,
-                    fmt(d.a),
-                    fmt(d.b),
-                    signed(d.delta),
-                    d.unit,
-                    signed(100 * d.relative) + "%" if math.isfinite(d.relative) else "–",
-                    noise_words(d),
-                    mark,
-                ]
-            )
-    return rows
-
-
-HEAD = ["cell", "hardware", "metric", "A", "B", "Δ (B - A)", "unit", "Δ %", "noise", ""]
-
-
-def markdown(cmp: Comparison) -> str:
-    def row(cells: list[str]) -> str:
-        return "| " + " | ".join(md_text(c) for c in cells) + " |"
-
-    md = [
-        "# SlimBench comparison",
-        "",
-        f"A: {', '.join(md_text(s) for s in cmp.sources[0])}  ",
-        f"B: {', '.join(md_text(s) for s in cmp.sources[1])}",
-        "",
-        "Only like with like: same model, method config and version, task version and parameters, and hardware "
-        "class. Noise: paired bootstrap where per-example scores exist, else the spread of repeats.",
-        "",
-        f"## Compared cells ({len(cmp.pairs)})",
-        "",
-        row(HEAD),
-        "|" + "---|" * len(HEAD),
-    ]
-    md += [row(r) for r in table_rows(cmp)]
-    for title, recs in (("Only in A", cmp.only_a), ("Only in B", cmp.only_b)):
-        md += ["", f"## {title} ({len(recs)})", ""] + [
-            f"- {md_text(cell_name(r))} ({md_text(labels.hardware_key(r))})" for r in recs
-        ]
-    md += ["", f"## Not comparable ({len(cmp.not_comparable)})", ""]
-    md += [f"- {md_text(cell_name(a))}: {md_text('; '.join(why))}" for a, _, why in cmp.not_comparable]
-    if cmp.failed:
-        md += ["", "## Failed cells", ""]
-        for side, r in cmp.failed:
-            e = r.get("error") if isinstance(r.get("error"), dict) else {}
-            md.append(
-                f"- {side}: {md_text(cell_name(r))}: "
-                + md_text(f"{e.get('type', '?')}: {str(e.get('message', ''))[:200]}")
-            )
-    if cmp.problems:
-        md += ["", "## Skipped files", ""] + [f"- {md_text(p)}" for p in cmp.problems]
-    return "\n".join(md) + "\n"
-
-
-def html(cmp: Comparison) -> str:
-    def table(head: list[str], rows: list[list[str]]) -> str:
-        return (
-            "<table><tr>"
-            + "".join(f"<th>{h(c)}</th>" for c in head)
-            + "</tr>"
-            + "".join(
-                "<tr>" + "".join(f'<td class="{h(head[i] or "mark")}">{h(c)}</td>' for i, c in enumerate(r)) + "</tr>"
-                for r in rows
-            )
-            + "</table>"
-        )
-
-    def items(recs: list[str]) -> str:
-        return "<ul>" + "".join(f"<li>{h(x)}</li>" for x in recs) + "</ul>"
-
-    body = [
-        "<h1>SlimBench comparison</h1>",
-        f"<p>A: {h(', '.join(cmp.sources[0]))}<br>B: {h(', '.join(cmp.sources[1]))}</p>",
-        f"<h2>Compared cells ({len(cmp.pairs)})</h2>",
-        table(HEAD, table_rows(cmp)),
-    ]
-    for title, recs in (("Only in A", cmp.only_a), ("Only in B", cmp.only_b)):
-        body += [f"<h2>{title} ({len(recs)})</h2>", items([f"{cell_name(r)} ({labels.hardware_key(r)})" for r in recs])]
-    body += [
-        f"<h2>Not comparable ({len(cmp.not_comparable)})</h2>",
-        items([f"{cell_name(a)}: {'; '.join(why)}" for a, _, why in cmp.not_comparable]),
-    ]
-    if cmp.failed:
-        body += [
-            "<h2>Failed cells</h2>",
-            items([f"{s}: {cell_name(r)}: {(r.get('error') or {}).get('message', '')}" for s, r in cmp.failed]),
-        ]
-    if cmp.problems:
-        body += ["<h2>Skipped files</h2>", items(cmp.problems)]
-    css = (
-        "body{font:14px system-ui,sans-serif;margin:20px}table{border-collapse:collapse;font-size:13px}"
-        "th,td{border:1px solid #ccc;padding:3px 6px}td.mark{color:#b03a2e;font-weight:600}"
-    )
-    return (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"
-        f"<title>SlimBench comparison</title><style>{css}</style></head><body>\n"
-        + "\n".join(body)
-        + "\n</body></html>\n"
-    )

@@ -13,23 +13,55 @@ import pandas as pd
 from slimbench.report.escape import csv_text, latex_text, md_text
 from slimbench.report.formatting import fmt
 from slimbench.report.records import Loaded
-from slimbench.report.table import Leaderboard
+from slimbench.report.table import FLAGS, Leaderboard
 
 INTRO = (
     "Δ = value minus the same model's `baseline` on the same hardware and task protocol; the noise "
     "column pairs both models example by example (95% bootstrap interval of the per-example "
     "difference, in the unit it names). `simulated` rows hold masks or fake-quant values in a dense "
-    "model: their latency and memory are the dense model's, and they claim no speed-up. `noisy` marks "
-    "timings the efficiency task flagged as unreliable; `warnings` are what the method reported about "
-    "its own settings."
+    "model: their latency and memory are the dense model's, and they claim no speed-up. A timing "
+    "marked `(noisy)` was taken while other processes used the cores, one marked `(under-sampled)` "
+    "with fewer repeats or seconds than its protocol asks: neither is a result, and neither may be "
+    "compared; `timing flags` says why. `sparsity` counts weights that are exactly zero, whether a "
+    "pruner removed them or a quantizer rounded them to zero. `warnings` are what the method reported "
+    "about its own settings."
 )
 
 
-def markdown_table(df: pd.DataFrame, cols: list[str]) -> str:
+def cell_text(lb: Leaderboard, row: pd.Series, col: str) -> str:
+    """A formatted value with its timing flag or note: ``23.5 (noisy)``, ``0.133 (rounded to zero)``."""
+    flag = lb.note(row, col)
+    text = fmt(row.get(col, ""))
+    return f"{text} ({flag})" if flag and text not in ("", "–") else text
+
+
+def markdown_table(df: pd.DataFrame, cols: list[str], lb: Leaderboard | None = None) -> str:
     head = "| " + " | ".join(md_text(c) for c in cols) + " |"
     sep = "|" + "|".join("---" for _ in cols) + "|"
-    body = ["| " + " | ".join(md_text(fmt(r.get(c, ""))) for c in cols) + " |" for _, r in df.iterrows()]
+
+    def text(r: pd.Series, c: str) -> str:
+        return cell_text(lb, r, c) if lb is not None else fmt(r.get(c, ""))
+
+    body = ["| " + " | ".join(md_text(text(r, c)) for c in cols) + " |" for _, r in df.iterrows()]
     return "\n".join([head, sep, *body])
+
+
+def timing_notes(sec: pd.DataFrame) -> list[str]:
+    """How the timings were taken, one line per group of cells measured together (or alone, per
+    reason), per regime; then what the task refused to report."""
+    groups: dict[tuple, list[str]] = {}
+    for _, r in sec.iterrows():
+        for where, it in r["_interleaving"].items():
+            groups.setdefault((where, it["done"], it["group"], it["rounds"]), []).append(str(r["method"]))
+    out = []
+    for (where, done, group, rounds), rows in groups.items():
+        if done:
+            out.append(f"[{where}] interleaved: {', '.join(group)} ({rounds})")
+        else:
+            out.append(f"[{where}] {group[0]}: {', '.join(rows)}")
+    for _, r in sec.iterrows():
+        out += [f"{r['method']}: {e}" for e in r["_errors"]]
+    return list(dict.fromkeys(out))
 
 
 def protocol_table(lb: Leaderboard, sec: pd.DataFrame) -> list[tuple[str, str, str]]:
@@ -67,7 +99,10 @@ def markdown_report(lb: Leaderboard | None, loaded: Loaded, plots: list) -> str:
         for hw, sec in lb.df.groupby("hardware", sort=False):
             md += [f"## {md_text(hw)}", "", "| column | protocol | unit |", "|---|---|---|"]
             md += [f"| {md_text(c)} | {md_text(p)} | {md_text(u)} |" for c, p, u in protocol_table(lb, sec)]
-            md += ["", markdown_table(sec, cols), ""]
+            md += ["", markdown_table(sec, cols, lb), ""]
+            notes = timing_notes(sec)
+            if notes:
+                md += ["Timings:", ""] + [f"- {md_text(n)}" for n in notes] + [""]
             for p in plots:
                 if p.hardware == hw:
                     md.append(f"![{md_text(p.title.splitlines()[0])}]({p.path.name})")
@@ -88,16 +123,27 @@ def markdown_report(lb: Leaderboard | None, loaded: Loaded, plots: list) -> str:
 
 
 def csv_report(lb: Leaderboard) -> str:
+    """Every column, numbers unformatted; a timed column with flagged cells gets a ``<column> flag``
+    column right after it, a column with notes ``<column> note`` ("rounded to zero"), and a roofline
+    column the limit it divides by (``<column> of``)."""
     cols = ["hardware", "model", "method", "method_name", "family", "execution"]
     cols += [c for c in lb.columns(all_efficiency=True) if c not in cols]
-    for c in ("noisy", "warnings"):
+    for c in (FLAGS, "warnings"):
         if c not in cols:
             cols.append(c)
     df = lb.df[cols].copy()
+    for extra, key in ((" flag", "_flags"), (" note", "_notes"), (" of", "_denominators")):
+        for c in list(df.columns):
+            values = lb.df[key].map(lambda d, c=c: d.get(c, ""))
+            if values.astype(bool).any():
+                df.insert(df.columns.get_loc(c) + 1, c + extra, values)
     for c in df.columns:
         if not pd.api.types.is_numeric_dtype(df[c]):
             df[c] = df[c].map(csv_text)
     return df.to_csv(index=False)
+
+
+LATEX_MARK = {"noisy": "$^{n}$", "under-sampled": "$^{u}$"}
 
 
 def latex_report(lb: Leaderboard) -> str:
@@ -119,7 +165,9 @@ def latex_report(lb: Leaderboard) -> str:
         caption = (
             f"Protocol: {protocols}. Hardware: {latex_text(hw)}. $\\Delta$: difference to the same model's "
             "baseline. Flags: sim = simulated (dense masks or fake-quant: no speed-up claimed), "
-            "noisy = timing flagged unreliable, warn = the method warned about its settings."
+            "noisy = a timing taken while other processes used the cores, marked $^{n}$ beside each such value; "
+            "under-sampled timings are marked $^{u}$ (fewer repeats or seconds than the protocol asks): "
+            "neither is a result. warn = the method warned about its settings."
         )
         out += [
             r"\begin{table}[t]",
@@ -137,7 +185,8 @@ def latex_report(lb: Leaderboard) -> str:
                 f
                 for f, on in (
                     ("sim", r["execution"] == "simulated"),
-                    ("noisy", bool(r["noisy"])),
+                    ("noisy", "noisy" in r["_flags"].values()),
+                    ("under-sampled", "under-sampled" in r["_flags"].values()),
                     ("warn", bool(r["warnings"])),
                 )
                 if on
@@ -145,7 +194,9 @@ def latex_report(lb: Leaderboard) -> str:
             cells: list[Any] = [r["model"], r["method"], ",".join(flags)]
             for q in quality:
                 cells += [r[q.col], r[q.delta]]
-            cells += [r[c] for c in size + eff]
-            out.append(" & ".join(latex_text(fmt(v)).replace("–", "--") for v in cells) + r" \\")
+            cells += [r[c] for c in size]
+            text = [latex_text(fmt(v)).replace("–", "--") for v in cells]
+            text += [latex_text(fmt(r[c])).replace("–", "--") + LATEX_MARK.get(lb.flag(r, c), "") for c in eff]
+            out.append(" & ".join(text) + r" \\")
         out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(out)

@@ -1,15 +1,22 @@
 """The self-contained HTML report: one file, inline CSS and JS, plots embedded, no network.
 
 - Leaderboard per hardware section, sortable by any column (click its header), filterable
-  by model, method family, execution and task; more efficiency columns one click away.
+  by model, method family, execution and task (each model's baseline row stays in view: it is
+  the reference of every Δ); the model and method columns stay in view when the table scrolls
+  sideways; more efficiency columns one click away. A timing that is not a result carries its
+  flag (noisy, under-sampled) in the cell, greyed.
 - Pareto plots as embedded PNGs (the static view) with an image map: hovering a point shows
-  its method, values and execution, clicking it opens that row's cells.
+  its method, values and execution (points on one spot are listed together), clicking it opens
+  that row's cells; under each plot the list of its points. The model and task filters show and
+  hide plots and list items; the family and execution filters cannot redraw a plot, and a note
+  says so while one is set. A plot with no trusted native timing is greyed with a banner.
 - A details view per row (method config and version, method report with its warnings,
-  environment, each task's protocol, metrics and details), failed cells with their errors,
-  and the files that were skipped.
+  environment, each task's protocol, metrics and details, how its timings and memory were
+  taken), failed cells with their errors, and the files that were skipped.
 
-Every string from a suite, a plugin or a record is escaped (``html_text``); a Content
-Security Policy lets only this page's own script run (by nonce) and allows no connection.
+Every string from a suite, a plugin or a record is escaped (``html_text``; names through
+``html_name``, which also isolates them and shows invisible characters); a Content Security
+Policy lets only this page's own script run (by nonce) and allows no connection.
 """
 
 from __future__ import annotations
@@ -23,109 +30,17 @@ from typing import Any
 
 import pandas as pd
 
+from slimbench.measure.trust import interleaving, roofline_denominator, roofline_errors, timing_trust
 from slimbench.report import labels
+from slimbench.report.escape import html_name as hn
 from slimbench.report.escape import html_text as h
-from slimbench.report.formats import INTRO, failed_rows, protocol_table
+from slimbench.report.escape import reveal
+from slimbench.report.formats import INTRO, failed_rows, protocol_table, timing_notes
 from slimbench.report.formatting import fmt
+from slimbench.report.html_assets import CSS, JS
 from slimbench.report.plots import Plot, tooltip
 from slimbench.report.records import Loaded
-from slimbench.report.table import Leaderboard
-
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,sans-serif;margin:0 auto;max-width:1500px;padding:0 18px 60px;color:#1d1d1f}
-h1{margin:18px 0 4px}
-h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:34px}
-.meta{color:#555}
-.box{background:#fff7e6;border:1px solid #f0c36d;padding:8px 12px;border-radius:6px;margin:10px 0}
-.filters{display:flex;flex-wrap:wrap;gap:12px;align-items:center;background:#f4f6f8;padding:8px 10px;
-  border-radius:6px;position:sticky;top:0;z-index:2}
-.filters label{font-size:13px}
-.wrap{overflow-x:auto}
-table{border-collapse:collapse;margin:6px 0 14px;font-size:13px}
-th,td{border:1px solid #d9dde1;padding:3px 7px;vertical-align:top}
-td.nw{white-space:nowrap}
-td.method{min-width:170px}
-td.text{min-width:260px;font-size:12px}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-table.lb th{background:#eef1f4;cursor:pointer;user-select:none;position:relative;padding-right:16px}
-table.lb th[aria-sort=ascending]::after{content:"▲";position:absolute;right:3px;font-size:9px}
-table.lb th[aria-sort=descending]::after{content:"▼";position:absolute;right:3px;font-size:9px}
-table.lb:not(.all) .extra{display:none}
-.taskhidden{display:none}
-tr.baseline td{background:#f7f7f7;font-weight:600}
-tr.sim td.method{border-left:3px dashed #c0392b}
-tr.native td.method{border-left:3px solid #2471a3}
-.badge{display:inline-block;border-radius:9px;padding:0 7px;font-size:12px}
-.badge.native{background:#2471a3;color:#fff}
-.badge.simulated{border:1.5px dashed #c0392b;color:#c0392b}
-.badge.noisy{background:#fde3c2;color:#8a4b00}
-.warn{color:#a04000}
-td.noisy{background:#fff3e0;text-decoration:underline dotted #e67e22}
-figure{display:inline-block;margin:8px 12px 18px 0;vertical-align:top}
-details.cell{border:1px solid #ddd;border-radius:6px;margin:6px 0;padding:4px 10px}
-details.cell[open]{background:#fbfbfd}
-summary{cursor:pointer}
-pre{background:#f4f4f6;padding:6px 8px;overflow-x:auto;font-size:12px;max-height:360px}
-.legend span{margin-right:14px}
-"""
-
-JS = """
-(function(){
-  function key(td){
-    if(!td) return [2,''];
-    var v=td.getAttribute('data-v');
-    if(v!==null && v!=='') return [0,parseFloat(v)];
-    var t=td.textContent.trim();
-    return (t===''||t==='\\u2013') ? [2,''] : [1,t.toLowerCase()];
-  }
-  function sortBy(th){
-    var table=th.closest('table'), idx=Array.prototype.indexOf.call(th.parentNode.children,th);
-    var asc=th.getAttribute('aria-sort')!=='ascending';
-    table.querySelectorAll('th').forEach(function(x){x.removeAttribute('aria-sort');});
-    th.setAttribute('aria-sort',asc?'ascending':'descending');
-    var tb=table.tBodies[0], rows=Array.prototype.slice.call(tb.rows);
-    rows.sort(function(a,b){
-      var ka=key(a.cells[idx]), kb=key(b.cells[idx]);
-      if(ka[0]!==kb[0]) return ka[0]===2?1:(kb[0]===2?-1:ka[0]-kb[0]);
-      var c=ka[1]<kb[1]?-1:(ka[1]>kb[1]?1:0);
-      return asc?c:-c;
-    });
-    rows.forEach(function(r){tb.appendChild(r);});
-  }
-  document.querySelectorAll('table.lb th').forEach(function(th){
-    th.addEventListener('click',function(){sortBy(th);});
-  });
-  var selects=document.querySelectorAll('select[data-filter]');
-  function apply(){
-    var f={};
-    selects.forEach(function(s){ if(s.value) f[s.getAttribute('data-filter')]=s.value; });
-    var shown=0;
-    document.querySelectorAll('table.lb tbody tr').forEach(function(tr){
-      var ok=true;
-      Object.keys(f).forEach(function(k){
-        var have=JSON.parse(tr.getAttribute('data-'+k)||'[]');
-        if(have.indexOf(f[k])<0) ok=false;
-      });
-      tr.hidden=!ok; if(ok) shown++;
-    });
-    document.querySelectorAll('table.lb [data-task]').forEach(function(c){
-      c.classList.toggle('taskhidden', !!f.task && c.getAttribute('data-task')!==f.task);
-    });
-    var n=document.getElementById('shown'); if(n) n.textContent=String(shown);
-  }
-  selects.forEach(function(s){ s.addEventListener('change',apply); });
-  var all=document.getElementById('allcols');
-  if(all) all.addEventListener('change',function(){
-    document.querySelectorAll('table.lb').forEach(function(t){t.classList.toggle('all',all.checked);});
-  });
-  function openHash(){
-    var id=decodeURIComponent(location.hash.slice(1)); if(!id) return;
-    var el=document.getElementById(id); if(el && el.tagName==='DETAILS') el.open=true;
-  }
-  window.addEventListener('hashchange',openHash); openHash();
-  apply();
-})();
-"""
+from slimbench.report.table import FLAGS, Leaderboard
 
 
 def jdump(obj: Any) -> str:
@@ -147,13 +62,19 @@ def pre(obj: Any) -> str:
     return f"<pre>{h(jdump(shorten(obj)))}</pre>"
 
 
-def cell_html(v: Any, extra: str = "") -> str:
-    cls = f' class="{extra}"' if extra else ""
+def cell_html(v: Any, extra: str = "", mark: str = "", title: str = "", note: str = "") -> str:
+    """A table cell; ``mark``: a flag shown beside the value (noisy), ``note``: words read with it."""
+    tip = f' title="{h(title)}"' if title else ""
+    after = (f' <span class="flag">{h(mark)}</span>' if mark else "") + (
+        f' <span class="note">{h(note)}</span>' if note else ""
+    )
     if isinstance(v, int | float) and not isinstance(v, bool):
+        cls = "num" + (f" {extra}" if extra else "")
         if math.isnan(float(v)):
-            return f'<td class="num{(" " + extra) if extra else ""}">–</td>'
-        return f'<td class="num{(" " + extra) if extra else ""}" data-v="{float(v)!r}">{h(fmt(v))}</td>'
-    return f"<td{cls}>{h(fmt(v))}</td>"
+            return f'<td class="{cls}">–</td>'
+        return f'<td class="{cls}" data-v="{float(v)!r}"{tip}>{h(fmt(v))}{after}</td>'
+    cls = f' class="{extra}"' if extra else ""
+    return f"<td{cls}{tip}>{h(fmt(v))}{after}</td>"
 
 
 def column_info(lb: Leaderboard) -> dict[str, dict[str, str]]:
@@ -165,65 +86,125 @@ def column_info(lb: Leaderboard) -> dict[str, dict[str, str]]:
         )
         for c in (q.col, q.delta, q.noise):
             info[c] = {"task": q.task, "tip": tip}
+    ttft = {e.regime for e in lb.efficiency if e.metric == "ttft_ms"}
     for e in lb.efficiency:
+        # prefill latency repeats TTFT where a record has both: one click away, so the table fits the view
+        main = e.main and not (e.metric == "prefill_ms" and e.regime in ttft)
         info[e.col] = {
-            "extra": "" if e.main else "extra",
+            "extra": "" if main else "extra",
             "tip": e.axis + (f"; {labels.regime_words(e.regime)}" if e.regime else ""),
             "regime": labels.regime_label(e.regime) if e.regime else "efficiency",
         }
+    for c, tip in SIZE_TIPS.items():
+        info[c] = {"extra": "extra" if c in EXTRA_SIZE else "", "tip": tip}
+    info["warnings"] = {"extra": "extra", "tip": "what the method reported about its own settings (⚠ beside it)"}
     return info
 
 
-def row_html(idx: int, r: pd.Series, cols: list[str], info: dict, eff_cols: set[str]) -> str:
-    tasks = sorted({c["task"]["name"] for c in r["_cells"]})
-    fams = r["family"].split("+")
+# The method report's columns: their meaning on hover; parameters and compression time one click away.
+SIZE_TIPS = {
+    "stored MB": "real bytes of the saved format (MB)",
+    "eff. bits": "bits per linear weight, scales and zero-points included",
+    "params M": "parameters (millions)",
+    "sparsity": "share of linear weights that are exactly zero (for a quantizer: rounded to zero)",
+    "compress s": "compression seconds",
+}
+EXTRA_SIZE = ("params M", "compress s")
+
+
+def breakable(text: str) -> str:
+    """A header that may wrap after @ / _ and before [, so a narrow column breaks it at a sensible place."""
+    out = h(text)
+    for mark in ("@", "/", "_"):
+        out = out.replace(mark, mark + "<wbr>")
+    return out.replace("[", "<wbr>[")
+
+
+def noise_cell(text: str) -> str:
+    """The paired-noise verdict compact: the verdict, Δ and its interval (the unit is in the header)."""
+    verdict, _, rest = text.partition(" (")
+    if not rest or "CI [" not in rest:
+        return h(text)
+    delta = rest.split(" ")[3] if len(rest.split(" ")) > 3 else ""
+    interval = "[" + rest.split("CI [", 1)[1].rstrip(")")
+    cls = "noise" if verdict.startswith("≈") else "sig"
+    return f'<span class="{cls}">{h(verdict)}</span> {h(delta)} {h(interval)}'
+
+
+def flags_cell(r: pd.Series) -> str:
+    """Badges per flag and the regimes they hit; each regime's reasons on hover."""
+    out = []
+    for where, why in r["_flag_reasons"].items():
+        label = why.split(":", 1)[0]
+        out.append(f'<span class="badge flagged" title="{h(why)}">{h(label)}</span> {h(where)}')
+    return "<br>".join(out)
+
+
+def filter_attrs(r: pd.Series) -> dict[str, list[str]]:
+    """What the filters match a row (or a plot point of it) on."""
+    return {
+        "model": [r["model"]],
+        "family": r["family"].split("+"),
+        "execution": [r["execution"]],
+        "task": sorted({c["task"]["name"] for c in r["_cells"]}),
+    }
+
+
+def data_attrs(attrs: dict[str, list[str]]) -> str:
+    """Filter attributes; values revealed as the filter options show them (so the two always match)."""
+    return " ".join(f'data-{k}="{h(json.dumps([reveal(x) for x in v]))}"' for k, v in attrs.items())
+
+
+def row_html(idx: int, r: pd.Series, cols: list[str], info: dict, lb: Leaderboard) -> str:
     classes = ["sim" if r["execution"] == "simulated" else "native"]
     if r["method_name"] == "baseline":
         classes.append("baseline")
-    if r["noisy"]:
-        classes.append("noisy")
-    attrs = {
-        "model": [r["model"]],
-        "family": fams,
-        "execution": [r["execution"]],
-        "task": tasks,
-    }
-    data = " ".join(f'data-{k}="{h(json.dumps(v))}"' for k, v in attrs.items())
+    if r[FLAGS]:
+        classes.append("flagged")
     tds = []
     for c in cols:
         i = info.get(c, {})
-        noisy = c in eff_cols and i.get("regime") in r["_noisy"]  # only the flagged regime's timings
-        extra = " ".join(x for x in (i.get("extra", ""), "noisy" if noisy else "") if x)
+        flag, note = lb.flag(r, c), r["_notes"].get(c, "")
+        extra = " ".join(x for x in (i.get("extra", ""), "flagged" if flag else "") if x)
         task_attr = f' data-task="{h(i["task"])}"' if "task" in i else ""
         v = r.get(c, "")
         if c == "method":
             warn = f' <span class="warn" title="{h(r["warnings"])}">⚠</span>' if r["warnings"] else ""
-            tds.append(f'<td class="method">{h(v)}{warn} <a href="#row-{idx}">details</a></td>')
+            tds.append(f'<td class="method">{hn(v)}{warn} <a href="#row-{idx}">details</a></td>')
         elif c == "execution":
             tds.append(f'<td><span class="badge {h(v)}">{h(v)}</span></td>')
         elif c == "model":
-            tds.append(f'<td class="nw">{h(v)}</td>')
-        elif c in ("warnings", "noisy") or c.startswith("noise "):
-            tds.append(
-                f'<td class="text"{task_attr}>{h(v)}</td>'
-                if c != "noisy" or not v
-                else f'<td class="text"><span class="badge noisy">noisy</span> {h(v)}</td>'
-            )
+            tds.append(f'<td class="nw" title="{h(v)}">{hn(v)}</td>')
+        elif c == FLAGS:
+            tds.append(f'<td class="flags" title="{h(v)}">{flags_cell(r)}</td>')
+        elif c.startswith("noise "):
+            tds.append(f'<td class="text noise"{task_attr} title="{h(v)}">{noise_cell(str(v))}</td>')
+        elif c == "warnings":  # the ⚠ beside the method says so; the text is one click away
+            tds.append(f'<td class="text extra"{task_attr}>{h(v)}</td>')
         else:
-            tds.append(cell_html(v, extra).replace("<td", f"<td{task_attr}", 1))
-    return f'<tr id="lb-{idx}" class="{" ".join(classes)}" {data}>' + "".join(tds) + "</tr>"
+            title = f"{flag}: {r[FLAGS]}" if flag else r["_denominators"].get(c, "")
+            den = r["_denominators"].get(c, "")
+            cell = cell_html(
+                v,
+                " ".join(x for x in (extra, info.get(c, {}).get("extra", "")) if x),
+                mark=flag,
+                title=title,
+                note=note or den,
+            )
+            tds.append(cell.replace("<td", f"<td{task_attr}", 1))
+    attrs = data_attrs(filter_attrs(r))
+    return f'<tr id="lb-{idx}" class="{" ".join(classes)}" {attrs}>' + "".join(tds) + "</tr>"
 
 
 def leaderboard_html(lb: Leaderboard) -> list[str]:
     df = lb.df
     cols = lb.columns(all_efficiency=True)
     info = column_info(lb)
-    eff_cols = {e.col for e in lb.efficiency}
     families = sorted({f for fam in df["family"] for f in fam.split("+")})
     tasks = sorted({c["task"]["name"] for cells in df["_cells"] for c in cells})
 
     def select(name: str, values: list[str]) -> str:
-        opts = "".join(f'<option value="{h(v)}">{h(v)}</option>' for v in values)
+        opts = "".join(f'<option value="{h(v)}">{h(v)}</option>' for v in values)  # revealed, escaped
         return f'<label>{name} <select data-filter="{name}"><option value="">all</option>{opts}</select></label>'
 
     out = [
@@ -238,11 +219,12 @@ def leaderboard_html(lb: Leaderboard) -> list[str]:
         select("task", tasks),
     ]
     out += [
-        '<label><input type="checkbox" id="allcols"> all efficiency columns</label>',
-        f'<span><span id="shown">{len(df)}</span> of {len(df)} rows shown</span></div>',
+        '<label><input type="checkbox" id="allcols"> all columns</label>',
+        f'<span><span id="shown">{len(df)}</span> of {len(df)} rows shown (each model\'s baseline stays: it is '
+        "the reference of every Δ)</span></div>",
     ]
     for hw, sec in df.groupby("hardware", sort=False):
-        out.append(f"<h3>{h(hw)}</h3>")
+        out.append(f"<h3>{hn(hw)}</h3>")
         prot = protocol_table(lb, sec)
         if prot:
             out.append('<table class="protocol"><tr><th>column</th><th>protocol</th><th>unit</th></tr>')
@@ -253,12 +235,64 @@ def leaderboard_html(lb: Leaderboard) -> list[str]:
             i = info.get(c, {})
             cls = f' class="{i["extra"]}"' if i.get("extra") else ""
             task = f' data-task="{h(i["task"])}"' if "task" in i else ""
-            head.append(f'<th{cls}{task} title="{h(i.get("tip", "click to sort"))}">{h(c)}</th>')
+            head.append(f'<th{cls}{task} title="{h(i.get("tip", "click to sort"))}">{breakable(c)}</th>')
         out.append('<div class="wrap"><table class="lb"><thead><tr>' + "".join(head) + "</tr></thead><tbody>")
-        out += [row_html(int(idx), r, cols, info, eff_cols) for idx, r in sec.iterrows()]
+        out += [row_html(int(idx), r, cols, info, lb) for idx, r in sec.iterrows()]
         out.append("</tbody></table></div>")
+        notes = timing_notes(sec)
+        if notes:
+            out.append("<details><summary>how the timings were taken</summary><ul>")
+            out += [f"<li>{h(n)}</li>" for n in notes]
+            out.append("</ul></details>")
     out.append("</section>")
     return out
+
+
+def clusters(points: list, radius: float = 7.0) -> list[list]:
+    """Points whose markers overlap in the image, grouped (one hover area lists them all)."""
+    groups: list[list] = []
+    for pt in points:
+        for g in groups:
+            if abs(g[0].px - pt.px) <= radius and abs(g[0].py - pt.py) <= radius:
+                g.append(pt)
+                break
+        else:
+            groups.append([pt])
+    return groups
+
+
+def plot_html(k: int, p: Plot, lb: Leaderboard) -> str:
+    img = base64.b64encode(p.path.read_bytes()).decode("ascii")
+    areas = []
+    for g in clusters(p.points):
+        x, y = sum(pt.px for pt in g) / len(g), sum(pt.py for pt in g) / len(g)
+        tip = (
+            tooltip(g[0], p, lb)
+            if len(g) == 1
+            else f"{len(g)} points here:\n" + "\n—\n".join(tooltip(pt, p, lb) for pt in g)
+        )
+        areas.append(
+            f'<area shape="circle" coords="{x:.0f},{y:.0f},9" href="#row-{g[0].row}" title="{h(tip)}" '
+            f'alt="{h(", ".join(pt.label for pt in g))}">'
+        )
+    models = sorted({reveal(lb.df.loc[pt.row, "model"]) for pt in p.points})
+    task = next((q.task for q in lb.quality if q.col == p.quality), "")
+    items = []
+    for pt in sorted(p.points, key=lambda pt: (not pt.baseline, pt.label)):
+        r = lb.df.loc[pt.row]
+        flag = f' <span class="flag">{h(pt.flag)}</span>' if pt.flag else ""
+        items.append(
+            f'<li {data_attrs(filter_attrs(r))}><a href="#row-{pt.row}">{hn(r["method"])}</a> '
+            f"({h(r['execution'])}): {h(fmt(pt.y))} · {h(fmt(pt.x))}{flag}</li>"
+        )
+    banner = f'<p class="banner">{h(p.greyed)}.</p>' if p.greyed else ""
+    return (
+        f'<figure class="{"greyed" if p.greyed else "plot"}" data-model="{h(json.dumps(models))}" '
+        f'data-task="{h(json.dumps([task]))}">{banner}'
+        f'<img src="data:image/png;base64,{img}" width="{p.width}" height="{p.height}" '
+        f'usemap="#map-{k}" alt="{h(p.title)}" title="{h(p.title)}"><map name="map-{k}">{"".join(areas)}</map>'
+        f"<details><summary>its {len(p.points)} points (y · x)</summary><ul>{''.join(items)}</ul></details></figure>"
+    )
 
 
 def plots_html(plots: list[Plot], lb: Leaderboard) -> list[str]:
@@ -267,24 +301,19 @@ def plots_html(plots: list[Plot], lb: Leaderboard) -> list[str]:
     out = [
         '<section id="plots"><h2>Pareto plots</h2>',
         '<p class="legend"><span>★ baseline</span><span>● native</span><span>○ simulated (off latency and memory '
-        "frontiers)</span><span>dotted ring: noisy timing</span><span>dashed: Pareto frontier</span>"
-        "<span>Hover a point for its values; click it for its cells.</span></p>",
+        "frontiers)</span><span>grey dotted: a noisy or under-sampled timing, not a result (off every frontier)"
+        "</span><span>dashed: Pareto frontier</span>"
+        "<span>Hover a point for its values (points on one spot are listed together); click it for its cells."
+        "</span></p>",
+        '<p class="box plotnote" id="plotnote">The plots show every method of their model: the '
+        '<span id="plotnote-what"></span> filter cannot redraw them (their point lists below follow it).</p>',
     ]
     last = None
     for k, p in enumerate(plots):
         if (p.hardware, p.model) != last:
-            out.append(f"<h3>{h(p.model)} <small>· {h(p.hardware)}</small></h3>")
+            out.append(f"<h3>{hn(p.model)} <small>· {hn(p.hardware)}</small></h3>")
             last = (p.hardware, p.model)
-        img = base64.b64encode(p.path.read_bytes()).decode("ascii")
-        areas = "".join(
-            f'<area shape="circle" coords="{pt.px:.0f},{pt.py:.0f},9" href="#row-{pt.row}" '
-            f'title="{h(tooltip(pt, p, lb))}" alt="{h(pt.label)}">'
-            for pt in p.points
-        )
-        out.append(
-            f'<figure><img src="data:image/png;base64,{img}" width="{p.width}" height="{p.height}" '
-            f'usemap="#map-{k}" alt="{h(p.title)}" title="{h(p.title)}"><map name="map-{k}">{areas}</map></figure>'
-        )
+        out.append(plot_html(k, p, lb))
     out.append("</section>")
     return out
 
@@ -307,13 +336,30 @@ def record_summary(rec: dict[str, Any]) -> list[str]:
             )
         out.append("</table>")
     details = rec.get("task_details") or {}
-    if details.get("noisy"):
-        out.append(
-            '<p><span class="badge noisy">noisy</span> '
-            + h(", ".join(map(str, details.get("noise_reasons") or [])))
-            + "</p>"
-        )
+    out += how_measured(rec)
     out += ["<details><summary>task details</summary>", pre(details), "</details>"]
+    return out
+
+
+def how_measured(rec: dict[str, Any]) -> list[str]:
+    """Trust, interleaving, memory protocol and roofline limits of a timed record, in words."""
+    out = []
+    trust = timing_trust(rec)
+    if not trust.trusted:
+        out.append(f'<p><span class="badge flagged">{h(trust.label())}</span> {h("; ".join(trust.reasons))}</p>')
+    done, text = interleaving(rec)
+    if done is not None:
+        out.append(f"<p>Timings: {h(text)}</p>")
+    mem = (rec.get("task_details") or {}).get("memory_protocol")
+    if isinstance(mem, dict):
+        clean = {True: "verified clean", False: "not verified clean"}.get(mem.get("clean"), "")
+        parts = [str(mem.get("isolation") or "?"), clean, str(mem.get("note") or "")]
+        out.append(f"<p>Memory measured in: {h(', '.join(x for x in parts if x))}</p>")
+    for metric in ("decode_roofline_fraction", "prefill_roofline_fraction"):
+        den = roofline_denominator(rec, metric)
+        if den and metric in (rec.get("metrics") or {}):
+            out.append(f"<p>{h(metric)}: {h(den)}</p>")
+    out += [f'<p class="warn">Not reported (a measurement error): {h(e)}</p>' for e in roofline_errors(rec)]
     return out
 
 
@@ -323,7 +369,7 @@ def cells_html(lb: Leaderboard) -> list[str]:
         first = r["_cells"][0]
         rep = first.get("method_report") or {}
         out.append(
-            f'<details class="cell" id="row-{int(idx)}"><summary>{h(r["model"])} · {h(r["method"])} · '
+            f'<details class="cell" id="row-{int(idx)}"><summary>{hn(r["model"])} · {hn(r["method"])} · '
             f'<span class="badge {h(r["execution"])}">{h(r["execution"])}</span> · {h(r["hardware"])}</summary>'
         )
         if rep.get("warnings"):
@@ -366,7 +412,7 @@ def failed_html(loaded: Loaded) -> list[str]:
     for f in failed_rows(loaded):
         out.append(
             "<tr>"
-            + "".join(f"<td>{h(f[k])}</td>" for k in ("model", "method", "task", "stage"))
+            + "".join(f"<td>{hn(f[k])}</td>" for k in ("model", "method", "task", "stage"))
             + f'<td><a href="#failed-{h(f["run_id"])}">{h(f["error"][:300])}</a></td></tr>'
         )
     out.append("</table>")

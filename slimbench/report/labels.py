@@ -43,12 +43,30 @@ def versions(rec: dict[str, Any]) -> str:
 
 
 def family(rec: dict[str, Any]) -> str:
+    """The method's family: as stored in the record (``method.families``, one per step, or
+    ``method.family``; so a plugin's family shows without the plugin), else from this
+    installation's registry."""
+    stored = rec["method"].get("families")
+    the_steps = steps(rec)
+    if not (isinstance(stored, list) and len(stored) == len(the_steps) and all(isinstance(f, str) for f in stored)):
+        stored = None
+    if stored is None and isinstance(rec["method"].get("family"), str):
+        return rec["method"]["family"]
     fams = []
-    for s in steps(rec):
-        fam = METHODS.entries[s["name"]].family if s["name"] in METHODS else "unknown"
+    for i, s in enumerate(the_steps):
+        if stored is not None:
+            fam = stored[i]
+        else:
+            fam = METHODS.entries[s["name"]].family if s["name"] in METHODS else "unknown"
         if fam not in fams:
             fams.append(fam)
     return "+".join(fams)
+
+
+def task_info(rec: dict[str, Any]) -> dict[str, Any]:
+    """What the record stores about its task beyond the spec (quality and paired metric, timed)."""
+    info = rec.get("task_info")
+    return info if isinstance(info, dict) else {}
 
 
 def hardware_key(rec: dict[str, Any]) -> str:
@@ -66,6 +84,20 @@ def task_key(rec: dict[str, Any]) -> str:
 
 def quality_metric(task_name: str) -> str | None:
     return TASKS.get(task_name).quality_metric if task_name in TASKS else None
+
+
+def quality_metric_of(rec: dict[str, Any]) -> str | None:
+    """The record's quality metric: as stored in it, else the registered task's."""
+    stored = task_info(rec).get("quality_metric")
+    return stored if isinstance(stored, str) else quality_metric(rec["task"]["name"])
+
+
+def paired_metric_of(rec: dict[str, Any]) -> str | None:
+    """The per-example metric a paired comparison uses: as stored, else the registered task's."""
+    stored = task_info(rec).get("paired_metric")
+    if isinstance(stored, str):
+        return stored
+    return paired_metric(rec["task"]["name"]) or quality_metric_of(rec)
 
 
 def paired_metric(task_name: str) -> str | None:

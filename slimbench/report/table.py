@@ -7,6 +7,12 @@ is computed against the same model's `baseline` row, in the same column and the 
 hardware section. Efficiency columns are named with their regime (batch, prompt, new tokens)
 where a folder holds several. Simulated cells (masks, fake-quant) keep their measured latency
 and memory but are marked `simulated`: their speed and memory are the dense model's.
+
+A timing (latency, throughput, roofline fraction; never a size or memory) from a record that
+slimbench.measure.trust does not trust (``noisy``: other processes took the cores;
+``under-sampled``: fewer repeats or seconds than the task's protocol asks) keeps its value but
+carries a flag per cell (``row["_flags"][column]``) that every output shows beside it, and plots
+draw apart from the frontier.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from typing import Any
 
 import pandas as pd
 
+from slimbench.measure.trust import interleaving, is_timed, roofline_denominator, roofline_errors, timing_trust
 from slimbench.report import labels
+from slimbench.report.consistency import mismatches
 
 # metric -> (column, scale, higher is better, x-axis words with unit); an efficiency v1 record
 # has prefill_ms, decode_tokens_per_s and peak_memory_mb, version 2 adds the rest.
@@ -35,6 +43,7 @@ EFFICIENCY = {
     "peak_memory_mb": ("peak mem MiB", 1.0, False, "peak memory during inference (MiB)"),
     "memory_weights_mb": ("weights MiB", 1.0, False, "weight memory (MiB)"),
     "memory_kv_mb": ("KV MiB", 1.0, False, "KV-cache memory (MiB)"),
+    "memory_runtime_mb": ("runtime MiB", 1.0, False, "runtime memory (MiB)"),
     "memory_other_mb": ("other mem MiB", 1.0, False, "other memory (MiB)"),
     "kv_cache_bytes_logical": ("KV logical MB", 1e-6, False, "KV cache, logical (MB)"),
     "kv_cache_bytes_physical": ("KV physical MB", 1e-6, False, "KV cache, physical (MB)"),
@@ -43,6 +52,9 @@ EFFICIENCY = {
 }
 # Shown in Markdown/LaTeX and by default in HTML; the rest are in the CSV and one click away.
 MAIN_EFFICIENCY = ("TTFT ms", "prefill ms", "decode ms/token", "decode tok/s", "peak mem MiB")
+FLAGS = "timing flags"  # the column naming each row's untrusted timings and why
+# The derived decode latency is a timing like the metrics it comes from.
+DERIVED_TIMED = frozenset({"decode ms/token"})
 SIZE_COLUMNS = {  # column -> (method_report key, scale)
     "stored MB": ("stored_bytes", 1e-6),
     "eff. bits": ("effective_bits", 1.0),
@@ -101,8 +113,19 @@ class Leaderboard:
             cols += [q.col, q.delta] + ([q.noise] if df[q.noise].astype(bool).any() else [])
         cols += [c for c in SIZE_COLUMNS if c in df and df[c].notna().any()]
         cols += [e.col for e in self.efficiency if (all_efficiency or e.main) and df[e.col].notna().any()]
-        cols += [c for c in ("noisy", "warnings") if df[c].astype(bool).any()]
+        cols += [c for c in (FLAGS, "warnings") if df[c].astype(bool).any()]
         return cols
+
+    def flag(self, row: pd.Series, col: str) -> str:
+        """'noisy', 'under-sampled' or '' for one cell of the table."""
+        return row["_flags"].get(col, "") if isinstance(row.get("_flags"), dict) else ""
+
+    def note(self, row: pd.Series, col: str) -> str:
+        """What to read with a value besides a flag ('rounded to zero' for a quantizer's sparsity), or ''."""
+        return self.flag(row, col) or (row["_notes"].get(col, "") if isinstance(row.get("_notes"), dict) else "")
+
+    def flagged_columns(self) -> list[str]:
+        return [c for c in self.df.columns if self.df["_flags"].map(lambda f, c=c: c in f).any()]
 
 
 def number(v: Any) -> float:
@@ -131,7 +154,7 @@ def quality_columns(records: list[dict[str, Any]]) -> dict[str, QualityColumn]:
     out: dict[str, QualityColumn] = {}
     for r in records:
         key, t = labels.task_key(r), r["task"]
-        q = labels.quality_metric(t["name"])
+        q = labels.quality_metric_of(r)
         if key in out or not q:
             continue
         base = f"{t['name']}@{t.get('version')}"
@@ -142,7 +165,7 @@ def quality_columns(records: list[dict[str, Any]]) -> dict[str, QualityColumn]:
         higher = next(
             (m["higher_is_better"] for x in same if isinstance(m := (x.get("metrics") or {}).get(q), dict)), False
         )
-        paired = labels.paired_metric(t["name"])
+        paired = labels.paired_metric_of(r)
         out[key] = QualityColumn(
             col=base if q == t["name"] else f"{base} {q}",
             task=t["name"],
@@ -225,15 +248,24 @@ def new_row(r: dict[str, Any], hw: str, label: str) -> dict[str, Any]:
         "method_name": r["method"]["name"],
         "family": labels.family(r),
         "execution": str(rep.get("execution", "?")),
-        "noisy": "",
+        FLAGS: "",
         "warnings": "; ".join(str(w) for w in rep.get("warnings") or []),
         "_order": 0 if r["method"]["name"] == "baseline" else 1,
         "_cells": [],
         "_details": {},
-        "_noisy": {},
+        "_flags": {},  # column -> "noisy" / "under-sampled"
+        "_flag_reasons": {},  # regime label -> why its timings are not trusted
+        "_interleaving": {},  # regime label -> how its timings were taken (interleaved or alone, why)
+        "_denominators": {},  # roofline column -> the limit it divides by, in words
+        "_errors": [],  # measurement errors the task refused to report as values (roofline > 1)
+        "_notes": {},  # column -> a few words read with the value ("rounded to zero")
+        "_inconsistent": {},  # noise column -> why the record's value contradicts its own data
     }
     for col, (k, scale) in SIZE_COLUMNS.items():
         row[col] = number(rep.get(k)) * scale
+    if row["sparsity"] > 0 and "pruning" not in row["family"].split("+"):
+        # Exact zeros a quantizer (or a factorization) made: not pruning, and no sparse kernel uses them.
+        row["_notes"]["sparsity"] = "rounded to zero"
     return row
 
 
@@ -245,17 +277,40 @@ def absorb(row: dict[str, Any], r: dict[str, Any], qcols: dict, ecols: dict) -> 
     if q is not None and not math.isnan(v := metric_value(r, q.metric)):
         row[q.col] = v
         row["_details"][q.col] = details
+        wrong = mismatches(r)
+        if q.metric in wrong:  # an edited value: its per-example data cannot vouch for it
+            why = f"no interval: {q.metric} contradicts its per-example data ({wrong[q.metric]})"
+            row["_inconsistent"][q.noise] = why
     values = efficiency_values(r)
-    reg = labels.regime(r) if values else None
+    if not values:
+        return
+    reg = labels.regime(r)
+    where = labels.regime_label(reg) if reg else "efficiency"
+    trust = timing_trust(r)
+    metrics = r.get("metrics") or {}
     for metric, v in values.items():
         col = ecols.get((reg, metric)) or ecols.get((None, metric))
-        if col is not None:
-            row[col.col] = v
-    if values and details.get("noisy"):
-        reasons = ", ".join(str(x) for x in details.get("noise_reasons") or []) or "noisy measurement"
-        where = labels.regime_label(reg) if reg else "efficiency"
-        row["_noisy"][where] = reasons
-        row["noisy"] = "; ".join(f"{k}: {v}" for k, v in row["_noisy"].items())
+        if col is None:
+            continue
+        row[col.col] = v
+        timed = metric in DERIVED_TIMED or is_timed(metric, metrics.get(metric))
+        if timed and not trust.trusted:
+            row["_flags"][col.col] = trust.label()
+        if metric.endswith("_roofline_fraction") and (den := roofline_denominator(r, metric)):
+            row["_denominators"][col.col] = den
+    if not trust.trusted:
+        why = "; ".join(trust.reasons) or "flagged by the task"
+        row["_flag_reasons"][where] = f"{trust.label()}: {why}"
+        row[FLAGS] = "; ".join(f"{k}: {v}" for k, v in row["_flag_reasons"].items())
+    done, text = interleaving(r)
+    if done is not None:
+        info = (r.get("task_details") or {}).get("interleaving") or {}
+        peers = [str(x) for x in info.get("labels") or []] if done else []
+        # cells measured together say so once: the group is the row and its peers
+        group = tuple(sorted({row["method"], *peers})) if done else (text,)
+        rounds = f"{info.get('rounds')} rounds, {info.get('order')}" if done else ""
+        row["_interleaving"][where] = {"done": done, "text": text, "group": group, "rounds": rounds}
+    row["_errors"] += [f"{where}: {e}" for e in roofline_errors(r)]
 
 
 def paired_noise(details: Any, base: Any, metric: str | None) -> dict[str, Any] | None:
@@ -273,9 +328,10 @@ def paired_noise(details: Any, base: Any, metric: str | None) -> dict[str, Any] 
 def noise_text(p: dict[str, Any], metric: str | None, unit: str) -> str:
     from slimbench.report.formatting import fmt
 
-    verdict = "≈ noise" if p["within_noise"] else "significant"
+    lo, hi = min(p["ci_low"], p["delta"]), max(p["ci_high"], p["delta"])  # the estimate inside its interval
+    verdict = "≈ noise" if lo <= 0 <= hi else "significant"
     u = f" {unit}" if unit else ""
-    return f"{verdict} (paired Δ {metric} {fmt(p['delta'])}{u}, 95% CI [{fmt(p['ci_low'])}, {fmt(p['ci_high'])}])"
+    return f"{verdict} (paired Δ {metric} {fmt(p['delta'])}{u}, 95% CI [{fmt(lo)}, {fmt(hi)}])"
 
 
 def add_deltas(df: pd.DataFrame, quality: list[QualityColumn]) -> pd.DataFrame:
@@ -288,9 +344,12 @@ def add_deltas(df: pd.DataFrame, quality: list[QualityColumn]) -> pd.DataFrame:
             has = pd.notna(row[q.col]) and pd.notna(b)
             deltas.append(row[q.col] - b if has else math.nan)
             p = None
-            if has and row.method_name != "baseline":
+            wrong = row["_inconsistent"].get(q.noise)
+            if not wrong and len(base):
+                wrong = base["_inconsistent"].iloc[0].get(q.noise)
+            if has and row.method_name != "baseline" and not wrong:
                 p = paired_noise(row["_details"].get(q.col), base["_details"].iloc[0].get(q.col), q.paired)
-            notes.append("" if p is None else noise_text(p, q.paired, q.paired_unit))
+            notes.append(wrong if wrong and has else ("" if p is None else noise_text(p, q.paired, q.paired_unit)))
         df[q.delta] = deltas
         df[q.noise] = notes
     return df

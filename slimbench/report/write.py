@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimbench.report import formats, records, table
-from slimbench.report.formatting import fmt
+from slimbench.report.escape import reveal
 from slimbench.sweep.store import ResultStore, atomic_write_text
 
 
@@ -17,6 +17,27 @@ class ReportOutput:
     files: list[Path]
     summary: str
     problems: list[str] = field(default_factory=list)
+
+
+def console_table(lb: table.Leaderboard, cols: list[str]) -> str:
+    """The summary for the terminal: numbers as in the Markdown ('–' for none), timing flags beside
+    their values, invisible characters in names revealed, a legend under it when a flag is shown."""
+    shown = [[reveal(formats.cell_text(lb, r, c)) for c in cols] for _, r in lb.df.iterrows()]
+    head = [reveal(c) for c in cols]
+    widths = [max(len(x) for x in col) for col in zip(head, *shown, strict=True)]
+    numeric = [c not in ("model", "method", "execution") for c in cols]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(x.rjust(w) if num else x.ljust(w) for x, w, num in zip(cells, widths, numeric, strict=True))
+
+    out = [line(head).rstrip()] + [line(r).rstrip() for r in shown]
+    flags = sorted({f for _, r in lb.df.iterrows() for c in cols if (f := lb.flag(r, c))})
+    if flags:
+        out.append(
+            f"({' / '.join(flags)}: a timing that is not a result: taken while other processes used the cores, "
+            "or with fewer repeats than its protocol asks; see the report's timing flags)"
+        )
+    return "\n".join(out)
 
 
 def write_report(
@@ -49,11 +70,13 @@ def write_report(
         cols = [
             c
             for c in lb.columns()
-            if c in ("model", "method", "execution", "stored MB", "decode tok/s")
+            if c in ("model", "method", "execution", "stored MB")
+            or (c == "sparsity" and (lb.df[c] > 0).any())
+            or c.split(" [")[0] == "decode tok/s"
             or c in {q.col for q in lb.quality}
             or c.startswith("Δ ")
         ]
-        summary = lb.df[cols].to_string(index=False, float_format=lambda v: fmt(float(v)))
+        summary = console_table(lb, cols)
     summary += f"\n\nreport: {files[0]} ({len(drawn)} plots)"
     if html:
         summary += f"; {out / 'report.html'}"

@@ -61,6 +61,31 @@ class Check(Config):
     def bound_text(self) -> str:
         return f"<= {self.at_most:g}" if self.at_most is not None else f">= {self.at_least:g}"
 
+    def shown(self, value: float, reference: str) -> str:
+        """A value of this check's measure in the words its text uses, so a row reads in one unit.
+
+        ``relative_increase`` as a multiple of the reference (``12.07x fp (+1107%)``), an
+        ``increase_ratio`` as a share of the other arm's increase (``16% of rtn's increase``), a
+        ``ratio`` as a multiple of the other arm (``0.0018x svd``).
+        """
+        if self.measure == "relative_increase":
+            return f"{1 + value:.4g}x {reference} ({percent(value, sign=True)})"
+        if self.measure == "increase_ratio":
+            return f"{percent(value)} of {self.arms[1]}'s increase"
+        return f"{value:.3g}x {self.arms[1]}"
+
+    def bound_shown(self, reference: str) -> str:
+        """The bound in the same words as ``shown``: ``>= 1.5x fp (+50%)`` for ``at_least: 0.5``."""
+        op, bound = ("<=", self.at_most) if self.at_most is not None else (">=", self.at_least)
+        return f"{op} {self.shown(bound, reference)}"
+
+
+def percent(fraction: float, sign: bool = False) -> str:
+    """0.5 -> 50%, 11.07 -> 1,107%, 0.0163 -> 1.63%."""
+    v = 100 * fraction
+    text = f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+    return ("+" if sign and v > 0 else "") + text + "%"
+
 
 @dataclass
 class CheckResult:
@@ -68,6 +93,8 @@ class CheckResult:
     value: float | None  # None: an arm was not measured, or the measure is undefined
     passed: bool | None
     note: str = ""
+
+    reference: str = "fp"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,9 +104,15 @@ class CheckResult:
             "arms": self.check.arms,
             "bound": self.check.bound_text(),
             "value": self.value,
+            "shown": self.shown(),
+            "bound_shown": self.check.bound_shown(self.reference),
             "passed": self.passed,
             "note": self.note,
         }
+
+    def shown(self) -> str:
+        """The measured value in the bound's unit, or why there is none."""
+        return self.check.shown(self.value, self.reference) if self.value is not None else self.note
 
 
 @dataclass
@@ -117,9 +150,9 @@ def measure_value(check: Check, values: dict[str, float | None], reference: str)
 def run_check(check: Check, values: dict[str, float | None], reference: str) -> CheckResult:
     value, note = measure_value(check, values, reference)
     if value is None:
-        return CheckResult(check, None, None, note)
+        return CheckResult(check, None, None, note, reference)
     passed = value <= check.at_most if check.at_most is not None else value >= check.at_least
-    return CheckResult(check, value, passed)
+    return CheckResult(check, value, passed, "", reference)
 
 
 def evaluate(checks: list[Check], values: dict[str, float | None], reference: str) -> Verdict:

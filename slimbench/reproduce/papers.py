@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from slimbench.config import Config, format_validation_error
@@ -34,6 +33,7 @@ from slimbench.errors import SuiteError
 from slimbench.reproduce.claim_cards import Check
 from slimbench.specs import CellSpec, MethodSpec, TaskSpec
 from slimbench.sweep.suite import Suite, suite_from_mapping
+from slimbench.sweep.yaml_limits import load_file
 
 PAPERS_DIR = Path("configs") / "papers"
 BUDGETS = ("small", "paper")
@@ -167,10 +167,7 @@ def find_paper(name: str) -> Path:
 def load_paper(name: str) -> Paper:
     """Read and validate a paper file: its blocks, both suites, the budgets and every matcher."""
     path = find_paper(name)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SuiteError(f"malformed YAML: {err}", source=str(path)) from None
+    raw = load_file(path)  # the suites' limits: size, encoding, depth, alias expansion
     try:
         spec = PaperFile(**(raw or {}))
     except ValidationError as err:
@@ -299,15 +296,31 @@ def claim_cells(paper: Paper, suite: Suite) -> dict[str, CellSpec]:
 
 def method_label(method: MethodSpec, matcher: Any) -> str:
     """The method's label, also showing the parameters the matcher names when they equal a default
-    (a 4-bit RTN row says bits=4)."""
+    and the label does not already say them: a key setting is always in the label (``rtn(3-bit,
+    per-channel)``, never ``...,bits=3``); another parameter at its default is added (``act_order=False``)."""
     matchers = matcher if isinstance(matcher, list) else [matcher]
     parts = []
     for step, m in zip(method.steps, matchers, strict=False):
         label = step.label()
         named = {k: v for k, v in (m.items() if isinstance(m, dict) else []) if k != "name"}
-        shown = {k: v for k, v in named.items() if f"{k}=" not in label}
+        keys = label_keys(step)
+        shown = {k: v for k, v in named.items() if f"{k}=" not in label and k not in keys}
         if shown:
-            extra = ",".join(f"{k}={v}" for k, v in sorted(shown.items()))
-            label = f"{label[:-1]},{extra})" if label.endswith(")") else f"{label}({extra})"
+            extra = ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+            label = f"{label[:-1]}, {extra})" if label.endswith(")") else f"{label}({extra})"
         parts.append(label)
     return " + ".join(parts)
+
+
+def label_keys(step) -> set[str]:
+    """The parameters a step's label always shows (its method's key settings)."""
+    from slimbench.registry import METHODS
+    from slimbench.specs import KEY_PARAMS
+
+    if step.name not in METHODS:
+        return set()
+    config = METHODS.get(step.name).config
+    if hasattr(config, "label_keys"):
+        full = {k: f.default for k, f in config.model_fields.items() if not f.is_required()} | dict(step.params)
+        return set(config.label_keys(full))
+    return set(getattr(config, "label_params", KEY_PARAMS))

@@ -6,20 +6,22 @@ import json
 from pathlib import Path
 from typing import Any
 
+from slimbench.report.escape import reveal
 from slimbench.reproduce.run import Reproduction
 from slimbench.sweep.store import atomic_write_text
 
 
 # -- rendering ----------------------------------------------------------------------------
 def md(text: Any) -> str:
-    """A value made safe for a Markdown table cell (and for HTML rendering of it)."""
-    s = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """A value made safe for a Markdown table cell (and for HTML rendering of it); invisible
+    characters written out (``<U+202E>``) so no name can pose as another."""
+    s = reveal(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return s.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
 def plain(text: Any) -> str:
-    """A value for the terminal: one line, nothing escaped."""
-    return str(text).replace("\r", " ").replace("\n", " ")
+    """A value for the terminal: one line, nothing escaped but invisible characters written out."""
+    return reveal(str(text).replace("\r", " ").replace("\n", " "))
 
 
 def fmt(v: float | None) -> str:
@@ -55,8 +57,9 @@ def render(rep: Reproduction, markdown: bool = True) -> str:
     out += ["", "| role | check | measured | bound | result |", "|---|---|---|---|---|"]
     for c in rep.verdict.checks:
         res = {True: "pass", False: "FAIL", None: "n/a"}[c.passed]
-        measured = fmt(c.value) if c.value is not None else esc(c.note)
-        out.append(f"| {c.check.role} | {esc(c.check.text)} | {measured} | {esc(c.check.bound_text())} | {res} |")
+        # measured and bound in one unit, the one the check's text uses (12.07x fp against >= 1.5x fp)
+        bound = c.check.bound_shown(c.reference)
+        out.append(f"| {c.check.role} | {esc(c.check.text)} | {esc(c.shown())} | {esc(bound)} | {res} |")
     if card.caveats:
         out += ["", "Caveats:", ""] + [f"- {esc(c)}" for c in card.caveats]
     if rep.notes:

@@ -18,11 +18,12 @@ from tqdm.auto import tqdm
 from slimbench.specs import CellSpec
 from slimbench.sweep.cell_claims import TIMEOUT_S, ClaimBook
 from slimbench.sweep.executors import LocalExecutor
-from slimbench.sweep.executors.resources import Resources, group_resources
-from slimbench.sweep.runner import group_cells, make_record
-from slimbench.sweep.status import CostModel, human_seconds
+from slimbench.sweep.executors.resources import Resources, unit_resources
+from slimbench.sweep.runner import RunOptions, make_record, units_of
+from slimbench.sweep.status import CostModel, ProgressFile, eta_seconds, human_seconds
 from slimbench.sweep.store import ResultStore, utc_now
 
+# tqdm puts ", " before a non-empty postfix itself: "[03:38, ETA ~2 min]", or "[03:38]" without one
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
 
@@ -40,12 +41,16 @@ class _Running:
     req: Resources
     started: str
     written: set[str] = field(default_factory=set)
-    done: set[str] = field(default_factory=set)  # "load", "compress" and evaluated run ids
+    done: set[str] = field(default_factory=set)  # "load:<run id>", "compress:<run id>" and evaluated run ids
     last_event: float = field(default_factory=time.monotonic)
+    waiting: dict | None = None  # what its worker waits for (the machine lock), while it waits
 
 
 class Sweep:
-    def __init__(self, cells, store: ResultStore, executor, *, suite_source, show_progress, log, claim_timeout):
+    def __init__(self, cells, store: ResultStore, executor, *, suite_source, show_progress, log, claim_timeout,
+                 options: RunOptions | None = None):
+        self.options = options or RunOptions()
+        executor.options = self.options  # what every worker runs its cells with
         self.cells = cells
         self.by_id = {c.run_id: c for c in cells}
         self.store = store
@@ -62,19 +67,19 @@ class Sweep:
         self.cost = CostModel()
         self.show_progress = show_progress
         self.bar = None
+        self.progress_file = ProgressFile(store)
 
     # -- planning ----------------------------------------------------------------------------
     def plan(self) -> None:
-        for group in group_cells(self.cells).values():
-            pending = [c for c in group if not self.store.has_ok(c.run_id)]
-            self.summary.skipped += [c.run_id for c in group if c not in pending]
-            if pending:
-                self.queue.append(pending)
+        done = {c.run_id for c in self.cells if self.store.has_ok(c.run_id)}
+        self.summary.skipped += [c.run_id for c in self.cells if c.run_id in done]
+        # a unit: one group, or the groups whose timed cells a report compares (measured interleaved)
+        self.queue.extend(units_of([c for c in self.cells if c.run_id not in done], interleave=self.options.interleave))
 
     def dispatch(self) -> None:
         for _ in range(len(self.queue)):
             group = self.queue.popleft()
-            req = group_resources(group)
+            req = unit_resources(group)
             if not self.executor.has_room(req):
                 self.queue.append(group)
                 continue
@@ -99,13 +104,19 @@ class Sweep:
         run = self.running.get(gid)
         if run is None:
             return
-        run.last_event = time.monotonic()
         kind = event[0]
+        if kind == "waiting":  # the worker waits for the machine lock: said on the bar and to `status`
+            run.waiting = event[1]
+            return
+        run.waiting = None
+        if kind == "progress":
+            return
+        run.last_event = time.monotonic()
         if kind == "stage":
             _, stage, run_id, seconds = event
             cell = self.by_id.get(run_id) or run.cells[0]
             self.cost.add(stage, cell, seconds)
-            run.done.add(run_id if stage == "evaluate" else stage)
+            run.done.add(run_id if stage == "evaluate" else f"{stage}:{run_id}")
         elif kind == "record":
             self.write(run, event[1])
         elif kind == "end":
@@ -154,23 +165,42 @@ class Sweep:
             else:
                 again.append(c)  # its owner is gone: claim it again
         self.foreign = waiting
-        self.queue.extend(group_cells(again).values())
+        self.queue.extend(units_of(again, interleave=self.options.interleave))
 
     # -- progress ----------------------------------------------------------------------------
     def advance(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix_str(self.eta_text(), refresh=False)
+            self.bar.set_postfix_str(self.postfix(), refresh=False)
 
-    def eta_text(self) -> str:
+    def eta(self) -> float | None:
+        """Seconds left, per worker (slimbench.sweep.status.eta_seconds: the model `status` uses too)."""
         now = time.monotonic()
-        left = [self.cost.group_seconds(g) for g in self.queue]
-        left += [max(0.0, self.cost.group_seconds(r.cells, done=r.done) - (now - r.last_event))
-                 for r in self.running.values()]
-        if not left:
-            return ""
-        parallel = max(1, min(getattr(self.executor, "slots", 1), len(left)))
-        return f", ETA ~{human_seconds(sum(left) / parallel)}"
+        running = [self.cost.unit_seconds(r.cells, done=r.done, elapsed=now - r.last_event)
+                   for r in self.running.values()]
+        queued = [self.cost.unit_seconds(g) for g in self.queue]
+        if not running and not queued:
+            return None
+        return eta_seconds(running, queued, getattr(self.executor, "slots", 1))
+
+    def waiting_texts(self) -> list[str]:
+        return [r.waiting["text"] for r in self.running.values() if r.waiting]
+
+    def postfix(self) -> str:
+        waits = self.waiting_texts()
+        if waits:  # the ETA means nothing while a worker waits on another run
+            return waits[0] + (f" (+{len(waits) - 1} more waiting)" if len(waits) > 1 else "")
+        eta = self.eta()
+        workers = getattr(self.executor, "slots", 1)
+        return "" if eta is None else f"ETA ~{human_seconds(eta)}" + (f" ({workers} workers)" if workers > 1 else "")
+
+    def publish(self) -> None:
+        """The bar's state, for `status` (one small file per live driver)."""
+        self.progress_file.write(eta=self.eta(), workers=getattr(self.executor, "slots", 1),
+                                 waiting={rid: r.waiting["text"] for r in self.running.values() if r.waiting
+                                          for rid in r.waiting.get("run_ids", [])},
+                                 cells_left=sum(len(u) for u in self.queue)
+                                 + sum(len(r.cells) - len(r.written) for r in self.running.values()))
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -191,7 +221,7 @@ class Sweep:
         )
         if self.show_progress and hasattr(self.executor, "progress"):
             self.executor.progress = lambda **kw: tqdm(leave=False, **kw)
-        last_check = 0.0
+        last_check = last_publish = 0.0
         try:
             with self.book:
                 while self.queue or self.running or self.foreign:
@@ -204,10 +234,14 @@ class Sweep:
                         self.recheck_foreign()
                     if not events and not self.running:
                         time.sleep(0.2)  # only others' cells left, or nothing fits yet
-                    self.bar.set_postfix_str(self.eta_text())
+                    self.bar.set_postfix_str(self.postfix())
+                    if time.monotonic() - last_publish > 2.0:
+                        last_publish = time.monotonic()
+                        self.publish()
         finally:
             self.executor.close()
             self.bar.close()
+            self.progress_file.remove()
         return self.summary
 
 
@@ -220,6 +254,7 @@ def sweep(
     show_progress: bool = True,
     log: Callable[[str], None] = print,
     claim_timeout: float = TIMEOUT_S,
+    options: RunOptions | None = None,
 ) -> RunSummary:
     """Run every cell of ``cells`` without an ok record on ``executor``; write the records."""
     return Sweep(
@@ -230,6 +265,7 @@ def sweep(
         show_progress=show_progress,
         log=log,
         claim_timeout=claim_timeout,
+        options=options,
     ).run()
 
 
@@ -244,6 +280,7 @@ def run_cells(
     executor=None,
     memory_limit: int | None = None,
     log: Callable[[str], None] = print,
+    options: RunOptions | None = None,
 ):
     """Run every cell without an ok record and write its record; returns a RunSummary.
 
@@ -253,4 +290,5 @@ def run_cells(
     if executor is None:
         workers = 1 if (isolate or timeout is not None) else None
         executor = LocalExecutor(workers=workers, isolate=isolate, timeout=timeout, memory_limit=memory_limit)
-    return sweep(cells, store, executor, suite_source=suite_source, show_progress=show_progress, log=log)
+    return sweep(cells, store, executor, suite_source=suite_source, show_progress=show_progress, log=log,
+                 options=options)

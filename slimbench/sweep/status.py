@@ -5,11 +5,23 @@ cell's cost is its group's model load (or conversion), its method's compression 
 task, each estimated from the nearest finished work of the same kind (the same model and
 method, else the same method on any model, else any compression; likewise for loads and
 tasks). The first cell of a run, which also converts a model, therefore does not skew it.
+
+One model for the progress bar and ``status`` (:func:`eta_seconds`), per worker: each busy
+worker finishes its unit, then takes the next queued unit as soon as it is free; timed work
+holds the whole machine, so it is added after, one block after another. A running driver
+writes its bar's state to ``RESULTS/progress/<host>.<pid>.json`` every few seconds
+(:class:`ProgressFile`); ``status`` reads it, so both say the same.
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import json
+import os
+import socket
 import statistics
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -94,12 +106,89 @@ class CostModel:
                 cm.add("evaluate", r, seconds)
         return cm
 
+    def unit_seconds(self, cells: list[CellSpec], *, done: set[str] = frozenset(),
+                     elapsed: float = 0.0) -> tuple[float, float]:
+        """(seconds that may run beside other workers, seconds of timed work that holds the machine) a unit
+        still needs. ``done``: finished stages ("load:<run id>", "compress:<run id>" of a group's first
+        cell, evaluated run ids); ``elapsed``: seconds the stage in progress has run."""
+        from slimbench.sweep.executors.resources import cell_is_timed
+        from slimbench.sweep.runner import group_cells
+
+        parallel = timed = 0.0
+        for group in group_cells(cells).values():
+            head = group[0].run_id
+            parallel += 0.0 if f"load:{head}" in done else self.estimate("load", group[0])
+            parallel += 0.0 if f"compress:{head}" in done else self.estimate("compress", group[0])
+            for c in group:
+                if c.run_id not in done:
+                    cost = self.estimate("evaluate", c)
+                    if cell_is_timed(c):
+                        timed += cost
+                    else:
+                        parallel += cost
+        cut = min(elapsed, parallel)
+        return parallel - cut, max(0.0, timed - (elapsed - cut))
+
     def group_seconds(self, cells: list[CellSpec], *, done: set[str] = frozenset()) -> float:
-        """Seconds a group still needs; ``done`` holds the stages finished ("load", "compress", run ids)."""
-        head = cells[0]
-        total = 0.0 if "load" in done else self.estimate("load", head)
-        total += 0.0 if "compress" in done else self.estimate("compress", head)
-        return total + sum(self.estimate("evaluate", c) for c in cells if c.run_id not in done)
+        """Seconds a unit still needs, all of it (see :meth:`unit_seconds`)."""
+        return sum(self.unit_seconds(cells, done=done))
+
+
+def eta_seconds(running: list[tuple[float, float]], queued: list[tuple[float, float]], workers: int) -> float:
+    """Seconds until the last unit is done: each of ``workers`` finishes its running unit, then takes
+    the next queued one as soon as it is free; timed work (the second of each pair) runs alone,
+    after. ``running``/``queued``: (parallel, timed) seconds per unit (:meth:`CostModel.unit_seconds`)."""
+    workers = max(1, workers)
+    free_at = sorted(p for p, _ in running)[:workers]
+    free_at += [0.0] * (workers - len(free_at))
+    heapq.heapify(free_at)
+    end = max(free_at, default=0.0)
+    for p, _ in queued:
+        t = heapq.heappop(free_at) + p
+        end = max(end, t)
+        heapq.heappush(free_at, t)
+    return end + sum(t for _, t in running) + sum(t for _, t in queued)
+
+
+class ProgressFile:
+    """What a running driver's bar says (ETA, workers, who waits for the machine lock), for `status`."""
+
+    def __init__(self, store):
+        self.dir = store.root / "progress"
+        self.path = self.dir / f"{socket.gethostname()}.{os.getpid()}.json"
+
+    def write(self, *, eta: float | None, workers: int, waiting: dict[str, str], cells_left: int) -> None:
+        from slimbench.sweep.store import atomic_write_text
+
+        data = {"host": socket.gethostname(), "pid": os.getpid(), "written_at": time.time(), "eta_seconds": eta,
+                "workers": workers, "waiting": waiting, "cells_left": cells_left}
+        with contextlib.suppress(OSError):  # a progress file is a courtesy: never a failed run
+            atomic_write_text(self.path, json.dumps(data))
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    @staticmethod
+    def live(root) -> list[dict[str, Any]]:
+        """The progress of every live driver of this results folder (on this host: its pid alive;
+        elsewhere: written in the last five minutes)."""
+        import psutil
+
+        out = []
+        folder = root / "progress"
+        for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                d = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if d.get("host") == socket.gethostname():
+                if not psutil.pid_exists(int(d.get("pid", -1))):
+                    continue  # that run is gone
+            elif time.time() - d.get("written_at", 0) > 300:
+                continue  # another host's run, silent for five minutes: gone, as far as we can tell
+            out.append(d)
+        return out
 
 
 def _elapsed(start: str | None, end: str | None) -> float | None:
@@ -124,7 +213,7 @@ def human_seconds(s: float) -> str:
 class CellState:
     cell: CellSpec | None
     run_id: str
-    state: str  # done | running | failed | pending | stale (claimed by a dead driver)
+    state: str  # done | running | waiting (for the machine lock) | failed | pending | stale (claimed by a dead driver)
     detail: str = ""
     label: str = ""
 
@@ -132,8 +221,10 @@ class CellState:
 def suite_state(store, cells: list[CellSpec] | None, claim_book=None) -> list[CellState]:
     """One row per cell: of the suite's cells, or (no suite) of every cell the folder knows."""
     from slimbench.sweep.cell_claims import ClaimBook
+    from slimbench.sweep.executors.node_lock import waiting_cells
 
     book = claim_book or ClaimBook(store)
+    waits = waiting_cells()
     latest = {r["run_id"]: r for r in store.records(include_failed=True)}
     claims = book.all_claims()
     ids = [c.run_id for c in cells] if cells is not None else sorted(set(latest) | set(claims))
@@ -146,7 +237,10 @@ def suite_state(store, cells: list[CellSpec] | None, claim_book=None) -> list[Ce
             rows.append(CellState(cell, run_id, "done", "", label))
         elif run_id in claims and claims[run_id][1]:
             owner = claims[run_id][0]
-            rows.append(CellState(cell, run_id, "running", f"by {owner.describe()}", label))
+            if run_id in waits:
+                rows.append(CellState(cell, run_id, "waiting", f"{waits[run_id][1]}; run {owner.describe()}", label))
+            else:
+                rows.append(CellState(cell, run_id, "running", f"by {owner.describe()}", label))
         elif run_id in claims:
             owner = claims[run_id][0]
             rows.append(CellState(cell, run_id, "stale", f"claimed by {owner.host}:{owner.pid}, which is gone", label))
@@ -173,23 +267,34 @@ class Eta:
     # methods of unfinished cells no finished cell has run: their compression cost is borrowed
     # from other methods' and may be far off (a search or a calibrated method costs minutes)
     unseen_methods: list[str]
+    workers: int = 1
+    source: str = "estimated from the finished cells"
 
 
-def remaining_seconds(cells: list[CellSpec], rows: list[CellState], cost: CostModel) -> Eta:
-    """Compute time the cells not yet done need (groups load and compress once)."""
-    from slimbench.sweep.runner import group_cells
+def remaining_seconds(cells: list[CellSpec], rows: list[CellState], cost: CostModel, *, workers: int = 1,
+                      interleave: bool = True) -> Eta:
+    """Time the cells not yet done need with ``workers`` workers (groups load and compress once)."""
+    from slimbench.sweep.runner import units_of
 
-    todo = {r.run_id for r in rows if r.state in ("pending", "running", "stale", "failed")}
-    total, unseen = 0.0, set()
-    for group in group_cells([c for c in cells if c.run_id in todo]).values():
-        total += cost.group_seconds(group)
-        if not cost.knows_method(group[0]):
-            unseen.add(group[0].method.name)
-    return Eta(total, sorted(unseen))
+    todo = {r.run_id for r in rows if r.state in ("pending", "running", "waiting", "stale", "failed")}
+    units = units_of([c for c in cells if c.run_id in todo], interleave=interleave)
+    unseen = {c.method.name for u in units for c in u if not cost.knows_method(c)}
+    return Eta(eta_seconds([], [cost.unit_seconds(u) for u in units], workers), sorted(unseen), workers)
+
+
+def live_eta(root) -> Eta | None:
+    """The ETA a running driver's bar shows now (the newest, if several run on this folder)."""
+    live = [d for d in ProgressFile.live(root) if d.get("eta_seconds") is not None]
+    if not live:
+        return None
+    d = max(live, key=lambda x: x["written_at"])
+    left = max(0.0, d["eta_seconds"] - (time.time() - d["written_at"]))
+    return Eta(left, [], int(d.get("workers") or 1), f"the progress bar of run {d['host']}:{d['pid']}")
 
 
 def format_status(rows: list[CellState], eta: Eta | None, *, verbose_done: bool = False) -> str:
-    counts = {k: sum(r.state == k for r in rows) for k in ("done", "running", "failed", "stale", "pending")}
+    states = ("done", "running", "waiting", "failed", "stale", "pending")
+    counts = {k: sum(r.state == k for r in rows) for k in states}
     head = ", ".join(f"{v} {k}" for k, v in counts.items() if v or k in ("done", "pending"))
     lines = [f"{len(rows)} cells: {head}"]
     for r in rows:
@@ -198,10 +303,11 @@ def format_status(rows: list[CellState], eta: Eta | None, *, verbose_done: bool 
         extra = f"  ({r.detail})" if r.detail else ""
         lines.append(f"  {r.state:<8} {r.run_id}  {r.label}{extra}")
     if eta is not None and len(rows) > counts["done"]:
-        lines.append(
-            f"ETA: about {human_seconds(eta.seconds)} of compute for the {len(rows) - counts['done']} cells not done "
-            "(estimated per model load, compression and task from the finished cells; divide by the workers in use)"
-        )
+        workers = f"{eta.workers} worker{'s' if eta.workers != 1 else ''}"
+        lines.append(f"ETA: about {human_seconds(eta.seconds)} for the {len(rows) - counts['done']} cells not done, "
+                     f"with {workers} ({eta.source}; timed cells hold the machine alone)")
+        if counts["waiting"]:
+            lines.append("  cells waiting for the machine lock wait on another run: the ETA starts when it is free")
         if eta.unseen_methods:
             lines.append(
                 f"  no finished cell has run {', '.join(eta.unseen_methods)} yet: "

@@ -26,20 +26,24 @@ import contextlib
 import copy
 import importlib.util
 import itertools
+import math
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from slimbench.config import Config, build_config, format_validation_error
-from slimbench.errors import SuiteError
+from slimbench.errors import SuiteError, brief
 from slimbench.registry import METHODS, TASKS
 from slimbench.specs import CellSpec, HardwareSpec, MethodSpec, ModelSpec, StepSpec, TaskSpec
+from slimbench.sweep import yaml_limits
 
+MAX_GRID = 1000  # configs one entry may expand into
+MAX_CELLS = 100_000  # cells of one suite
+MAX_MESSAGE = 2000  # characters of one problem in a message
 TOP_KEYS = {"name", "description", "models", "methods", "tasks", "hardware"}
 
 
@@ -68,7 +72,7 @@ class Suite:
 def apply_override(raw: dict, assignment: str, source: str) -> None:
     """`--set a.b.0.c=value`: value parsed as YAML; `tasks.1.x` also accepts `tasks[1].x`."""
     if "=" not in assignment:
-        raise SuiteError(f"--set expects key=value, got {assignment!r}", source=source)
+        raise SuiteError(f"--set expects key=value, got {brief(assignment)}", source=source)
     key, value = assignment.split("=", 1)
     parts = key.replace("[", ".").replace("]", "").strip(".").split(".")
     node: Any = raw
@@ -76,17 +80,17 @@ def apply_override(raw: dict, assignment: str, source: str) -> None:
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise SuiteError(f"--set {key}: no list element {part!r} (list has {len(node)})", source=source)
+                raise SuiteError(f"--set {key}: no list element {brief(part)} (list has {len(node)})", source=source)
             idx = int(part)
             if last:
-                node[idx] = yaml.safe_load(value)
+                node[idx] = yaml_limits.load_text(value, f"{source}: --set {key}")
                 return
             if isinstance(node[idx], str):  # `- efficiency` becomes `- {name: efficiency}`
                 node[idx] = {"name": node[idx]}
             node = node[idx]
         elif isinstance(node, dict):
             if last:
-                node[part] = yaml.safe_load(value)
+                node[part] = yaml_limits.load_text(value, f"{source}: --set {key}")
                 return
             node = node.setdefault(part, {})
         else:
@@ -107,8 +111,11 @@ class Problems:
         try:
             yield
         except SuiteError as err:
-            if str(err) not in self.errors:  # a grid repeats the same problem per combination
-                self.errors.append(str(err))
+            text = str(err)
+            if len(text) > MAX_MESSAGE:  # a value quoted whole (a name of a megabyte) would bury the rest
+                text = text[: MAX_MESSAGE - 1] + "…"
+            if text not in self.errors:  # a grid repeats the same problem per combination
+                self.errors.append(text)
 
     def add(self, message: str, field: str | None = None) -> None:
         with self.collect():
@@ -156,10 +163,7 @@ def load_yaml(path: Path) -> dict:
     if not path.exists():
         names = ", ".join(builtin_suite_names())
         raise SuiteError(f"suite file not found: {path} (built-in suites, usable by name: {names})", source=str(path))
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SuiteError(f"malformed YAML: {err}", source=str(path)) from None
+    raw = yaml_limits.load_file(path)  # size, encoding, depth and alias expansion bounded
     if not isinstance(raw, dict):
         raise SuiteError("a suite is a mapping with keys models, methods, tasks, hardware", source=str(path))
     return raw
@@ -173,11 +177,19 @@ def is_list_field(cls: type[Config], name: str) -> bool:
     return bool(origins & {list, tuple, set})
 
 
-def expand_grid(cls: type[Config], params: dict[str, Any]) -> list[dict[str, Any]]:
+def expand_grid(
+    cls: type[Config], params: dict[str, Any], source: str | None = None, field: str | None = None
+) -> list[dict[str, Any]]:
     """A list value of a scalar parameter becomes one config per element (cross-product)."""
     keys = [k for k, v in params.items() if isinstance(v, list) and not is_list_field(cls, k)]
     if not keys:
         return [params]
+    size = math.prod(len(params[k]) for k in keys)
+    if size > MAX_GRID:
+        lengths = " x ".join(f"{k} ({len(params[k])})" for k in keys)
+        raise SuiteError(
+            f"the grid {lengths} makes {size:,} configs; at most {MAX_GRID:,} per entry", source=source, field=field
+        )
     combos = itertools.product(*(params[k] for k in keys))
     return [{**params, **dict(zip(keys, combo, strict=True))} for combo in combos]
 
@@ -188,14 +200,14 @@ def split_entry(entry: Any, source: str, field: str) -> tuple[str, dict[str, Any
     if isinstance(entry, dict) and isinstance(entry.get("name"), str):
         params = dict(entry)
         return params.pop("name"), params
-    raise SuiteError(f"expected a name or a mapping with a `name` key, got {entry!r}", source=source, field=field)
+    raise SuiteError(f"expected a name or a mapping with a `name` key, got {brief(entry)}", source=source, field=field)
 
 
 def parse_step(entry: Any, source: str, field: str, problems: Problems) -> list[StepSpec]:
     name, params = split_entry(entry, source, field)
     method = METHODS.get(name, source=source, field=f"{field}.name")
     out = []
-    for combo in expand_grid(method.config, params):
+    for combo in expand_grid(method.config, params, source, field):
         with problems.collect():
             cfg = build_config(method.config, combo, source=source, field=f"{field} ({name})")
             check_stored_config(method, cfg, source, f"{field} ({name})")
@@ -250,6 +262,11 @@ def parse_methods(raw: Any, source: str, problems: Problems) -> list[MethodSpec]
             continue  # errors collected above
         with problems.collect():
             check_chain([METHODS.get(s.name) for s in (o[0] for o in options)], source, field)
+        if math.prod(len(o) for o in options) > MAX_GRID:
+            problems.add(
+                f"the chain's grids make {math.prod(len(o) for o in options):,} configs; at most {MAX_GRID:,}", field
+            )
+            continue
         specs += [MethodSpec(steps=tuple(combo)) for combo in itertools.product(*options)]
     return specs
 
@@ -270,7 +287,7 @@ def parse_tasks(raw: Any, source: str, problems: Problems) -> list[TaskSpec]:
         with problems.collect():
             name, params = split_entry(entry, source, f"tasks[{i}]")
             task = TASKS.get(name, source=source, field=f"tasks[{i}].name")
-            for combo in expand_grid(task.config, params):
+            for combo in expand_grid(task.config, params, source, f"tasks[{i}]"):
                 with problems.collect():
                     cfg = build_config(task.config, combo, source=source, field=f"tasks[{i}] ({name})")
                     specs.append(
@@ -289,7 +306,9 @@ def parse_models(raw: Any, source: str, problems: Problems) -> list[ModelSpec]:
         with problems.collect():
             params = {"name": entry} if isinstance(entry, str) else entry
             if not isinstance(params, dict):
-                raise SuiteError(f"expected a name or a mapping, got {entry!r}", source=source, field=f"models[{i}]")
+                raise SuiteError(
+                    f"expected a name or a mapping, got {brief(entry)}", source=source, field=f"models[{i}]"
+                )
             spec = build_config(ModelSpec, params, source=source, field=f"models[{i}]")
             resolve(spec, source=source, field=f"models[{i}]")
             specs.append(spec)
@@ -305,7 +324,7 @@ def check_corpora(tasks: list[TaskSpec], source: str, problems: Problems) -> Non
             if "corpus" in t.params:
                 CORPORA.get(t.params["corpus"], source=source, field=f"tasks[{i}].corpus")
         if "split" in t.params and t.params["split"] not in SPLITS:
-            problems.add(f"unknown split {t.params['split']!r}; allowed: {', '.join(SPLITS)}", f"tasks[{i}].split")
+            problems.add(f"unknown split {brief(t.params['split'])}; allowed: {', '.join(SPLITS)}", f"tasks[{i}].split")
 
 
 # -- checks that need the model's shapes (no weights) --------------------------------------------
@@ -408,6 +427,12 @@ def suite_from_mapping(raw: Any, source: str, name: str, *, check_models: bool =
         tasks=tasks,
         hardware=hardware,
     )
+    if len(models) * len(methods) * len(tasks) > MAX_CELLS:
+        problems.add(
+            f"{len(models)} models x {len(methods)} method configs x {len(tasks)} task configs make "
+            f"{len(models) * len(methods) * len(tasks):,} cells; at most {MAX_CELLS:,} per suite"
+        )
+        problems.raise_if_any()
     if check_models:  # on whatever parsed, so one validation lists every problem
         check_against_models(suite, problems)
     problems.raise_if_any()

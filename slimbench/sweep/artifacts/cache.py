@@ -45,7 +45,6 @@ from typing import Any
 
 import torch
 
-from slimbench.config import canonical_json
 from slimbench.errors import SuiteError
 from slimbench.specs import CellSpec
 from slimbench.sweep.artifacts import serialize as artifact_format
@@ -473,34 +472,3 @@ def prune(root: Path, *, older_than_s: float | None = None, max_bytes: int | Non
                 if sub == "trash" or now - p.stat().st_mtime > STALE_TMP_SECONDS:
                     shutil.rmtree(p, ignore_errors=True)
     return doomed
-
-
-# -- what a run did ---------------------------------------------------------------------------------------
-def run_counts(records: list[dict[str, Any]], since: str) -> dict[str, float]:
-    """Groups compressed and reused among the records a run wrote (started at or after ``since``),
-    with the seconds spent compressing and loading artifacts."""
-    groups: dict[str, dict[str, Any]] = {}
-    for r in records:
-        if r.get("started_at", "") >= since and r.get("method_report"):
-            key = canonical_json([r["model"].get("name"), r["model"].get("revision"), r["method"], r["hardware"]])
-            groups[key] = r["method_report"]
-    counts = {"compressed": 0, "reused": 0, "unchanged": 0, "compress_seconds": 0.0, "load_seconds": 0.0}
-    for rep in groups.values():
-        art = rep.get("artifact") or {}
-        if art.get("reused"):
-            counts["reused"] += 1
-            counts["load_seconds"] += art.get("load_seconds", 0.0)
-        elif art.get("nothing_to_cache"):
-            counts["unchanged"] += 1
-        else:
-            counts["compressed"] += 1
-            counts["compress_seconds"] += rep.get("compress_seconds", 0.0)
-    return counts
-
-
-def counts_line(counts: dict[str, float]) -> str:
-    line = (f"compressed {counts['compressed']}, reused {counts['reused']} from the artifact cache "
-            f"(compressing {counts['compress_seconds']:.1f} s, loading artifacts {counts['load_seconds']:.1f} s)")
-    if configured_root() is None:
-        line += "; the cache is off"
-    return line

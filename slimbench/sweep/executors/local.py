@@ -34,6 +34,7 @@ class InProcessExecutor:
     def __init__(self, memory_limit: int | None = None):
         self.memory_limit = memory_limit
         self.progress = None  # the driver sets a tqdm factory for per-task bars
+        self.options = None  # the driver sets the run's options (runner.RunOptions)
         self._current: tuple[int, Any] | None = None
 
     def check(self, groups: list[list[CellSpec]]) -> None:
@@ -49,7 +50,8 @@ class InProcessExecutor:
         from slimbench.sweep.runner import iter_group
 
         limit = req.memory_bytes or self.memory_limit or default_memory_limit(1)
-        self._current = (gid, iter_group(cells, suite_source, progress=self.progress, memory_limit=limit))
+        self._current = (gid, iter_group(cells, suite_source, progress=self.progress, memory_limit=limit,
+                                         options=self.options))
 
     def poll(self, timeout: float) -> list[tuple[int, tuple]]:
         if self._current is None:
@@ -98,9 +100,9 @@ def _worker_main(conn, preload: tuple[str, ...], parent_pid: int) -> None:
             return
         if msg[0] == "stop":
             return
-        _, gid, cells_json, suite_source, limit = msg
+        _, gid, cells_json, suite_source, limit, options = msg
         cells = [CellSpec.model_validate_json(j) for j in cells_json]
-        for event in iter_group(cells, suite_source, memory_limit=limit):
+        for event in iter_group(cells, suite_source, memory_limit=limit, options=options):
             conn.send((gid, event))
         conn.send((gid, ("end", None)))
 
@@ -176,6 +178,7 @@ class WorkerPoolExecutor:
         self.timeout = timeout
         self.memory_limit = memory_limit
         self.preload = tuple(preload)
+        self.options = None  # the driver sets the run's options (runner.RunOptions)
         self.machine = Machine.this()
         self.workers: list[_Worker] = []
         self.requests: dict[int, Resources] = {}
@@ -219,7 +222,12 @@ class WorkerPoolExecutor:
         worker.gid, worker.submitted, worker.over_since = gid, time.monotonic(), None
         worker.limit = req.memory_bytes or self.memory_limit or default_memory_limit(self.n)
         self.requests[gid] = req
-        worker.conn.send(("run", gid, [c.model_dump_json() for c in cells], suite_source, worker.limit))
+        options = self.options
+        if options is not None and self.preload and not options.preload:  # a fresh process imports what workers do
+            from dataclasses import replace
+
+            options = replace(options, preload=self.preload)
+        worker.conn.send(("run", gid, [c.model_dump_json() for c in cells], suite_source, worker.limit, options))
 
     # -- events -------------------------------------------------------------------------------
     def poll(self, timeout: float) -> list[tuple[int, tuple]]:

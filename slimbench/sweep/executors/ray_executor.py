@@ -23,7 +23,7 @@ from pathlib import Path
 
 from slimbench.errors import SuiteError
 from slimbench.specs import CellSpec
-from slimbench.sweep.executors.resources import GIB, Machine, Resources, group_resources
+from slimbench.sweep.executors.resources import GIB, Machine, Resources, unit_resources
 
 try:
     import ray
@@ -35,8 +35,9 @@ SHARE = 0.001  # what a group without a timed task takes of its node's unit (Ray
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _group_task(cells_json: list[str], suite_source: str, limit: int | None, cpus: float, preload: tuple):
-    """Runs on a Ray worker: one group, its events yielded back to the driver."""
+def _group_task(cells_json: list[str], suite_source: str, limit: int | None, cpus: float, preload: tuple,
+                options=None):
+    """Runs on a Ray worker: one unit of groups, its events yielded back to the driver."""
     import importlib
 
     import psutil
@@ -51,7 +52,7 @@ def _group_task(cells_json: list[str], suite_source: str, limit: int | None, cpu
     cells = [CellSpec.model_validate_json(j) for j in cells_json]
     if limit is None:  # this task's share of 90% of its node's memory
         limit = int(0.9 * psutil.virtual_memory().total * min(1.0, cpus / (os.cpu_count() or 1)))
-    yield from iter_group(cells, suite_source, memory_limit=limit)
+    yield from iter_group(cells, suite_source, memory_limit=limit, options=options)
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -153,7 +154,7 @@ class RayExecutor:
     def check(self, groups: list[list[CellSpec]]) -> None:
         """A group no node of the cluster can run: one error before anything runs."""
         for cells in groups:
-            req = group_resources(cells)
+            req = unit_resources(cells)
             if req.exclusive and not self._node_resource:
                 raise SuiteError(
                     f"{cells[0].task.name} is a timed task, which must run alone on a node, and no node of this "
@@ -189,7 +190,8 @@ class RayExecutor:
             opts["resources"] = {NODE_RESOURCE: 1.0 if req.exclusive else SHARE}
         limit = req.memory_bytes or self.memory_limit
         cells_json = [c.model_dump_json() for c in cells]
-        gen = self._remote.options(**opts).remote(cells_json, suite_source, limit, req.cpus, self.preload)
+        gen = self._remote.options(**opts).remote(cells_json, suite_source, limit, req.cpus, self.preload,
+                                                  getattr(self, "options", None))
         self._tasks[gid] = [gen, None]
 
     def poll(self, timeout: float) -> list[tuple[int, tuple]]:

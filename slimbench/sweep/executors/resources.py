@@ -8,12 +8,8 @@ node.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 
@@ -72,6 +68,18 @@ def group_resources(cells: list[CellSpec]) -> Resources:
     )
 
 
+def unit_resources(cells: list[CellSpec]) -> Resources:
+    """A unit of several groups (run one after another, models of a timed block held together): the
+    largest request of its groups, exclusive if any is timed."""
+    groups: dict[str, list[CellSpec]] = {}
+    for c in cells:
+        groups.setdefault(c.model.model_dump_json() + c.method.model_dump_json() + c.hardware.model_dump_json(),
+                          []).append(c)
+    reqs = [group_resources(g) for g in groups.values()]
+    return Resources(cpus=max(r.cpus for r in reqs), gpus=max(r.gpus for r in reqs),
+                     memory_bytes=max(r.memory_bytes for r in reqs), exclusive=any(r.exclusive for r in reqs))
+
+
 @dataclass(frozen=True)
 class Machine:
     cpus: int
@@ -106,7 +114,7 @@ class Machine:
 def check_machine(groups: list[list[CellSpec]], machine: Machine) -> None:
     """One clear error, before anything runs, for a group this machine cannot satisfy."""
     for cells in groups:
-        why = machine.refusal(group_resources(cells))
+        why = machine.refusal(unit_resources(cells))
         if why:
             c = cells[0]
             raise SuiteError(
@@ -120,55 +128,8 @@ def default_memory_limit(workers: int) -> int:
     return int(0.9 * psutil.virtual_memory().total / max(1, workers))
 
 
-# -- the node lock ---------------------------------------------------------------------------
-def node_lock_path() -> Path:
-    env = os.environ.get("SLIMBENCH_NODE_LOCK")
-    return Path(env) if env else Path.home() / ".cache" / "slimbench" / "node.lock"
-
-
-class NodeLock:
-    """A readers-writer lock shared by every SlimBench process of this machine.
-
-    Each stage of a cell (load + compress, one task) holds it shared; a timed task holds it
-    exclusively, so nothing else computes on the machine while it measures. flock has no
-    writer preference, so a turnstile (taken exclusively by everyone on the way in) keeps a
-    stream of short shared holders from starving a waiting timed task. The kernel drops a
-    dead process' locks: a killed worker never blocks the machine.
-    """
-
-    def __init__(self, path: Path | None = None):
-        self.path = path or node_lock_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._main = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        self._gate = os.open(self.path.with_suffix(".turnstile"), os.O_RDWR | os.O_CREAT, 0o666)
-
-    @contextlib.contextmanager
-    def hold(self, exclusive: bool = False) -> Iterator[None]:
-        fcntl.flock(self._gate, fcntl.LOCK_EX)
-        try:
-            fcntl.flock(self._main, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        finally:
-            fcntl.flock(self._gate, fcntl.LOCK_UN)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._main, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        for fd in (self._main, self._gate):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-_NODE_LOCK: NodeLock | None = None
-
-
-def node_lock() -> NodeLock:
-    """One lock object per process (two in one process would block each other)."""
-    global _NODE_LOCK
-    if _NODE_LOCK is None or _NODE_LOCK.path != node_lock_path():
-        _NODE_LOCK = NodeLock()
-    return _NODE_LOCK
+# -- the node lock (slimbench.sweep.executors.node_lock) ----------------------------------------
+from slimbench.sweep.executors.node_lock import NodeLock, node_lock, node_lock_path  # noqa: E402,F401 - re-exported
 
 
 # -- the memory guard ---------------------------------------------------------------------------
