@@ -109,6 +109,9 @@ class MethodContext:
 
     hardware: HardwareSpec
     progress: Callable[..., Any] | None = None
+    # The stored forms earlier steps of the chain reported ({weight name: parts}, read-only):
+    # an exporting step (GGUF, compressed-tensors) writes a method's own integer grid from them.
+    stored_forms: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -261,7 +264,7 @@ def apply_method(lm: LanguageModel, spec: MethodSpec, hw, progress=None, storage
         for step in spec.steps:
             method = METHODS.get(step.name)
             cfg = build_config(method.config, step.params, source="record", field=step.name)
-            ctx = MethodContext(hardware=hw, progress=progress)
+            ctx = MethodContext(hardware=hw, progress=progress, stored_forms=storage)
             t_step = time.perf_counter()
             held = tensor_ids(lm.model, storage)
             rep: MethodReport = method.run(lm, cfg, ctx)  # checks, budget guard, seeded apply, report warnings
