@@ -1,0 +1,133 @@
+"""`llamacpp-quant`: llama.cpp's own quantization types, by its own tools, run in llama.cpp.
+
+What practitioners ship for CPUs and edge devices: ``type`` one of Q8_0, Q6_K, Q5_K_M, Q4_K_M,
+Q4_0, Q3_K_M, Q2_K, IQ4_XS. The model (after any earlier steps) is written as an F32 GGUF
+(bit-exact, slimbench.engines.export.gguf_export); with ``imatrix: true`` llama.cpp's
+``llama-imatrix`` computes its importance matrix on the calibration split (the seeded
+calibration windows, decoded to text that llama.cpp tokenizes again, ``calib_seqlen`` tokens
+per chunk); ``llama-quantize`` writes the quantized file (its own per-tensor type mix: a
+``_M`` type keeps some tensors at more bits, the embedding included); and the model then runs
+in llama.cpp (like the ``llama-cpp`` step), so every task measures llama.cpp's kernels and
+logits. Sizes are the quantized file's; effective bits are those of the linear weights' types.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from slimbench.methods.acceleration.engine_check import agreement_note, agreement_windows, in_process_nll
+from slimbench.methods.acceleration.llama_cpp import EngineOptions, open_engine, switch
+
+from slimbench.calibration import CalibrationConfig, sample_calibration
+from slimbench.engines import llamacpp, llamacpp_build
+from slimbench.engines.export import gguf_export
+from slimbench.engines.export.gguf_meta import ExportRefused, gguf_arch
+from slimbench.method import Method, MethodReport
+from slimbench.modeling import count_parameters
+
+TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "IQ4_XS")
+
+
+class LlamaQuantConfig(CalibrationConfig, EngineOptions):
+    type: Literal["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "IQ4_XS"] = Field(
+        "Q4_K_M", description="llama.cpp quantization type (llama-quantize's name)")
+    imatrix: bool = Field(True, description="importance matrix from the calibration split (llama-imatrix)")
+    calib_samples: int = Field(64, ge=1, le=100000, description="calibration chunks for the importance matrix")
+
+
+def check(lm, cfg: LlamaQuantConfig) -> None:
+    tools = ("llama-quantize", "llama-imatrix") if cfg.imatrix else ("llama-quantize",)
+    reason = llamacpp.unavailable() or llamacpp_build.tool_unavailable(*tools)
+    if reason:
+        raise ValueError(f"llamacpp-quant: {reason}")
+    try:
+        gguf_arch(lm.model.config)
+    except ExportRefused as exc:
+        raise ValueError(f"llamacpp-quant: {exc}") from None
+
+
+def run_tool(args: list[str], what: str, timeout_s: float) -> float:
+    t0 = time.perf_counter()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {done.returncode}): {(done.stderr or done.stdout)[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def importance_matrix(lm, cfg: LlamaQuantConfig, source: Path, folder: Path, threads: int) -> dict:
+    ids, info = sample_calibration(lm, cfg)
+    text = folder / "calibration.txt"
+    text.write_text("\n\n".join(lm.decode_ids(row.tolist()) for row in ids))
+    out = folder / "imatrix.gguf"
+    seconds = run_tool(
+        [str(llamacpp_build.tool_path("llama-imatrix")), "-m", str(source), "-f", str(text), "-o", str(out),
+         "-c", str(cfg.calib_seqlen), "-b", str(cfg.calib_seqlen), "--chunks", str(cfg.calib_samples),
+         "-t", str(threads), "--no-ppl"],
+        "llama-imatrix", cfg.timeout_s * 10,
+    )
+    return {"file": out, "seconds": seconds, "calibration": info}
+
+
+def tensor_types(path: Path) -> list[dict]:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return [{"tensor": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in reversed(t.shape)],
+             "bytes": int(t.n_bytes)} for t in reader.tensors]
+
+
+def apply(lm, cfg: LlamaQuantConfig, ctx) -> MethodReport:
+    threads = cfg.threads or torch.get_num_threads()
+    win = agreement_windows(lm, cfg)
+    ref = in_process_nll(lm, win)
+    parameters = count_parameters(lm.model)
+    folder = Path(tempfile.mkdtemp(prefix="slimbench-llamaq-"))
+    source = folder / "f32.gguf"
+    exported = gguf_export.export(lm, source, weights="F32", embeddings="F32", progress=ctx.progress)
+    imat = importance_matrix(lm, cfg, source, folder, threads) if cfg.imatrix else None
+    out = folder / f"model-{cfg.type}.gguf"
+    args = [str(llamacpp_build.tool_path("llama-quantize"))]
+    if imat:
+        args += ["--imatrix", str(imat["file"])]
+    quantize_s = run_tool([*args, str(source), str(out), cfg.type, str(threads)], "llama-quantize", cfg.timeout_s * 10)
+    source.unlink()
+    types = tensor_types(out)
+    linear = [t for t in types if len(t["shape"]) == 2 and t["tensor"] not in ("token_embd.weight", "output.weight")]
+    numel = sum(t["shape"][0] * t["shape"][1] for t in linear)
+    bits = sum(gguf_export.type_bits(t["type"]) * t["shape"][0] * t["shape"][1] for t in linear) / numel
+    mix: dict[str, int] = {}
+    for t in types:
+        mix[t["type"]] = mix.get(t["type"], 0) + 1
+    manifest = {"file_type": cfg.type, "tensors": types, "summary": {"tensor_types": mix}}
+    model = open_engine(lm, out, manifest, cfg, owned_dir=folder, parameters=parameters)
+    agree = switch(lm, model, ref, win, cfg)
+    imat_facts = None if imat is None else {"seconds": imat["seconds"], "calibration": imat["calibration"]}
+    return MethodReport(
+        execution="native",
+        details={**llamacpp.engine_facts(model), "type": cfg.type, "imatrix": imat_facts,
+                 "quantize_seconds": quantize_s,
+                 "tensor_types": mix, "linear_effective_bits": bits, "f32_export_exact": exported["summary"]["exact"],
+                 "agreement": agree, "engine_memory": model.memory()},
+        notes=[f"llama-quantize {cfg.type}" + (" with an importance matrix from the calibration split" if imat else "")
+               + f": linear weights {bits:.3g} bits each; tensor types {mix}", agreement_note(agree)],
+    )
+
+
+METHOD = Method(
+    name="llamacpp-quant",
+    family="quantization",
+    description="llama.cpp quantization types (Q8_0 ... Q2_K, IQ4_XS) by llama-quantize, importance matrix from "
+                "the calibration split; runs in llama.cpp",
+    config=LlamaQuantConfig,
+    apply=apply,
+    check=check,
+    check_reads_weights=True,
+    calibration_need=lambda cfg: "activation-statistics" if cfg.imatrix else None,
+    test_params={"type": "Q8_0", "imatrix": False, "check_windows": 1, "check_seqlen": 32, "n_ctx": 256},
+)
