@@ -161,3 +161,22 @@ def peak_rss_bytes(pid: int | None = None) -> dict[str, int]:
             if key in ("VmHWM", "VmRSS"):
                 out["peak_rss_bytes" if key == "VmHWM" else "rss_bytes"] = int(value.split()[0]) * 1024
     return out
+
+
+class EchoEngine:
+    """A trivial engine for tests of the process mechanics: echo, sleep, raise, die."""
+
+    def __init__(self, payload: Any):
+        self.payload = payload
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "payload": self.payload}
+
+    def handle(self, req: dict[str, Any]) -> Any:
+        if req["op"] == "sleep":
+            time.sleep(req["seconds"])
+        elif req["op"] == "raise":
+            raise RuntimeError("requested failure")
+        elif req["op"] == "die":
+            os._exit(3)
+        return req.get("value")
