@@ -151,7 +151,8 @@ def write_metadata(writer, lm, arch: str) -> str:
     src = source_gguf(lm)
     if src is not None:
         reader = gguf.GGUFReader(src)
-        copy_fields(reader, writer, skip={"general.file_type", "general.quantization_version"})
+        sizes = set(arch_fields(lm.model.config, arch)) - {f"{arch}.vocab_size"}
+        copy_fields(reader, writer, skip={"general.file_type", "general.quantization_version", *sizes})
         write_arch(writer, lm.model.config, arch, templated=True)
         return f"tokenizer and settings copied from {src.name}"
     if arch != "llama":
