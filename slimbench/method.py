@@ -151,6 +151,10 @@ class Method:
     # What the method needs beyond the suite's hardware, e.g. {"gpus": 1, "memory_gb": 16}
     # (keys cpus, gpus, memory_gb): the scheduler reserves the larger of the two.
     resources: dict[str, float] | None = None
+    # Why the method cannot run on this machine at all (an optional engine not installed or not
+    # built: the install command), or None. Its check() refuses with the same reason; the
+    # contract tests skip such a method instead of failing.
+    unavailable: Callable[[], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -122,5 +122,6 @@ METHOD = Method(
     apply=apply,
     check=check,
     check_reads_weights=True,  # its check inspects the loaded model (an engine already, hooks)
+    unavailable=llamacpp.unavailable,
     test_params={"check_windows": 1, "check_seqlen": 32, "n_ctx": 256},
 )

@@ -74,5 +74,6 @@ METHOD = Method(
     apply=apply,
     check=check,
     check_reads_weights=True,
+    unavailable=ovx.unavailable,
     test_params={"check_windows": 1, "check_seqlen": 32},
 )

@@ -128,6 +128,7 @@ METHOD = Method(
     apply=apply,
     check=check,
     check_reads_weights=True,
+    unavailable=lambda: llamacpp.unavailable() or llamacpp_build.tool_unavailable("llama-quantize", "llama-imatrix"),
     calibration_need=lambda cfg: "activation-statistics" if cfg.imatrix else None,
     test_params={"type": "Q8_0", "imatrix": False, "check_windows": 1, "check_seqlen": 32, "n_ctx": 256},
 )

@@ -95,6 +95,7 @@ METHOD = Method(
     apply=apply,
     check=check,
     check_reads_weights=True,
+    unavailable=lambda: ovx.unavailable() or ovx.nncf_unavailable(),
     calibration_need=lambda cfg: "activation-statistics" if cfg.data_aware else None,
     test_params={"mode": "int8_asym", "check_windows": 1, "check_seqlen": 32},
 )
