@@ -4,11 +4,11 @@ Protocol ``guidellm-openai-completions``, version 1:
 
 1. **Server**: ``transformers`` (``transformers serve``'s app and handlers hosting the cell's
    compressed model in this process: any model SlimBench can load and compress),
-   ``llama.cpp`` (llama-cpp-python's server on the cell's GGUF export) or ``vllm`` (vLLM's
-   OpenAI server on the cell's exported folder, in its own environment); ``auto`` takes the
-   cell's engine. It listens on 127.0.0.1 at a free port, is warmed with ``warm_requests``
-   unmeasured requests, and is stopped after the cell whatever happens
-   (slimbench.engines.serving.session).
+   ``llama.cpp`` (llama.cpp's ``llama-server``, or llama-cpp-python's server, on the cell's GGUF)
+   or ``vllm`` (vLLM's OpenAI server on the cell's exported folder, in its own environment);
+   ``auto`` takes the cell's engine (slimbench.engines.serving.servers). It listens on
+   127.0.0.1 at a free port, is warmed with ``warm_requests`` unmeasured requests, and is
+   stopped after the cell whatever happens (slimbench.engines.serving.session).
 2. **Workload**: ``dataset_requests`` requests cut from real text (``corpus``/``split``) with a
    seed: prompts of ``prompt_blocks`` consecutive text blocks (at most ``max_prompt_tokens``),
    each asking for exactly the length of the block that follows, clipped to
@@ -95,6 +95,9 @@ class ServingConfig(Config):
     max_batch_tokens: int = Field(1024, ge=16, description="transformers with continuous batching: tokens per step")
     gguf_weights: Literal["auto", "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"] = Field(
         "auto", description="llama.cpp: GGUF type of the exported linear weights (auto: smallest exact, else F16)")
+    llama_server: Literal["auto", "native", "python"] = Field(
+        "auto", description="llama.cpp: its llama-server (native; auto if built) or llama-cpp-python's server")
+    slots: int = Field(8, ge=1, le=256, description="llama.cpp's llama-server: parallel sequences (batched)")
     server_threads: int | None = Field(None, ge=1, description="llama.cpp / vLLM threads (null: the cell's)")
     server_cpus: list[int] = Field([], description="cores the server is pinned to ([]: any)")
     loadgen_cpus: list[int] = Field([], description="cores the load generator is pinned to")
@@ -175,7 +178,8 @@ def _noise(points: list[analysis.LoadPoint], cfg: ServingConfig) -> list[str]:
 
 
 def evaluate(lm, cfg: ServingConfig, ctx) -> TaskResult:
-    choice = servers.choose(lm, cfg.server)  # refuses (ValueError) before any work, saying why
+    choice = servers.choose(lm, cfg)  # refuses (ValueError) before any work, saying why
+    flavour = servers.llama_flavour(cfg.llama_server) if choice == "llama.cpp" else None
     if loadgen.unavailable():
         loadgen.ensure_env(log=lambda s: print(s, flush=True))
     slo = cfg.slo.slo()
@@ -193,7 +197,8 @@ def evaluate(lm, cfg: ServingConfig, ctx) -> TaskResult:
                 target=server.url, model=server.model_name, tokenizer=tokenizer_dir, data=work / "requests.jsonl",
                 output=work / "report.json", profile=cfg.profile_args(), max_seconds=cfg.max_seconds,
                 max_requests=cfg.max_requests, warmup_requests=cfg.warmup_requests,
-                request_timeout_s=cfg.request_timeout_s, seed=cfg.seed, extras=servers.request_extras(choice, lm)),
+                request_timeout_s=cfg.request_timeout_s, seed=cfg.seed,
+                extras=servers.request_extras(choice, lm, flavour)),
             warm_requests=[{"prompt": r["prompt"], "max_tokens": r["output_tokens_count"]}
                            for r in rows[: cfg.warm_requests]],
             start_timeout_s=cfg.start_timeout_s,
@@ -215,7 +220,8 @@ def evaluate(lm, cfg: ServingConfig, ctx) -> TaskResult:
     reasons = _noise(points, cfg)
     details = {
         "protocol": PROTOCOL,
-        "server": {"name": choice, "kind": server.kind, **servers.describe(choice, lm), "settings": m.server_settings},
+        "server": {"name": choice, "kind": server.kind, **servers.describe(choice, flavour),
+                   "settings": m.server_settings},
         "loadgen": {"name": "guidellm", "version": loadgen.GUIDELLM_VERSION, "profile": cfg.profile_args()},
         "slo": {"words": slo.words(), **cfg.slo.to_dict()},
         "max_rps_within_slo_point": summary["max_rps_within_slo_point"],

@@ -98,6 +98,13 @@ def _target(strategy: dict[str, Any]) -> float | None:
     return None
 
 
+def _started(r: dict[str, Any]) -> float | None:
+    t = r.get("request_start_time")
+    if t is None:
+        t = ((r.get("info") or {}).get("timings") or {}).get("request_start")
+    return float(t) if t is not None else None
+
+
 def _reported(metrics: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key in ("time_to_first_token_ms", "inter_token_latency_ms", "request_latency", "requests_per_second",
@@ -111,9 +118,18 @@ def _reported(metrics: dict[str, Any]) -> dict[str, Any]:
 def load_point(bench: dict[str, Any]) -> LoadPoint:
     """One GuideLLM benchmark (an entry of its JSON report's ``benchmarks``) as a LoadPoint."""
     reqs = bench.get("requests") or {}
-    ok = reqs.get("successful") or []
-    errored, incomplete = reqs.get("errored") or [], reqs.get("incomplete") or []
-    duration = float(bench.get("duration") or (bench["end_time"] - bench["start_time"]))
+    sched = bench.get("scheduler_metrics") or {}
+    start = float(sched.get("measure_start_time") or bench["start_time"])
+    end = float(sched.get("measure_end_time") or bench["end_time"])
+
+    def measured(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # GuideLLM keeps its warm-up (and cool-down) requests in the list; its measurement
+        # window says which ones count: those that started inside it
+        return [r for r in rs if _started(r) is None or start - 1e-6 <= _started(r) <= end]
+
+    ok = measured(reqs.get("successful") or [])
+    errored, incomplete = measured(reqs.get("errored") or []), measured(reqs.get("incomplete") or [])
+    duration = end - start
     samples = {
         "ttft_ms": [float(r["time_to_first_token_ms"]) for r in ok if r.get("time_to_first_token_ms") is not None],
         "itl_ms": [float(r["inter_token_latency_ms"]) for r in ok if r.get("inter_token_latency_ms") is not None],
@@ -130,8 +146,8 @@ def load_point(bench: dict[str, Any]) -> LoadPoint:
     return LoadPoint(
         strategy=str(strategy.get("type_", "?")),
         target=_target(strategy),
-        start=float(bench["start_time"]),
-        end=float(bench["end_time"]),
+        start=start,
+        end=end,
         duration_s=duration,
         successful=len(ok),
         errored=len(errored),

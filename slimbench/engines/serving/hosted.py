@@ -73,6 +73,9 @@ class _Log(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
             self.lines.append(f"{record.name} {record.levelname}: {record.getMessage()}")
+            if record.exc_info and record.exc_info[1] is not None:  # what was raised, not the whole stack
+                exc = record.exc_info[1]
+                self.lines.append(f"  {type(exc).__name__}: {exc}")
 
 
 def _ignore_eos_shim(app: Any, model: Any, log: _Log) -> Any:
@@ -167,15 +170,16 @@ class HostedTransformersServer:
         if self.cpus:
             self._affinity_before = sorted(os.sched_getaffinity(0))
             set_affinity([os.getpid()], self.cpus)
-        self._capture_logs()
         cb = self._cb_config() if self.continuous_batching else {}
         self.settings = {"continuous_batching": self.continuous_batching, **cb}
         self.serve = Hosted(host="127.0.0.1", port=self.port, non_blocking=True, log_level="error",
                             continuous_batching=self.continuous_batching, device=str(self.lm.device), **cb)
+        self._capture_logs()  # after uvicorn configured its loggers (that resets their handlers)
         manager = self.serve._model_manager
         key = manager.process_model_name(MODEL_NAME)
         manager.loaded_models[key] = TimedModel(self.lm.model, timeout_seconds=-1, processor=self.lm.tokenizer)
         config = self.serve.server.config
+        config.app.add_exception_handler(Exception, self._on_exception)  # before the 500 is sent
         config.app = _ignore_eos_shim(config.app, self.lm.model, self.log)
         access = logging.getLogger("uvicorn.access")  # one line per request would cost the server's CPU
         self._access = (access, list(access.handlers), access.propagate, access.disabled)
@@ -192,6 +196,12 @@ class HostedTransformersServer:
             if time.monotonic() > deadline:
                 raise self.error(f"transformers' server was not ready after {timeout_s:.0f} s")
             time.sleep(0.1)
+
+    async def _on_exception(self, request: Any, exc: Exception) -> Any:
+        from starlette.responses import PlainTextResponse
+
+        self.log.lines.append(f"{request.method} {request.url.path} raised {type(exc).__name__}: {exc}")
+        return PlainTextResponse(f"Internal Server Error: {type(exc).__name__}: {exc}", status_code=500)
 
     def alive(self) -> bool:
         thread = getattr(self.serve, "_thread", None)
