@@ -87,9 +87,12 @@ def test_a_dead_engine_fails_the_request_not_the_process(one_torch_thread):
     model.close()
 
 
-@pytest.mark.skipif(llamacpp_build.tool_unavailable("llama-quantize", "llama-imatrix") is not None,
-                    reason="llama.cpp's quantize/imatrix tools are not built")
-@pytest.mark.parametrize(("qtype", "imatrix", "bits"), [("Q8_0", False, 8.5), ("Q4_K_M", True, None)])
+@pytest.mark.parametrize(("qtype", "imatrix", "bits"), [
+    ("Q8_0", "none", 8.5),
+    ("Q4_K_M", "activations", None),
+    pytest.param("IQ4_XS", "llama-imatrix", None, marks=pytest.mark.skipif(
+        llamacpp_build.tool_unavailable("llama-imatrix") is not None, reason="llama-imatrix is not built")),
+])
 def test_llamacpp_quant_types(qtype, imatrix, bits, one_torch_thread):
     lm = tiny_bpe_llama()
     rep = run("llamacpp-quant", lm, type=qtype, imatrix=imatrix, calib_samples=2, calib_seqlen=64)
@@ -99,6 +102,7 @@ def test_llamacpp_quant_types(qtype, imatrix, bits, one_torch_thread):
             assert d["linear_effective_bits"] == pytest.approx(bits)
         else:
             assert 4.0 < d["linear_effective_bits"] < 6.0 and d["imatrix"]["calibration"]["samples"] == 2
+            assert d["imatrix"]["source"] == imatrix and d["imatrix"]["tensors"] > 0
         assert abs(d["agreement"]["delta_nll"]) < 0.5  # lossy, but the same model
         assert lm.model.slimbench_size()["stored_bytes"] == lm.model.gguf.stat().st_size
     finally:

@@ -36,7 +36,7 @@ PATHS: dict[str, list[Any]] = {
     "torch-bf16": [{"name": "cast", "dtype": "bfloat16"}],
     "llama-f16": [{"name": "llama-cpp", "weights": "F16", "embeddings": "F16"}],
     "llama-auto": [{"name": "llama-cpp"}],
-    "llama-q8_0": [{"name": "llamacpp-quant", "type": "Q8_0", "imatrix": False}],
+    "llama-q8_0": [{"name": "llamacpp-quant", "type": "Q8_0", "imatrix": "none"}],
     "llama-q6_k": [{"name": "llamacpp-quant", "type": "Q6_K"}],
     "llama-q4_k_m": [{"name": "llamacpp-quant", "type": "Q4_K_M"}],
     "llama-q4_0": [{"name": "llamacpp-quant", "type": "Q4_0"}],

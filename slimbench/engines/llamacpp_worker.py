@@ -158,3 +158,53 @@ class LlamaCppState:
 
 def open_engine(payload: dict[str, Any]) -> LlamaCppState:
     return LlamaCppState(payload)
+
+
+FTYPES = {"Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "Q4_0": 2, "Q3_K_M": 12, "Q2_K": 10, "IQ4_XS": 30}
+
+
+class QuantizeJob:
+    """``llama_model_quantize`` (what llama-quantize calls) on ``payload``'s files, in this process.
+
+    ``imatrix`` ({GGUF tensor name: per-input-column mean of squared inputs}) is handed to
+    llama.cpp as ``llama_model_imatrix_data`` entries, the form llama-quantize builds from an
+    imatrix file (its sums divided by its counts)."""
+
+    def __init__(self, payload: dict[str, Any]):
+        import llama_cpp as L
+
+        self._log_cb = L.llama_log_callback(lambda level, text, data: None)
+        L.llama_log_set(self._log_cb, ctypes.c_void_p())
+        L.llama_backend_init()
+        params = L.llama_model_quantize_default_params()
+        params.nthread = payload["threads"]
+        params.ftype = FTYPES[payload["type"]]
+        keep = []
+        imatrix = payload.get("imatrix") or {}
+        if imatrix:
+            entries = (L.llama_model_imatrix_data * (len(imatrix) + 1))()
+            for i, (name, values) in enumerate(imatrix.items()):
+                arr = np.ascontiguousarray(values, dtype=np.float32)
+                keep.append(arr)
+                entries[i].name = name.encode()
+                entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+                entries[i].size = arr.size
+            entries[len(imatrix)].name = None
+            params.imatrix = ctypes.cast(entries, ctypes.POINTER(L.llama_model_imatrix_data))
+            keep.append(entries)
+        t0 = time.perf_counter()
+        rc = L.llama_model_quantize(payload["src"].encode(), payload["dst"].encode(), ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize returned {rc} for type {payload['type']}")
+        self.result = {"seconds": time.perf_counter() - t0, "imatrix_entries": len(imatrix),
+                       "llama_cpp": L.llama_version().decode() if hasattr(L, "llama_version") else "?"}
+
+    def info(self) -> dict[str, Any]:
+        return self.result
+
+    def handle(self, req: dict[str, Any]) -> Any:
+        raise ValueError("a quantize job answers no requests")
+
+
+def quantize_file(payload: dict[str, Any]) -> QuantizeJob:
+    return QuantizeJob(payload)
