@@ -275,6 +275,10 @@ def apply_method(lm: LanguageModel, spec: MethodSpec, hw, progress=None, storage
             storage = follow_renames(lm.model, storage, held)
             storage.update(rep.storage)  # a later step's stored form of a weight replaces an earlier one
             execution = "simulated" if rep.execution == "simulated" else execution
+            if rep.execution == "native" and rep.details.get("executes_stored_forms"):
+                # an engine step that runs the earlier steps' stored forms (a quantizer's own
+                # codes) with real kernels makes the chain native (a GGUF Q4_0 of RTN's grid)
+                execution = "native"
             steps.append(
                 {
                     "name": step.name,

@@ -100,10 +100,16 @@ def apply(lm, cfg: LlamaCppConfig, ctx) -> MethodReport:
                         parameters=count_parameters(lm.model))
     agree = switch(lm, model, ref, win, cfg)
     summary = manifest["summary"]
+    # every quantized linear written as its own grid (nothing re-quantized, nothing left dense
+    # that had a stored form): the engine executes exactly what the earlier steps stored
+    stored = {k for k in ctx.stored_forms if k.endswith(".weight")}
+    from_grid = {r["source"] for r in manifest["tensors"] if r["from"] == "grid" and r["exact"]}
+    realizes = stored <= from_grid and not summary["requantized"]
     return MethodReport(
         execution="native",
         details={**llamacpp.engine_facts(model), "export": {k: v for k, v in manifest.items() if k != "tensors"},
-                 "grids_from_method": len(grids), "agreement": agree, "engine_memory": model.memory()},
+                 "grids_from_method": len(grids), "agreement": agree, "engine_memory": model.memory(),
+                 "executes_stored_forms": realizes},
         notes=[
             f"GGUF {manifest['file_type']}: {summary['exact']} of {summary['tensors']} tensors bit-exact"
             + (f", re-quantized: {len(summary['requantized'])}" if summary["requantized"] else ""),
