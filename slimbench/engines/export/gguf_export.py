@@ -46,6 +46,14 @@ BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # smallest first: auto takes the first e
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "BF16": 32}
 
 
+def type_bits(qtype: str) -> float:
+    """Bits per weight of a GGUF type, block scales included (Q4_0: 4.5, Q4_K: 4.5, Q6_K: 6.5625)."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    return 8 * size / block
+
+
 # -- encoding one tensor ------------------------------------------------------------------------
 def _fp16_bytes(x: torch.Tensor) -> np.ndarray:
     return x.to(torch.float16).numpy().view(np.uint8).reshape(*x.shape, 2)
@@ -130,6 +138,9 @@ def choose(w: torch.Tensor, grid: LinearGrid | None, requested: str) -> tuple[st
             return fallback, encode_dense(w, fallback), {"from": "dense", "requantized": True}
     elif fits_blocks(w):
         for qtype in BLOCK_TYPES:  # weights that already lie on a block grid go back to it exactly
+            probe = w[:16]  # a few rows decide cheaply whether the whole matrix can be on this grid
+            if not change(probe, decode(encode_dense(probe, qtype), qtype, tuple(probe.shape)))["exact"]:
+                continue
             data = encode_dense(w, qtype)
             if change(w, decode(data, qtype, tuple(w.shape)))["exact"]:
                 return qtype, data, {"from": "dense (on the block grid)"}
