@@ -107,3 +107,18 @@ def test_llamacpp_quant_types(qtype, imatrix, bits, one_torch_thread):
         assert lm.model.slimbench_size()["stored_bytes"] == lm.model.gguf.stat().st_size
     finally:
         lm.model.close()
+
+
+def test_a_grid_written_as_f16_stays_simulated(one_torch_thread):
+    """The engine runs F16 copies of RTN's fake-quant values: the compression is not executed."""
+    lm = tiny_bpe_llama()
+    spec = MethodSpec(steps=(StepSpec(name="rtn", params={"bits": 4, "group_size": 32, "symmetric": True}),
+                             StepSpec(name="llama-cpp", params={"check_windows": 1, "check_seqlen": 32,
+                                                                "n_ctx": 256, "weights": "F16"})))
+    report = apply_method(lm, spec, HW)
+    try:
+        assert report["steps"][1]["execution"] == "native"
+        assert report["steps"][1]["details"]["executes_stored_forms"] is False
+        assert report["execution"] == "simulated"
+    finally:
+        lm.model.close()
