@@ -68,11 +68,13 @@ def bench(kind, target, ok, errored=0, duration=10.0, start=100.0):
             "duration": duration, "requests": {"successful": ok, "errored": errs, "incomplete": []}, "metrics": {}}
 
 
-def test_warm_up_requests_outside_the_measured_window_are_left_out():
-    ok = [{**request(50, 10, 100), "request_start_time": t} for t in (99.0, 100.5, 101.0, 111.0)]
+def test_the_measured_requests_are_those_guidellm_counts():
+    # GuideLLM counts a request when it overlaps the measured window (its warm-up ends before it)
+    spans = [(98.0, 99.0), (99.0, 100.6), (100.5, 101.0), (110.0, 112.0), (111.0, 112.0)]
+    ok = [{**request(50, 10, 100), "request_start_time": a, "request_end_time": b} for a, b in spans]
     b = {**bench("concurrent", 2, ok), "scheduler_metrics": {"measure_start_time": 100.5, "measure_end_time": 110.5}}
     p = analysis.load_point(b)
-    assert p.successful == 2 and p.duration_s == pytest.approx(10.0) and (p.start, p.end) == (100.5, 110.5)
+    assert p.successful == 3 and p.duration_s == pytest.approx(10.0) and (p.start, p.end) == (100.5, 110.5)
 
 
 def test_load_point_numbers_are_the_requests_own():

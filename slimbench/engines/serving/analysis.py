@@ -1,8 +1,9 @@
 """Load points from GuideLLM's report; the service-level objective, goodput and the highest rate meeting it.
 
 Per load point (one GuideLLM benchmark: the synchronous run, a concurrency level, a constant or
-Poisson rate, the throughput run), from the per-request records it keeps (warm-up requests
-excluded by GuideLLM):
+Poisson rate, the throughput run), from the per-request records it keeps, over the requests
+GuideLLM itself measures (those overlapping its measured window, which starts after its warm-up
+requests):
 
 - ``ttft_ms`` (request sent -> first token), ``itl_ms`` (per request: the mean gap between its
   tokens after the first, vLLM's TPOT, GuideLLM's inter-token latency), ``e2e_ms`` (request
@@ -98,10 +99,10 @@ def _target(strategy: dict[str, Any]) -> float | None:
     return None
 
 
-def _started(r: dict[str, Any]) -> float | None:
-    t = r.get("request_start_time")
+def _time(r: dict[str, Any], key: str, timing: str) -> float | None:
+    t = r.get(key)
     if t is None:
-        t = ((r.get("info") or {}).get("timings") or {}).get("request_start")
+        t = ((r.get("info") or {}).get("timings") or {}).get(timing)
     return float(t) if t is not None else None
 
 
@@ -112,6 +113,7 @@ def _reported(metrics: dict[str, Any]) -> dict[str, Any]:
         s = ((metrics.get(key) or {}).get("successful") or {})
         p = s.get("percentiles") or {}
         out[key] = {"mean": s.get("mean"), "p50": p.get("p50"), "p90": p.get("p90"), "p99": p.get("p99")}
+    out["request_totals"] = metrics.get("request_totals")
     return out
 
 
@@ -123,9 +125,16 @@ def load_point(bench: dict[str, Any]) -> LoadPoint:
     end = float(sched.get("measure_end_time") or bench["end_time"])
 
     def measured(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        # GuideLLM keeps its warm-up (and cool-down) requests in the list; its measurement
-        # window says which ones count: those that started inside it
-        return [r for r in rs if _started(r) is None or start - 1e-6 <= _started(r) <= end]
+        # GuideLLM keeps its warm-up (and cool-down) requests in the list; its own metrics count
+        # the requests that overlap its measured window (ended after it began, began before it
+        # ended): the same ones here
+        out = []
+        for r in rs:
+            began, ended = _time(r, "request_start_time", "request_start"), _time(r, "request_end_time", "request_end")
+            outside = (ended is not None and ended < start) or (began if began is not None else ended or start) > end
+            if not outside:
+                out.append(r)
+        return out
 
     ok = measured(reqs.get("successful") or [])
     errored, incomplete = measured(reqs.get("errored") or []), measured(reqs.get("incomplete") or [])
