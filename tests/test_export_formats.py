@@ -9,16 +9,16 @@ import json
 import pytest
 import torch
 from export_helpers import shakespeare_ids, tiny_bpe_llama
+from slimbench.methods.quantization.export_grids import linear_grids
 
 from slimbench.config import build_config
 from slimbench.engines.export.gguf_meta import ExportRefused
 from slimbench.method import MethodContext
-from slimbench.methods.quantization.export_grids import linear_grids
 from slimbench.registry import METHODS
 from slimbench.specs import HardwareSpec
 
 pytest.importorskip("compressed_tensors", reason="compressed-tensors not installed (requirements-extras.txt)")
-from slimbench.engines.export import compressed_tensors as cte  # noqa: E402
+from slimbench.engines.export import compressed_tensors as cte
 
 
 def load(folder, quantized: bool = True):
@@ -59,7 +59,8 @@ def test_dense_export_and_refusals(tmp_path, one_torch_thread):
     assert manifest["quantization_format"] == "dense" and manifest["summary"]["approximated"] > 0
     ids = shakespeare_ids(lm, 16)
     with torch.no_grad():
-        assert (load(tmp_path / "fp16", quantized=False)(input_ids=ids).logits - lm.model(input_ids=ids).logits).abs().max() < 0.05
+        reloaded = load(tmp_path / "fp16", quantized=False)(input_ids=ids).logits
+        assert (reloaded - lm.model(input_ids=ids).logits).abs().max() < 0.05
     with pytest.raises(ExportRefused, match="exists"):
         cte.export(lm, tmp_path / "fp16")
     with pytest.raises(ExportRefused, match="dtype"):

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 from export_helpers import shakespeare_ids, tiny_bpe_llama
+from slimbench.methods.quantization.export_grids import linear_grids
 
 from slimbench.config import build_config
 from slimbench.engines.export import gguf_export
 from slimbench.engines.export import manifest as mf
 from slimbench.engines.export.gguf_meta import ExportRefused
 from slimbench.method import MethodContext
-from slimbench.methods.quantization.export_grids import linear_grids
 from slimbench.registry import METHODS
 from slimbench.specs import HardwareSpec
 
