@@ -146,6 +146,7 @@ def _metrics(summary: dict[str, Any], m: session.Measurement, points: list[analy
         "max_request_throughput": Metric(summary["max_request_throughput"], "requests/s", True),
         "max_output_tokens_per_s": Metric(summary["max_output_tokens_per_s"], "tokens/s", True),
         "error_rate": Metric(summary["errors"] / max(summary["requests"], 1), "fraction", False),
+        "incomplete_rate": Metric(summary["incomplete"] / max(summary["requests"], 1), "fraction", False),
         "server_cpu_s": Metric(m.server_cpu_s, "s", False),
         "loadgen_cpu_s": Metric(m.loadgen_cpu_s, "s", False),
         "loadgen_cpu_share": Metric(m.loadgen_cpu_s / max(m.loadgen_cpu_s + m.server_cpu_s, 1e-9), "fraction", False),

@@ -108,6 +108,18 @@ def test_slo_percentile_goodput_and_errors():
     assert not analysis.judge(p, slo)["met"]
 
 
+def test_requests_cut_off_by_the_time_bound_count_with_what_they_reached():
+    slo = analysis.SLO(ttft_ms=100, itl_ms=None, e2e_ms=None, percentile=90)
+    b = bench("constant", 1.0, [request(50, 10, 200) for _ in range(9)])
+    b["requests"]["incomplete"] = [{"time_to_first_token_ms": 60.0}]  # got its first token in time
+    p = analysis.load_point(b)
+    assert p.incomplete == 1 and p.error_rate == 0.0 and analysis.judge(p, slo)["met"]
+    b["requests"]["incomplete"] = [{}, {}]  # never got a first token: too slow
+    p = analysis.load_point(b)
+    assert not analysis.judge(p, slo)["met"]
+    assert not analysis.judge(p, analysis.SLO(ttft_ms=None, itl_ms=None, e2e_ms=10_000))["met"]  # never ended
+
+
 def test_max_rate_within_slo_is_the_highest_passing_throughput():
     slo = analysis.SLO(ttft_ms=100, itl_ms=None, percentile=90)
     points = [

@@ -122,6 +122,36 @@ def test_server_failures_carry_their_log(request, tmp_path):
         exposed.stop()
 
 
+def test_a_cell_killed_outright_leaves_no_server(request, tmp_path):
+    if delegated(request):
+        return
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE)
+    parent = tmp_path / "parent.py"
+    parent.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from pathlib import Path
+        from slimbench.engines.serving.process import ServerProcess
+        from slimbench.engines.workers import free_loopback_port
+        port = free_loopback_port()
+        cmd = [sys.executable, {str(script)!r}, "ok", str(port)]
+        s = ServerProcess("fake", cmd, port, Path({str(tmp_path)!r}) / "p.log")
+        s.start(60)
+        print(" ".join(map(str, s.pids())), flush=True)
+        time.sleep(600)
+    """))
+    proc = subprocess.Popen([sys.executable, str(parent)], stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    proc.kill()  # SIGKILL: no finally, no atexit
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids[:1]):
+        time.sleep(0.2)
+    assert not psutil.pid_exists(pids[0])  # the server followed its parent
+
+
 # -- against GuideLLM's mock server -------------------------------------------------------------------
 needs_guidellm = pytest.mark.skipif(loadgen.unavailable() is not None, reason=str(loadgen.unavailable()))
 

@@ -10,14 +10,16 @@ requests):
   sent -> last byte): p50 / p90 / p99 over the load point's successful requests (numpy's
   default, linear interpolation);
 - ``request_throughput`` (successful requests / the load point's duration) and
-  ``output_tokens_per_s`` (their output tokens / duration); ``errors`` and ``error_rate``
-  (errored + incomplete over all requests);
+  ``output_tokens_per_s`` (their output tokens / duration); ``errored`` and ``error_rate``
+  (requests the server failed, over all), ``incomplete`` (requests still running when the load
+  point's time bound cut them off: not the server's failure, but not finished either);
 - ``dispatch_delay_p90_ms``: how late the load generator sent requests against its own
   schedule (a generator that cannot keep up shows here, not as the server's latency).
 
 The SLO (``SLO``): a load point meets it when, for each objective set, the ``percentile`` of that
 metric over *all* its requests is within the bound, a request that failed counting as
-infinitely slow (so errors break the SLO). Goodput is the rate of requests that met every
+infinitely slow (so errors break the SLO), and one cut off by the time bound counting with what
+it reached (its first token, if it got one; never an end). Goodput is the rate of requests that met every
 objective themselves (DistServe's definition). The highest rate meeting the SLO is the largest
 ``request_throughput`` among the load points that meet it: its resolution is the grid of
 load points measured.
@@ -66,6 +68,7 @@ class LoadPoint:
     latency: dict[str, dict[str, float]]  # metric -> {p50, p90, p99, mean}
     dispatch_delay_p90_ms: float | None
     samples: dict[str, list[float]] = field(default_factory=dict)  # per successful request
+    cut_off: dict[str, list[float]] = field(default_factory=dict)  # per incomplete request, what it reached
     errors: list[str] = field(default_factory=list)  # the first few error messages
     reported: dict[str, Any] = field(default_factory=dict)  # GuideLLM's own summary, for reference
     slo: dict[str, Any] = field(default_factory=dict)
@@ -77,7 +80,7 @@ class LoadPoint:
 
     @property
     def error_rate(self) -> float:
-        return (self.errored + self.incomplete) / self.total if self.total else 1.0
+        return self.errored / self.total if self.total else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -148,9 +151,14 @@ def load_point(bench: dict[str, Any]) -> LoadPoint:
     }
     delays = [1e3 * float(r["request_dispatch_delay"]) for r in ok if r.get("request_dispatch_delay") is not None]
     messages = []
-    for r in errored + incomplete:
+    for r in errored:
         info = r.get("info") or {}
-        messages.append(str(info.get("error") or info.get("status") or "incomplete"))
+        messages.append(str(info.get("error") or info.get("status") or "error"))
+    cut_off = {"ttft_ms": [float(r["time_to_first_token_ms"]) if r.get("time_to_first_token_ms") is not None
+                           else math.inf for r in incomplete],
+               "itl_ms": [float(r["inter_token_latency_ms"]) for r in incomplete
+                          if r.get("inter_token_latency_ms") is not None],
+               "e2e_ms": [math.inf] * len(incomplete)}
     strategy = (bench.get("config") or {}).get("strategy") or {}
     return LoadPoint(
         strategy=str(strategy.get("type_", "?")),
@@ -166,6 +174,7 @@ def load_point(bench: dict[str, Any]) -> LoadPoint:
         latency={k: percentiles(samples[k]) for k in ("ttft_ms", "itl_ms", "e2e_ms")},
         dispatch_delay_p90_ms=float(np.percentile(delays, 90)) if delays else None,
         samples=samples,
+        cut_off=cut_off,
         errors=messages[:5],
         reported=_reported(bench.get("metrics") or {}),
     )
@@ -177,11 +186,12 @@ def load_points(report: dict[str, Any]) -> list[LoadPoint]:
 
 def judge(point: LoadPoint, slo: SLO) -> dict[str, Any]:
     """Whether the load point meets the SLO, each objective's percentile, and its goodput."""
-    failed = point.errored + point.incomplete
     out: dict[str, Any] = {"objectives": {}}
     met_all = point.total > 0
     for key, bound in slo.objectives().items():
-        values = point.samples[key] + [math.inf] * failed  # a failed request misses every objective
+        # a failed request misses every objective; one cut off by the time bound counts with the
+        # first token it got (or none: infinite) and never finished (end-to-end: infinite)
+        values = point.samples[key] + (point.cut_off.get(key) or []) + [math.inf] * point.errored
         value = float(np.percentile(values, slo.percentile, method="inverted_cdf")) if values else math.inf
         met = value <= bound
         out["objectives"][key] = {"bound": bound, f"p{slo.percentile:g}": value if math.isfinite(value) else None,
@@ -212,7 +222,8 @@ def summarize(points: list[LoadPoint], slo: SLO) -> dict[str, Any]:
         "max_request_throughput": max((p.request_throughput for p in points), default=0.0),
         "max_output_tokens_per_s": max((p.output_tokens_per_s for p in points), default=0.0),
         "sync": sync,
-        "errors": sum(p.errored + p.incomplete for p in points),
+        "errors": sum(p.errored for p in points),
+        "incomplete": sum(p.incomplete for p in points),
         "requests": sum(p.total for p in points),
     }
 

@@ -124,10 +124,13 @@ class GuideLLMRun:
         self.cpu_seconds: float | None = None  # user + system, its children included (from wait4)
 
     def start(self) -> None:
+        from slimbench.engines.serving.process import die_with_parent
+
         cmd = [str(executable()), "run", "-c", str(self.scenario), "--disable-console-interactive"]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=child_env(), start_new_session=True, cwd=self.scenario.parent)
+                                         env=child_env(), start_new_session=True, cwd=self.scenario.parent,
+                                         preexec_fn=die_with_parent)
         if self.cpus:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(self.proc.pid, list(self.cpus))

@@ -34,6 +34,15 @@ LOOPBACK = ("127.0.0.1", "::1")
 LOG_TAIL_LINES = 40
 
 
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGKILL when the thread that started it ends (Linux
+    PR_SET_PDEATHSIG), so a cell killed outright (SIGKILL, SIGTERM) leaves no server behind."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+
+
 class ServerError(RuntimeError):
     """A server failed to start, died or answered errors; the message ends with its last log lines."""
 
@@ -132,7 +141,7 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=self.env, start_new_session=True)
+                                         env=self.env, start_new_session=True, preexec_fn=die_with_parent)
         _LIVE.add(self)
         if self.cpus:
             os.sched_setaffinity(self.proc.pid, list(self.cpus))  # threads it starts inherit it
