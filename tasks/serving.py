@@ -79,7 +79,8 @@ class ServingConfig(Config):
     max_concurrency: int | None = Field(None, ge=1, description="cap on requests in flight (null: none)")
     max_seconds: float = Field(30.0, gt=0, le=3600, description="per load point: duration bound (s)")
     max_requests: int = Field(64, ge=4, le=100000, description="per load point: request bound")
-    warmup_requests: int = Field(2, ge=0, description="per load point: first requests not measured")
+    warmup_requests: int = Field(0, ge=0, description="per load point: first requests GuideLLM leaves out "
+                                 "(it fails a point where fewer than this + 1 finish in max_seconds)")
     warm_requests: int = Field(2, ge=0, le=50, description="unmeasured requests before the run (server warm-up)")
     corpus: str = Field("shakespeare", description="where prompts come from")
     split: str = Field("test", description="corpus split")
