@@ -270,8 +270,12 @@ def run_suite(tmp_path: Path, text: str):
 def test_serving_task_on_a_tiny_model_leaves_nothing_behind(request, tmp_path, cb):
     if delegated(request):
         return
+    import logging
+
+    levels = {n: logging.getLogger(n).level for n in ("transformers", "uvicorn.error", "uvicorn.access")}
     (rec,) = run_suite(tmp_path, SUITE.replace("CB", cb))
     assert rec["status"] == "ok", rec["error"]
+    assert levels == {n: logging.getLogger(n).level for n in levels}  # the process' logging as it was
     d, m = rec["task_details"], rec["metrics"]
     assert d["server"]["name"] == "transformers" and d["server"]["settings"]["continuous_batching"] == (cb == "true")
     assert [p["target"] for p in d["load_points"]] == [1.0, 2.0]

@@ -149,10 +149,13 @@ class HostedTransformersServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _capture_logs(self) -> None:
-        for name in ("transformers", "uvicorn.error", "uvicorn"):
+    LOGGERS = ("transformers", "uvicorn.error", "uvicorn")
+
+    def _capture_logs(self, levels: dict[str, int]) -> None:
+        """Keep the server's log records; ``levels``: each logger's level before the server changed it."""
+        for name in self.LOGGERS:
             logger = logging.getLogger(name)
-            self._loggers.append((logger, logger.level))
+            self._loggers.append((logger, levels[name]))
             logger.addHandler(self.log)
 
     def _cb_config(self) -> dict[str, Any]:
@@ -170,11 +173,12 @@ class HostedTransformersServer:
         if self.cpus:
             self._affinity_before = sorted(os.sched_getaffinity(0))
             set_affinity([os.getpid()], self.cpus)
+        levels = {name: logging.getLogger(name).level for name in self.LOGGERS}  # Serve sets them
         cb = self._cb_config() if self.continuous_batching else {}
         self.settings = {"continuous_batching": self.continuous_batching, **cb}
         self.serve = Hosted(host="127.0.0.1", port=self.port, non_blocking=True, log_level="error",
                             continuous_batching=self.continuous_batching, device=str(self.lm.device), **cb)
-        self._capture_logs()  # after uvicorn configured its loggers (that resets their handlers)
+        self._capture_logs(levels)  # after uvicorn configured its loggers (that resets their handlers)
         manager = self.serve._model_manager
         key = manager.process_model_name(MODEL_NAME)
         manager.loaded_models[key] = TimedModel(self.lm.model, timeout_seconds=-1, processor=self.lm.tokenizer)
