@@ -7,9 +7,9 @@ be installed beside SlimBench. On first use SlimBench builds a virtual environme
 datasets, pandas, ... are shared, at the versions SlimBench pins, which satisfy GuideLLM's
 requirements). Build it ahead with ``python -m slimbench.engines.serving.loadgen``.
 
-A run is ``guidellm run -c scenario.json`` in its own process group: it is killed (the whole
-group) when it exceeds its time bound, and its CPU time, children included, is read from
-``wait4`` when it ends.
+A run is ``guidellm run -c scenario.json`` in its own process group, under ``guard.py`` (the
+group dies with the cell): it is killed (the whole group) when it exceeds its time bound, and
+its CPU time, children included, is read from ``wait4`` when it ends.
 """
 
 from __future__ import annotations
@@ -124,13 +124,13 @@ class GuideLLMRun:
         self.cpu_seconds: float | None = None  # user + system, its children included (from wait4)
 
     def start(self) -> None:
-        from slimbench.engines.serving.process import die_with_parent
+        from slimbench.engines.serving.process import guarded
 
         cmd = [str(executable()), "run", "-c", str(self.scenario), "--disable-console-interactive"]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=child_env(), start_new_session=True, cwd=self.scenario.parent,
-                                         preexec_fn=die_with_parent)
+            self.proc = subprocess.Popen(guarded(cmd), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=child_env(), start_new_session=True,
+                                         cwd=self.scenario.parent)
         if self.cpus:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(self.proc.pid, list(self.cpus))

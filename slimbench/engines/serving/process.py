@@ -5,7 +5,9 @@ A server runs in its own session (process group), its output in a log file, so t
 - readiness is polled over HTTP while its process is watched: a server that exits or stops
   answering before it is ready becomes a ``ServerError`` carrying its last log lines;
 - ``stop`` sends SIGTERM to the whole group, waits, then SIGKILLs what is left and reaps the
-  leader: no worker of the server outlives the cell (also run at interpreter exit);
+  leader: no worker of the server outlives the cell (also run at interpreter exit); and a cell
+  killed outright takes the group with it (the server runs under ``guard.py``, which kills its
+  group when the cell's process is gone);
 - ``listening_beyond_loopback`` lists any socket the server's processes listen on outside
   127.0.0.1 / ::1 (the task refuses such a server: nothing may listen beyond loopback).
 
@@ -34,13 +36,12 @@ LOOPBACK = ("127.0.0.1", "::1")
 LOG_TAIL_LINES = 40
 
 
-def die_with_parent() -> None:
-    """``preexec_fn``: the child gets SIGKILL when the thread that started it ends (Linux
-    PR_SET_PDEATHSIG), so a cell killed outright (SIGKILL, SIGTERM) leaves no server behind."""
-    with contextlib.suppress(Exception):
-        import ctypes
+def guarded(cmd: Sequence[str]) -> list[str]:
+    """``cmd`` run under slimbench/engines/serving/guard.py: its whole process group dies with the
+    cell, even when the cell is killed outright (no ``finally`` runs there)."""
+    import sys
 
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    return [sys.executable, str(Path(__file__).with_name("guard.py")), *cmd]
 
 
 class ServerError(RuntimeError):
@@ -140,8 +141,8 @@ class ServerProcess:
         """Start and wait until ``ready_path`` answers 200; ``ServerError`` otherwise."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=self.env, start_new_session=True, preexec_fn=die_with_parent)
+            self.proc = subprocess.Popen(guarded(self.cmd), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
         _LIVE.add(self)
         if self.cpus:
             os.sched_setaffinity(self.proc.pid, list(self.cpus))  # threads it starts inherit it

@@ -131,8 +131,13 @@ def measure(server: Any, plan: Plan) -> Measurement:
         if stopped:
             raise server.error(f"{stopped}; the load generator's last lines:\n{run.log_tail()}\n--")
         if run.returncode != 0:
-            raise server.error(f"the load generator exited with code {run.returncode}; its last lines:\n"
-                               f"{run.log_tail()}\n--")
+            log = run.log_tail()
+            hint = ""
+            if "No measurement start or end times" in log:
+                hint = ("a load point finished no request within max_seconds, and GuideLLM then fails the whole run: "
+                        "raise max_seconds, or lower max_output_tokens / max_concurrency; ")
+            raise server.error(f"{hint}the load generator exited with code {run.returncode}; its last lines:\n"
+                               f"{log}\n--")
         if not server.alive():
             raise server.error("the server died during the run")
         settings = dict(getattr(server, "settings", {}) or {})
