@@ -114,7 +114,10 @@ def sample(lm, ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
 def memory(lm) -> dict[str, Any]:
     model = lm.model
     if getattr(model, "engine", None) == "llama.cpp":
-        return {"engine_peak_rss_mb": model.memory()["peak_rss_bytes"] / 2**20, "where": "engine process"}
+        # the engine's resident memory once loaded (model, KV cache, buffers) is the deployment figure;
+        # its later peak includes the agreement scoring's full-vocabulary logits
+        return {"engine_peak_rss_mb": model.info["peak_rss_bytes"] / 2**20, "where": "engine process, loaded",
+                "engine_peak_rss_after_scoring_mb": model.memory()["peak_rss_bytes"] / 2**20}
     if hasattr(model, "slimbench_size"):
         return {"weights_mb": model.slimbench_size()["memory_bytes"] / 2**20, "where": "in process"}
     from slimbench.modeling import memory_bytes
