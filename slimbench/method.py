@@ -109,6 +109,9 @@ class MethodContext:
 
     hardware: HardwareSpec
     progress: Callable[..., Any] | None = None
+    # The stored forms earlier steps of the chain reported ({weight name: parts}, read-only):
+    # an exporting step (GGUF, compressed-tensors) writes a method's own integer grid from them.
+    stored_forms: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,10 @@ class Method:
     # What the method needs beyond the suite's hardware, e.g. {"gpus": 1, "memory_gb": 16}
     # (keys cpus, gpus, memory_gb): the scheduler reserves the larger of the two.
     resources: dict[str, float] | None = None
+    # Why the method cannot run on this machine at all (an optional engine not installed or not
+    # built: the install command), or None. Its check() refuses with the same reason; the
+    # contract tests skip such a method instead of failing.
+    unavailable: Callable[[], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -261,13 +268,17 @@ def apply_method(lm: LanguageModel, spec: MethodSpec, hw, progress=None, storage
         for step in spec.steps:
             method = METHODS.get(step.name)
             cfg = build_config(method.config, step.params, source="record", field=step.name)
-            ctx = MethodContext(hardware=hw, progress=progress)
+            ctx = MethodContext(hardware=hw, progress=progress, stored_forms=storage)
             t_step = time.perf_counter()
             held = tensor_ids(lm.model, storage)
             rep: MethodReport = method.run(lm, cfg, ctx)  # checks, budget guard, seeded apply, report warnings
             storage = follow_renames(lm.model, storage, held)
             storage.update(rep.storage)  # a later step's stored form of a weight replaces an earlier one
             execution = "simulated" if rep.execution == "simulated" else execution
+            if rep.execution == "native" and rep.details.get("executes_stored_forms"):
+                # an engine step that runs the earlier steps' stored forms (a quantizer's own
+                # codes) with real kernels makes the chain native (a GGUF Q4_0 of RTN's grid)
+                execution = "native"
             steps.append(
                 {
                     "name": step.name,

@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from slimbench.measure.trust import interleaving, is_timed, roofline_denominator, roofline_errors, timing_trust
-from slimbench.report import labels
+from slimbench.report import labels, serving
 from slimbench.report.consistency import mismatches
 
 # metric -> (column, scale, higher is better, x-axis words with unit); an efficiency v1 record
@@ -104,6 +104,7 @@ class Leaderboard:
     quality: list[QualityColumn]
     efficiency: list[EfficiencyColumn]
     regimes: list[tuple[int, int, int]] = field(default_factory=list)
+    serving: list[str] = field(default_factory=list)  # max req/s within the SLO, per server and SLO
 
     def columns(self, *, all_efficiency: bool = False) -> list[str]:
         """Display order: identity, quality with Δ and noise, size, efficiency, flags."""
@@ -113,6 +114,7 @@ class Leaderboard:
             cols += [q.col, q.delta] + ([q.noise] if df[q.noise].astype(bool).any() else [])
         cols += [c for c in SIZE_COLUMNS if c in df and df[c].notna().any()]
         cols += [e.col for e in self.efficiency if (all_efficiency or e.main) and df[e.col].notna().any()]
+        cols += [c for c in self.serving if c in df and df[c].notna().any()]
         cols += [c for c in (FLAGS, "warnings") if df[c].astype(bool).any()]
         return cols
 
@@ -228,6 +230,7 @@ def build(records: list[dict[str, Any]]) -> Leaderboard:
         key = (labels.hardware_key(r), r["model"]["name"], labels.method_identity(r))
         row = rows.get(key) or rows.setdefault(key, new_row(r, key[0], label))
         absorb(row, r, qcols, ecols)
+    scols = serving.fill(rows, records)
     df = pd.DataFrame(list(rows.values()))
     for c in [e.col for e in ecols.values()] + [q.col for q in qcols.values()]:
         if c not in df:
@@ -236,7 +239,7 @@ def build(records: list[dict[str, Any]]) -> Leaderboard:
     df = add_deltas(df, quality)
     df = df.sort_values(["hardware", "model", "_order", "method"]).reset_index(drop=True)
     used = [e for e in ecols.values() if df[e.col].notna().any()]
-    return Leaderboard(df, quality, used, regimes)
+    return Leaderboard(df, quality, used, regimes, scols)
 
 
 def new_row(r: dict[str, Any], hw: str, label: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slimbench.report import formats, records, table
+from slimbench.report import formats, records, serving, table
 from slimbench.report.escape import reveal
 from slimbench.sweep.store import ResultStore, atomic_write_text
 
@@ -52,8 +52,15 @@ def write_report(
         from slimbench.report.plots import write_plots
 
         drawn = write_plots(lb, out)
+    serving_drawn = []
+    if lb is not None and plots:
+        from slimbench.report.serving_plots import write_serving_plots
+
+        serving_drawn = write_serving_plots(loaded.ok, out)
     files = [out / "leaderboard.md"]
-    atomic_write_text(files[0], formats.markdown_report(lb, loaded, drawn))
+    md = formats.markdown_report(lb, loaded, drawn)
+    section = serving.markdown_section(loaded.ok, serving_drawn)
+    atomic_write_text(files[0], md + ("\n" + section if section else ""))
     if lb is not None:
         for name, text in (("leaderboard.csv", formats.csv_report(lb)), ("leaderboard.tex", formats.latex_report(lb))):
             atomic_write_text(out / name, text)
@@ -63,7 +70,7 @@ def write_report(
 
         atomic_write_text(out / "report.html", html_report(lb, loaded, drawn))
         files.append(out / "report.html")
-    files += [p.path for p in drawn]
+    files += [p.path for p in drawn] + [p.path for p in serving_drawn]
     if lb is None:
         summary = "no ok records to report"
     else:
@@ -77,7 +84,7 @@ def write_report(
             or c.startswith("Δ ")
         ]
         summary = console_table(lb, cols)
-    summary += f"\n\nreport: {files[0]} ({len(drawn)} plots)"
+    summary += f"\n\nreport: {files[0]} ({len(drawn) + len(serving_drawn)} plots)"
     if html:
         summary += f"; {out / 'report.html'}"
     if loaded.failed:

@@ -1,0 +1,226 @@
+"""OpenVINO (CPU) as an execution backend, and OpenVINO IR export.
+
+Export: the model goes through the same ONNX graph the ONNX Runtime backend exports
+(``torch.onnx`` dynamo: ``input_ids`` and every layer's past keys/values in, logits and present
+keys/values out, batch/length/past dynamic), then ``openvino.convert_model`` turns it into
+OpenVINO's IR (``model.xml`` + ``model.bin``). optimum-intel, which writes a stateful IR, pins
+an older transformers (its own environment); this path needs only ``openvino``.
+
+``OVModel`` is the engine model (slimbench.engines.backend), run in the cell's process like ONNX
+Runtime: OpenVINO is a library with its own thread pool, not a server. Inference precision is
+fp32 unless asked (``precision: bf16`` lets OpenVINO use bf16 kernels on CPUs that have them).
+The past keys/values travel as arrays each call (``OVCache``), as in the ORT backend.
+
+``compress_weights`` applies NNCF's weight compression to an IR (int8, int4 symmetric or
+asymmetric, group sizes, and NNCF's data-aware AWQ / scale estimation / GPTQ with a dataset).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+ENGINE = "openvino"
+INSTALL = "pip install openvino==2026.4.1 nncf==3.4.0"
+
+
+def unavailable() -> str | None:
+    try:
+        import openvino  # noqa: F401
+    except ImportError as exc:
+        return f"the OpenVINO backend needs openvino ({INSTALL}): {exc}"
+    from slimbench.engines import onnxruntime as ortx
+
+    return ortx.unavailable()
+
+
+def nncf_unavailable() -> str | None:
+    try:
+        import nncf  # noqa: F401
+    except ImportError as exc:
+        return f"NNCF weight compression needs nncf ({INSTALL}): {exc}"
+    return None
+
+
+def export_ir(model: nn.Module, folder: Path) -> dict[str, Any]:
+    """Write ``model`` as OpenVINO IR in ``folder`` (via its ONNX graph); returns facts."""
+    import openvino as ov
+
+    from slimbench.engines import onnxruntime as ortx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx_path = folder / "model.onnx"
+    facts = ortx.export(model, onnx_path)
+    t0 = time.perf_counter()
+    ov_model = ov.convert_model(str(onnx_path))
+    ov.save_model(ov_model, str(folder / "model.xml"), compress_to_fp16=False)
+    for p in ortx.model_files(onnx_path):
+        p.unlink()
+    facts["convert_seconds"] = time.perf_counter() - t0
+    facts["files"] = ir_files(folder / "model.xml")
+    return facts
+
+
+def ir_files(xml: Path) -> list[Path]:
+    return [xml, xml.with_suffix(".bin")]
+
+
+def ir_weights(xml: Path) -> dict[str, Any]:
+    """Bytes and effective bits of the IR's MatMul weights (constants feeding a MatMul, through
+    any decompression subgraph: Convert, Subtract zero-point, Multiply scale, Reshape)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    bits = numel = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        consts, stack, seen = [], [op.input_value(1).get_node()], set()
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.get_type_name() == "Constant":
+                consts.append(node)
+            elif node.get_type_name() in ("Reshape", "Transpose"):  # input 1 is a shape, not weight data
+                stack.append(node.input_value(0).get_node())
+            elif node.get_type_name() in ("Convert", "Subtract", "Multiply"):
+                stack += [v.get_node() for v in node.input_values()]
+        if not consts:
+            continue
+        main = max(consts, key=lambda c: int(np.prod(c.get_output_shape(0))))
+        numel += int(np.prod(main.get_output_shape(0)))
+        bits += sum(int(np.prod(c.get_output_shape(0))) * c.get_output_element_type(0).bitwidth for c in consts)
+    types: dict[str, int] = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Constant":
+            t = op.get_output_element_type(0).get_type_name()
+            types[t] = types.get(t, 0) + 1
+    return {"effective_bits": bits / numel if numel else None, "constant_types": types,
+            "stored_bytes": sum(p.stat().st_size for p in ir_files(xml))}
+
+
+@dataclass
+class OVOutput:
+    logits: torch.Tensor
+    cache: OVCache | None = None
+
+
+class OVCache:
+    def __init__(self, values: list[np.ndarray], length: int):
+        self.values, self.length = values, length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def crop(self, tokens: int) -> None:
+        keep = self.length + tokens if tokens < 0 else min(self.length, tokens)
+        self.values = [np.ascontiguousarray(v[:, :, :keep]) for v in self.values]
+        self.length = keep
+
+
+class OVModel(nn.Module):
+    engine = ENGINE
+
+    def __init__(self, xml: Path, config, shapes, *, threads: int, precision: str = "f32",
+                 parameters: int, stored_format: str, workdir: Path | None = None):
+        super().__init__()
+        import openvino as ov
+
+        self.core = ov.Core()
+        props = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision,
+                 "PERFORMANCE_HINT": "LATENCY"}
+        self.compiled = self.core.compile_model(str(xml), "CPU", props)
+        self.request = self.compiled.create_infer_request()
+        self.xml, self.config, self.shapes = Path(xml), config, shapes
+        self.threads, self.precision = threads, precision
+        self.n_parameters, self.stored_format = parameters, stored_format
+        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+        self.outputs = list(self.compiled.outputs)
+        self.workdir = workdir
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(workdir), True) if workdir else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def forward(self, input_ids: torch.Tensor, cache: OVCache | None = None, use_cache: bool = False, **kwargs):
+        extra = {k for k, v in kwargs.items() if v is not None and k != "return_dict"}
+        if extra:
+            raise TypeError(f"the OpenVINO model takes input_ids, cache and use_cache only, not {sorted(extra)}")
+        ids = input_ids.detach().cpu().long().numpy()
+        if cache is None:
+            past = [np.zeros((ids.shape[0], h, 0, d), np.float32) for h, d in self.shapes for _ in range(2)]
+            length = 0
+        else:
+            past, length = cache.values, cache.length
+        feeds = {"input_ids": ids, **dict(zip(self.input_names[1:], past, strict=True))}
+        res = self.request.infer(feeds)
+        logits = torch.from_numpy(np.array(res[self.outputs[0]]))
+        if not (use_cache or cache is not None):
+            return OVOutput(logits)
+        present = [np.array(res[o]) for o in self.outputs[1:]]
+        return OVOutput(logits, OVCache(present, length + ids.shape[1]))
+
+    def slimbench_size(self) -> dict[str, Any]:
+        w = ir_weights(self.xml)
+        return {"parameters": self.n_parameters, "memory_bytes": w["stored_bytes"], "stored_bytes": w["stored_bytes"],
+                "stored_format": self.stored_format, "effective_bits": w["effective_bits"],
+                "bits_per_parameter": 8 * w["stored_bytes"] / self.n_parameters}
+
+    def slimbench_files(self) -> list[Path]:
+        return ir_files(self.xml)
+
+    def close(self) -> None:
+        self.request = self.compiled = None
+        if self._cleanup is not None:
+            self._cleanup()
+
+
+def engine_facts(model: OVModel) -> dict[str, Any]:
+    import openvino as ov
+
+    core = model.core
+    return {"engine": ENGINE, "openvino": ov.get_version(), "device": core.get_property("CPU", "FULL_DEVICE_NAME"),
+            "capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+            "threads": model.threads, "inference_precision": model.precision, "format": model.stored_format}
+
+
+def compress_weights(xml: Path, out: Path, *, mode: str, group_size: int | None, ratio: float,
+                     dataset: list[dict[str, np.ndarray]] | None, awq: bool, scale_estimation: bool,
+                     gptq: bool) -> float:
+    """NNCF weight compression of the IR at ``xml`` into ``out``; returns seconds."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    kwargs: dict[str, Any] = {"mode": getattr(nncf.CompressWeightsMode, mode.upper()), "ratio": ratio}
+    if mode.startswith("int4"):
+        kwargs["group_size"] = group_size if group_size is not None else -1
+    if dataset is not None:
+        kwargs.update(dataset=nncf.Dataset(dataset), awq=awq, scale_estimation=scale_estimation, gptq=gptq)
+    t0 = time.perf_counter()
+    compressed = nncf.compress_weights(model, **kwargs)
+    ov.save_model(compressed, str(out), compress_to_fp16=False)
+    return time.perf_counter() - t0
+
+
+def build(lm, *, threads: int, precision: str = "f32", workdir: Path | None = None) -> tuple[OVModel, dict]:
+    """Export ``lm.model`` to IR and open it in OpenVINO."""
+    from slimbench.modeling import count_parameters
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="slimbench-ov-"))
+    facts = export_ir(lm.model, workdir)
+    model = OVModel(workdir / "model.xml", lm.model.config, facts["kv_shapes"], threads=threads, precision=precision,
+                    parameters=count_parameters(lm.model), stored_format="openvino ir f32", workdir=workdir)
+    return model, facts

@@ -1,0 +1,48 @@
+"""An engine in its own process: replies, an engine that raises, dies or hangs becomes an
+EngineError naming what it was doing, and no engine process outlives close()."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from slimbench.engines.engine_process import EngineError, EngineProcess, peak_rss_bytes
+
+TARGET = "slimbench.engines.engine_process:EchoEngine"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is not alive
+        return f.read().split()[2] != "Z"
+
+
+def test_request_reply_and_close():
+    proc = EngineProcess(TARGET, {"x": 1}, name="echo", timeout_s=30)
+    assert proc.info["payload"] == {"x": 1} and proc.info["pid"] == proc.pid != os.getpid()
+    assert proc.request({"op": "echo", "value": [1, 2]}) == [1, 2]
+    assert peak_rss_bytes(proc.pid)["peak_rss_bytes"] > 0
+    proc.close()
+    assert not alive(proc.pid)
+    with pytest.raises(EngineError, match="shut down"):
+        proc.request({"op": "echo"})
+
+
+@pytest.mark.parametrize(("op", "message"), [("raise", "requested failure"), ("die", "exit code 3")])
+def test_engine_failure_becomes_an_error_and_the_process_is_gone(op, message):
+    proc = EngineProcess(TARGET, None, name="echo", timeout_s=30)
+    with pytest.raises(EngineError, match=message):
+        proc.request({"op": op})
+    assert not alive(proc.pid)
+
+
+def test_hang_is_killed_after_the_timeout():
+    proc = EngineProcess(TARGET, None, name="echo", timeout_s=0.5)
+    with pytest.raises(EngineError, match=r"no answer within 0\.5 s"):
+        proc.request({"op": "sleep", "seconds": 60})
+    assert proc.proc.returncode == -9  # killed in its sleep, not finished
+    assert not alive(proc.pid)

@@ -1,0 +1,59 @@
+"""OpenVINO as an engine: the exported IR gives SlimBench's logits, decodes like eager, and NNCF's
+weight compression runs in it with its sizes measured. Skipped where openvino is not installed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from export_helpers import shakespeare_ids, tiny_bpe_llama
+
+from slimbench.config import build_config
+from slimbench.method import MethodContext
+from slimbench.registry import METHODS
+from slimbench.specs import HardwareSpec
+
+ov = pytest.importorskip("openvino", reason="openvino not installed (pip install -r requirements-extras.txt)")
+CTX = MethodContext(hardware=HardwareSpec(threads=1))
+
+
+def run(name: str, lm, **params):
+    method = METHODS.get(name)
+    cfg = build_config(method.config, {**method.test_params, **params}, source="test", field=name)
+    return method.run(lm, cfg, CTX)
+
+
+def test_openvino_ir_matches_eager_logits_and_greedy(one_torch_thread):
+    lm = tiny_bpe_llama()
+    ids = shakespeare_ids(lm, 48)
+    ref_logits, ref_tokens = lm.logits(ids).float(), lm.generate(ids, 6)
+    rep = run("openvino", lm)
+    try:
+        assert lm.model.engine == "openvino"
+        assert (lm.logits(ids) - ref_logits).abs().max() < 1e-4 * max(1.0, float(ref_logits.abs().max()))
+        assert torch.equal(lm.generate(ids, 6), ref_tokens)  # through OpenVINO's KV cache
+        agree = rep.details["agreement"]
+        assert abs(agree["delta_nll"]) < 1e-5 and len(agree["nll_engine"]) == 1
+        size = lm.model.slimbench_size()
+        assert size["effective_bits"] == pytest.approx(32.0) and size["stored_bytes"] > 0
+        assert rep.details["openvino"] and rep.details["threads"] == 1
+    finally:
+        lm.model.close()
+
+
+# int4 groups of 32 (4.5 bits with fp16 scales); NNCF keeps the output projection at int8 (its default)
+@pytest.mark.parametrize(("mode", "group", "bits"), [("int4_sym", 32, (4.4, 6.0))])
+def test_nncf_weights_compresses_and_runs(one_torch_thread, mode, group, bits):
+    pytest.importorskip("nncf", reason="nncf not installed")
+    lm = tiny_bpe_llama()
+    ref_logits = lm.logits(shakespeare_ids(lm, 32)).float()
+    rep = run("nncf-weights", lm, mode=mode, group_size=group)
+    try:
+        size = lm.model.slimbench_size()
+        assert bits[0] <= size["effective_bits"] <= bits[1], size
+        logits = lm.logits(shakespeare_ids(lm, 32)).float()
+        diff = float((logits - ref_logits).abs().max())
+        assert 0 < diff < 0.5 * float(ref_logits.abs().max())  # lossy but the same model
+        types = rep.details["ir"]["constant_types"]
+        assert rep.details["nncf"] and ("u4" in types or "i4" in types), types
+    finally:
+        lm.model.close()

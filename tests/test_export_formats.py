@@ -1,0 +1,79 @@
+"""compressed-tensors export: transformers (with the compressed-tensors library decompressing on
+load) gives SlimBench's logits; a method's codes are packed as themselves; the CLI writes a
+manifest. Skipped where compressed-tensors is not installed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from export_helpers import shakespeare_ids, tiny_bpe_llama
+from slimbench.methods.quantization.export_grids import linear_grids
+
+from slimbench.config import build_config
+from slimbench.engines.export.gguf_meta import ExportRefused
+from slimbench.method import MethodContext
+from slimbench.registry import METHODS
+from slimbench.specs import HardwareSpec
+
+pytest.importorskip("compressed_tensors", reason="compressed-tensors not installed (requirements-extras.txt)")
+from slimbench.engines.export import compressed_tensors as cte
+
+
+def load(folder, quantized: bool = True):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    if not quantized:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    # transformers 5.24's default (run_compressed) path leaves pack-quantized weights unloaded on
+    # CPU; dequantize=True has the compressed-tensors library decode them at load.
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                quantization_config=CompressedTensorsConfig(dequantize=True))
+
+
+@pytest.mark.parametrize("params", [
+    {"bits": 4, "group_size": 32},                                # asymmetric groups: zero-points packed
+    {"bits": 8, "symmetric": True},                               # per channel
+    {"bits": 3, "group_size": 16, "symmetric": True, "format": "packed"},  # from the packed layer
+])
+def test_pack_quantized_round_trip(tmp_path, params, one_torch_thread):
+    lm = tiny_bpe_llama()
+    method = METHODS.get("rtn")
+    rep = method.run(lm, build_config(method.config, params, source="t", field="rtn"),
+                     MethodContext(hardware=HardwareSpec(threads=1)))
+    manifest = cte.export(lm, tmp_path / "ct", grids=linear_grids(lm.model, rep.storage))
+    assert manifest["quantization_format"] == "pack-quantized"
+    assert manifest["summary"]["exact"] == manifest["summary"]["tensors"]
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    (group,) = config["config_groups"].values()
+    assert group["weights"]["num_bits"] == params["bits"] and len(group["targets"]) == 14
+    ids = shakespeare_ids(lm, 32)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "ct")(input_ids=ids).logits, lm.model(input_ids=ids).logits)
+
+
+def test_dense_export_and_refusals(tmp_path, one_torch_thread):
+    lm = tiny_bpe_llama()
+    manifest = cte.export(lm, tmp_path / "fp16", dtype="float16")
+    assert manifest["quantization_format"] == "dense" and manifest["summary"]["approximated"] > 0
+    ids = shakespeare_ids(lm, 16)
+    with torch.no_grad():
+        reloaded = load(tmp_path / "fp16", quantized=False)(input_ids=ids).logits
+        assert (reloaded - lm.model(input_ids=ids).logits).abs().max() < 0.05
+    with pytest.raises(ExportRefused, match="exists"):
+        cte.export(lm, tmp_path / "fp16")
+    with pytest.raises(ExportRefused, match="dtype"):
+        cte.export(lm, tmp_path / "x", dtype="int8")
+
+
+def test_cli_export_writes_file_and_manifest(tmp_path, one_torch_thread):
+    from slimbench.cli import main
+
+    out = tmp_path / "m.gguf"
+    rc = main(["export", "--model", "tiny-llama", "--method", "{name: rtn, bits: 8, symmetric: true}",
+               "--format", "gguf", "--out", str(out), "--weights", "Q8_0"])
+    assert rc == 0 and out.exists()
+    manifest = json.loads((tmp_path / "m.gguf.manifest.json").read_text())
+    assert manifest["provenance"]["method"]["name"] == "rtn"
+    assert all(r["exact"] for r in manifest["tensors"] if r["type"] == "Q8_0" and "blk" in r["tensor"])

@@ -1,0 +1,320 @@
+"""Servers and the load generator for real, inside a network namespace that has only loopback.
+
+Each test re-runs itself under ``unshare --net`` (root) with ``lo`` up, so that whatever it
+starts cannot be reached from, or reach, anything but this namespace's loopback; inside, the
+test first checks that loopback is the only interface. What is checked:
+
+- a server process: ready only when it answers; stopped with its children; one that exits or
+  never answers becomes a ServerError carrying its log; one listening beyond loopback is refused;
+- the measurement chain against GuideLLM's own mock server, whose latencies are configured: the
+  measured TTFT and ITL are at least those (a property that holds at any machine load), errors
+  are counted and break the SLO, a server killed mid-run fails the measurement with its log;
+- the ``serving`` task on a tiny model through the runner: an ``ok`` record, and no process or
+  listening socket left behind; a model whose forward raises: a ``failed`` record with the log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from slimbench.engines.serving import loadgen
+from slimbench.engines.serving.process import ServerError, ServerProcess, listening_beyond_loopback
+from slimbench.engines.workers import free_loopback_port
+
+ROOT = Path(__file__).resolve().parent.parent
+INSIDE = os.environ.get("SLIMBENCH_LOOPBACK_NETNS") == "1"
+
+
+def loopback_namespace_available() -> bool:
+    try:
+        probe = subprocess.run(["unshare", "--net", "sh", "-c", "ip link set lo up"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+pytestmark = pytest.mark.skipif(
+    not INSIDE and not loopback_namespace_available(),
+    reason="needs `unshare --net` and `ip` as root: servers run in a loopback-only namespace",
+)
+
+
+def delegated(request, timeout: int = 900) -> bool:
+    """Outside the namespace: run this test inside one and assert it passed (True). Inside: False."""
+    if INSIDE:
+        assert set(psutil.net_if_addrs()) == {"lo"}, psutil.net_if_addrs()
+        return False
+    cmd = f"ip link set lo up && exec {shlex.quote(sys.executable)} -m pytest -q -x -p no:cacheprovider " \
+          f"{shlex.quote(request.node.nodeid)}"
+    env = {**os.environ, "SLIMBENCH_LOOPBACK_NETNS": "1"}
+    out = subprocess.run(["unshare", "--net", "sh", "-c", cmd], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=timeout)
+    assert out.returncode == 0, (out.stdout[-6000:], out.stderr[-3000:])
+    assert "1 passed" in out.stdout, out.stdout[-3000:]
+    return True
+
+
+FAKE = """
+import http.server, json, os, subprocess, sys, time
+mode, port = sys.argv[1], int(sys.argv[2])
+print("fake server starting", mode, flush=True)
+if mode == "exit":
+    print("boom: cannot load the model", flush=True); sys.exit(3)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print("child", child.pid, flush=True)
+if mode == "never":
+    time.sleep(600)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b'{"data": []}')
+    def log_message(self, *a): pass
+host = "0.0.0.0" if mode == "exposed" else "127.0.0.1"
+http.server.HTTPServer((host, port), H).serve_forever()
+"""
+
+
+def fake_server(tmp_path: Path, mode: str) -> ServerProcess:
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE)
+    port = free_loopback_port()
+    return ServerProcess("fake", [sys.executable, str(script), mode, str(port)], port, tmp_path / f"{mode}.log")
+
+
+def test_server_process_starts_stops_with_its_children(request, tmp_path):
+    if delegated(request):
+        return
+    server = fake_server(tmp_path, "ok")
+    server.start(60)
+    pids = server.pids()
+    assert len(pids) == 3 and server.alive() and not listening_beyond_loopback(pids)  # guard, server, its child
+    server.stop()
+    time.sleep(0.2)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    assert not server.alive()
+    server.stop()  # idempotent
+
+
+def test_server_failures_carry_their_log(request, tmp_path):
+    if delegated(request):
+        return
+    with pytest.raises(ServerError, match=r"exited with code 3(.|\n)*boom: cannot load the model"):
+        fake_server(tmp_path, "exit").start(60)
+    never = fake_server(tmp_path, "never")
+    with pytest.raises(ServerError, match=r"not ready after 3 s(.|\n)*fake server starting never"):
+        never.start(3)
+    never.stop()
+    exposed = fake_server(tmp_path, "exposed")
+    exposed.start(60)
+    try:
+        assert listening_beyond_loopback(exposed.pids()) == [f"0.0.0.0:{exposed.port}"]
+    finally:
+        exposed.stop()
+
+
+def test_a_cell_killed_outright_leaves_no_server(request, tmp_path):
+    if delegated(request):
+        return
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE)
+    parent = tmp_path / "parent.py"
+    parent.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from pathlib import Path
+        from slimbench.engines.serving.process import ServerProcess
+        from slimbench.engines.workers import free_loopback_port
+        port = free_loopback_port()
+        cmd = [sys.executable, {str(script)!r}, "ok", str(port)]
+        s = ServerProcess("fake", cmd, port, Path({str(tmp_path)!r}) / "p.log")
+        s.start(60)
+        print(" ".join(map(str, s.pids())), flush=True)
+        time.sleep(600)
+    """))
+    proc = subprocess.Popen([sys.executable, str(parent)], stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in proc.stdout.readline().split()]
+    assert len(pids) == 3  # the guard, the server, the server's own child
+    proc.kill()  # SIGKILL: no finally, no atexit
+    proc.wait()
+
+    def alive(pid: int) -> bool:
+        return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids)  # the whole group followed the cell
+
+
+# -- against GuideLLM's mock server -------------------------------------------------------------------
+needs_guidellm = pytest.mark.skipif(loadgen.unavailable() is not None, reason=str(loadgen.unavailable()))
+
+
+def mock_server(tmp_path: Path, *extra: str) -> ServerProcess:
+    port = free_loopback_port()
+    cmd = [str(loadgen.executable()), "mock-server", "--host", "127.0.0.1", "--port", str(port), "--model",
+           "slimbench", "--ttft-ms", "60", "--itl-ms", "15", *extra]
+    return ServerProcess("guidellm mock", cmd, port, tmp_path / "mock.log", env=loadgen.child_env())
+
+
+def plan(tmp_path: Path, server, profile: dict, *, max_requests: int = 8):
+    from slimbench.engines.serving import session
+    from slimbench.engines.serving.workload import WorkloadSpec, build_rows, write_rows
+    from slimbench.zoo.models import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    rows = build_rows(tok, WorkloadSpec(requests=64, max_prompt_tokens=48, min_output_tokens=4, max_output_tokens=12))
+    write_rows(rows, tmp_path / "requests.jsonl")
+    scenario = loadgen.scenario(target=server.url, model="slimbench", tokenizer=tmp_path / "tok",
+                                data=tmp_path / "requests.jsonl", output=tmp_path / "report.json", profile=profile,
+                                max_seconds=20, max_requests=max_requests, warmup_requests=0, request_timeout_s=30,
+                                seed=0)
+    return session.Plan(workdir=tmp_path, scenario=scenario, warm_requests=[], start_timeout_s=120,
+                        run_timeout_s=400, request_timeout_s=30)
+
+
+@needs_guidellm
+def test_measured_latencies_are_at_least_the_mock_servers(request, tmp_path):
+    if delegated(request):
+        return
+    from slimbench.engines.serving import analysis, session
+
+    server = mock_server(tmp_path)
+    m = session.measure(server, plan(tmp_path, server, {"kind": "concurrent", "streams": [1, 2]}))
+    assert not server.alive()
+    points = analysis.load_points(m.report)
+    assert [(p.strategy, p.target) for p in points] == [("concurrent", 1.0), ("concurrent", 2.0)]
+    for p in points:
+        assert p.successful == 8 == p.reported["request_totals"]["successful"] and p.errored == 0
+        assert min(p.samples["ttft_ms"]) >= 60  # the mock sleeps 60 ms before the first token
+        assert min(p.samples["itl_ms"]) >= 15 * 0.9  # and ~15 ms between tokens (its sleep granularity)
+        assert p.request_throughput > 0 and p.output_tokens_per_s > 0
+        p.cpu = analysis.cpu_between(m.timeline, p.start, p.end)
+        assert p.cpu["server_cores"] > 0 and p.cpu["loadgen_cores"] > 0
+    assert m.server_cpu_s > 0 and m.loadgen_cpu_s > m.server_cpu_s * 0  # both measured, apart
+    s = analysis.summarize(points, analysis.SLO(ttft_ms=10, itl_ms=None))
+    assert s["max_rps_within_slo"] == 0.0  # nothing can meet a TTFT below the server's own 60 ms
+
+
+@needs_guidellm
+def test_errors_are_counted_and_break_the_slo(request, tmp_path):
+    if delegated(request):
+        return
+    from slimbench.engines.serving import analysis, session
+
+    server = mock_server(tmp_path, "--fail-after-requests", "6")
+    m = session.measure(server, plan(tmp_path, server, {"kind": "synchronous"}, max_requests=10))
+    (p,) = analysis.load_points(m.report)
+    assert p.errored + p.incomplete >= 4 and p.successful <= 6 and p.errors
+    assert not analysis.judge(p, analysis.SLO(ttft_ms=60_000, itl_ms=None))["met"]
+
+
+@needs_guidellm
+def test_a_server_that_dies_mid_run_fails_with_its_log(request, tmp_path):
+    if delegated(request):
+        return
+    from slimbench.engines.serving import session
+
+    server = mock_server(tmp_path, "--ttft-ms", "500")
+    p = plan(tmp_path, server, {"kind": "synchronous"}, max_requests=200)
+
+    def kill_when_busy():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (tmp_path / "scenario.json").exists():
+            time.sleep(0.2)
+        time.sleep(8)  # the generator is running by now
+        leader = server.proc
+        if leader is not None:
+            for proc in psutil.Process(leader.pid).children(recursive=True):
+                proc.kill()
+            leader.kill()
+
+    threading.Thread(target=kill_when_busy, daemon=True).start()
+    with pytest.raises(ServerError, match=r"(server died|load generator)(.|\n)*last log lines"):
+        session.measure(server, p)
+    assert not psutil.Process().children(recursive=True)  # nothing left: generator and server reaped
+
+
+# -- the task, through the runner ---------------------------------------------------------------------
+SUITE = """
+models: [tiny-llama]
+methods: [baseline]
+tasks:
+  - {name: serving, profile: concurrent, streams: [1, 2], max_requests: 6, max_seconds: 20, warmup_requests: 1,
+     dataset_requests: 32, max_prompt_tokens: 48, max_output_tokens: 8, continuous_batching: CB}
+hardware: {threads: 1}
+"""
+
+
+def run_suite(tmp_path: Path, text: str):
+    from slimbench.sweep.driver import run_cells
+    from slimbench.sweep.store import ResultStore
+    from slimbench.sweep.suite import load_suite
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(textwrap.dedent(text))
+    store = ResultStore(tmp_path / "results")
+    run_cells(load_suite(str(path)).cells(), store, show_progress=False, log=lambda s: None)
+    return [json.loads(p.read_text()) for p in sorted((tmp_path / "results" / "runs").glob("*.json"))]
+
+
+@needs_guidellm
+@pytest.mark.parametrize("cb", ["false", "true"])
+def test_serving_task_on_a_tiny_model_leaves_nothing_behind(request, tmp_path, cb):
+    if delegated(request):
+        return
+    import logging
+
+    levels = {n: logging.getLogger(n).level for n in ("transformers", "uvicorn.error", "uvicorn.access")}
+    (rec,) = run_suite(tmp_path, SUITE.replace("CB", cb))
+    assert rec["status"] == "ok", rec["error"]
+    assert levels == {n: logging.getLogger(n).level for n in levels}  # the process' logging as it was
+    d, m = rec["task_details"], rec["metrics"]
+    assert d["server"]["name"] == "transformers" and d["server"]["settings"]["continuous_batching"] == (cb == "true")
+    assert [p["target"] for p in d["load_points"]] == [1.0, 2.0]
+    # GuideLLM's warm-up (first request) and its measured window: the same requests counted as it counts them
+    for p in d["load_points"]:
+        assert 3 <= p["successful"] == p["reported"]["request_totals"]["successful"] <= 5, p["reported"]
+    # every request got exactly the tokens it asked for (ignore_eos through transformers' server)
+    assert all(p["samples"]["output_tokens"] and min(p["samples"]["output_tokens"]) >= 4 for p in d["load_points"])
+    assert m["max_request_throughput"]["value"] > 0 and m["loadgen_cpu_s"]["value"] > 0
+    assert 0 < m["loadgen_cpu_share"]["value"] < 1
+    assert not psutil.Process().children(recursive=True)
+    me = psutil.Process()
+    assert not [c for c in me.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+
+
+def test_a_model_that_fails_becomes_a_failed_record_with_the_server_log(request, tmp_path, monkeypatch):
+    if delegated(request):
+        return
+    import slimbench.sweep.runner as runner
+
+    original = runner.load_and_compress
+
+    def broken(*a, **kw):
+        lm, report = original(*a, **kw)
+
+        def forward(*args, **kwargs):
+            raise RuntimeError("the kernel exploded")
+
+        lm.model.forward = forward
+        return lm, report
+
+    monkeypatch.setattr(runner, "load_and_compress", broken)
+    monkeypatch.setattr(loadgen, "unavailable", lambda: None)  # it fails before the generator is needed
+    (rec,) = run_suite(tmp_path, SUITE.replace("CB", "false"))
+    assert rec["status"] == "failed"
+    msg = rec["error"]["message"]
+    assert "warm-up request" in msg and "last log lines" in msg and "the kernel exploded" in msg, msg
+    assert not psutil.Process().children(recursive=True)
