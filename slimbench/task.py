@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,3 +52,8 @@ class Task:
     # A timed task measures time (latency, throughput): it never shares the machine with
     # another running cell (an exclusive node lock locally, a whole-node resource on Ray).
     timed: bool = False
+    # Checks against the model's config and the cell's method steps, run by `validate` on a
+    # weightless skeleton of the model (``lm.model.config``, ``lm.name``) before anything loads:
+    # ``check(lm, cfg, steps)`` with ``steps`` the cell's ``(Method, config)`` pairs; a
+    # ValueError refuses the cell with its message (e.g. a context longer than the model takes).
+    check: Callable[[Any, Any, Sequence[tuple[Any, Any]]], None] | None = None
