@@ -5,13 +5,16 @@ RULER's scoring, and the record (accuracy per length and depth, KV bytes kept).
 
 1. Examples from slimbench/zoo/datasets/long_context.py, fitted so that prompt tokens +
    ``max_new_tokens`` <= the length (RULER's rule); context and query are tokenized apart.
-2. The context is one forward call through the model's KV cache (``lm.cache_factory``; an
-   eviction policy compresses after it), then the query (question + answer prefix) is a second
-   call through the same cache, then greedy decoding of up to ``max_new_tokens`` tokens, stopped
-   at EOS. This is kvpress's protocol (the context is compressed before the question is seen),
-   so a policy cannot use the question to choose what to keep from the context; policies that
-   compress prompt calls compress again after the question (SnapKV then scores with the question
-   in its window), so every policy holds its budget when the answer starts.
+2. ``question: in-prompt`` (the default; the protocol of the SnapKV, PyramidKV, H2O and TOVA
+   papers): the whole prompt (context, question, answer prefix) is one forward call through the
+   model's KV cache (``lm.cache_factory``), which an eviction policy compresses after it, with
+   the question in view; then greedy decoding of up to ``max_new_tokens`` tokens, stopped at EOS.
+   The first answer token comes from the exact prefill for every policy (eviction runs after
+   each layer's attention); the rest read the compressed cache.
+   ``question: after-context`` (kvpress's protocol, query-agnostic): the context is one call,
+   compressed before the question is seen, then the question is a second call through the same
+   cache; policies that compress prompt calls compress again after it, so every policy holds its
+   budget when the answer starts.
 3. Scores: RULER's ``string_match_all`` (the fraction of references that occur in the
    prediction, case-insensitive, after RULER's ``postprocess_pred``), or, for passkey, exact
    match of the first generated tokens to the key's tokens (LongLoRA's passkey check).
@@ -29,7 +32,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -51,6 +54,9 @@ class LongContextConfig(Config):
                                 "RULER: 128 for needles, 30 variable tracking, 120 common words)")
     share_prefill: bool = Field(True, description="record each prompt's exact prefill once per model and replay it "
                                 "for every eviction policy (same results, one prefill)")
+    question: Literal["in-prompt", "after-context"] = Field(
+        "in-prompt", description="in-prompt: the question is part of the compressed prompt (the policies' papers); "
+        "after-context: the context is compressed before the question is seen (kvpress, query-agnostic)")
 
     @field_validator("lengths")
     @classmethod
@@ -189,18 +195,20 @@ def shareable(lm: Any) -> bool:
 @torch.inference_mode()
 def run_example(lm: Any, ex: Example, cfg: LongContextConfig) -> dict[str, Any]:
     factory = lm.cache_factory
-    ctx_ids = torch.tensor([ex.fitted.context_ids])
+    after = cfg.question == "after-context"
+    ids = torch.tensor([ex.fitted.context_ids if after else ex.fitted.context_ids + ex.fitted.query_ids])
     reused = False
     t0 = time.perf_counter()
     if cfg.share_prefill and shareable(lm):
-        cache, reused = recorded_cache(lm, factory, ctx_ids, memo_dir())
+        cache, reused, logits = recorded_cache(lm, factory, ids, memo_dir())
     elif factory is not None and hasattr(factory, "from_record"):
-        cache, reused = recorded_cache(lm, factory, ctx_ids, None)
+        cache, reused, logits = recorded_cache(lm, factory, ids, None)
     else:
         cache = factory(lm, 1, ex.length) if factory is not None else None
-        _, cache = forward(lm, ctx_ids, cache)
+        logits, cache = forward(lm, ids, cache)
     t_context = time.perf_counter() - t0
-    logits, cache = forward(lm, torch.tensor([ex.fitted.query_ids]), cache)
+    if after:
+        logits, cache = forward(lm, torch.tensor([ex.fitted.query_ids]), cache)
     at_answer = layer_bytes(cache)
     eos = getattr(lm.tokenizer, "eos_token_id", None)
     generated: list[int] = []
@@ -224,7 +232,7 @@ def evaluate(spec: Spec, lm: Any, cfg: LongContextConfig, ctx: Any) -> TaskResul
         raise ValueError(f"{spec.name}: the policy's budget of {budget} positions is not smaller than the shortest "
                          f"context ({short} tokens): nothing would be evicted")
     bar = ctx.progress(total=len(exs), desc=spec.name, unit="ex") if ctx.progress else None
-    rows: dict[str, list] = {k: [] for k in ("id", "score", "length", "depth", "tokens", "prediction",
+    rows: dict[str, list] = {k: [] for k in ("id", "score", "length", "depth", "tokens", "context_tokens", "prediction",
                                              "kept_fraction_logical", "kept_fraction_physical", "kv_bytes_physical")}
     reused = 0
     for ex in exs:
@@ -236,6 +244,7 @@ def evaluate(spec: Spec, lm: Any, cfg: LongContextConfig, ctx: Any) -> TaskResul
         rows["length"].append(ex.length)
         rows["depth"].append(ex.depth)
         rows["tokens"].append(ex.fitted.tokens)
+        rows["context_tokens"].append(len(ex.fitted.context_ids))
         rows["prediction"].append(pred)
         rows["kept_fraction_logical"].append(b["kept_logical"] / b["full"] if b["full"] else 1.0)
         rows["kept_fraction_physical"].append(b["kept_physical"] / b["full"] if b["full"] else 1.0)
@@ -277,7 +286,8 @@ def details(spec: Spec, cfg: LongContextConfig, exs: list[Example], rows: dict[s
         "depths": getattr(cfg, "depths", None) if spec.depths else None,
         "examples": len(exs),
         "examples_sha256": h.hexdigest(),
-        "kv_measured_at": "after the question, when the answer starts (longest length: the kv_* metrics)",
+        "question": cfg.question,
+        "kv_measured_at": "when the answer starts (after the prompt; the kv_* metrics: the longest length)",
         "prefill_reused": reused,
         "per_example": rows,
     }

@@ -98,11 +98,12 @@ def prune(folder: Path) -> None:
         total -= sizes[m]
 
 
-def recorded_cache(lm, factory, ids: torch.Tensor, folder: Path | None) -> tuple[Any, bool]:
+def recorded_cache(lm, factory, ids: torch.Tensor, folder: Path | None) -> tuple[Any, bool, torch.Tensor]:
     """The cache after the prompt ``ids``, from a stored record when there is one.
 
     ``factory``: an eviction policy's (its ``from_record``), or None for the uncompressed model
-    (transformers' dynamic cache holding the recorded keys and values). Returns (cache, reused).
+    (transformers' dynamic cache holding the recorded keys and values). Returns (cache, reused, the
+    float32 logits ``[1, V]`` of the prompt's last position).
     ``folder`` None: record in memory only (nothing shared).
     """
     from slimbench.methods.kvcache.policy import EvictionFactory, record_prefill
@@ -114,6 +115,7 @@ def recorded_cache(lm, factory, ids: torch.Tensor, folder: Path | None) -> tuple
         record = record_prefill(lm, ids)
         if key:
             store(key, record, folder)
+    logits = record["tensors"]["logits"]
     if factory is None:
-        return EvictionFactory.exact_from_record(lm, record), reused
-    return factory.from_record(lm, record), reused
+        return EvictionFactory.exact_from_record(lm, record), reused, logits
+    return factory.from_record(lm, record), reused, logits

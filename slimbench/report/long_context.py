@@ -30,6 +30,13 @@ def is_long_context(rec: dict[str, Any]) -> bool:
     return "generator_version" in details and "score" in (details.get("per_example") or {})
 
 
+def task_label(rec: dict[str, Any]) -> str:
+    """The task's name, marked when the question came after the compressed context (records that
+    predate the ``question`` option ran that way)."""
+    after = rec["task_details"].get("question", "after-context") == "after-context"
+    return rec["task"]["name"] + (" (question after context)" if after else "")
+
+
 def group(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, dict[str, dict[str, Any]]]]:
     """(machine, model) -> method label -> task -> merged per-example rows."""
     out: dict = defaultdict(lambda: defaultdict(dict))
@@ -39,7 +46,7 @@ def group(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, dict
         pe = rec["task_details"]["per_example"]
         label = rec["method"].get("label") or rec["method"]["name"]
         cell = out[(machine(rec), rec["model"]["name"])][label].setdefault(
-            rec["task"]["name"], {"rows": {}, "report": rec.get("method_report") or {}})
+            task_label(rec), {"rows": {}, "report": rec.get("method_report") or {}})
         for i, ex_id in enumerate(pe["id"]):
             cell["rows"][ex_id] = {k: pe[k][i] for k in pe if isinstance(pe[k], list) and len(pe[k]) == len(pe["id"])}
     return out
@@ -217,7 +224,8 @@ def write_long_context(records: list[dict[str, Any]], out: Path) -> list[Path]:
         parts.append(table(model, methods) + f"\n(machine: {md_text(hw)})\n")
         tasks = sorted({t for m in methods.values() for t in m})
         for t in tasks:
-            p = draw_heat_maps(model, t, methods, folder / f"heatmap_{slug}_{t}.png")
+            name = t.replace(" (question after context)", "-after-context")
+            p = draw_heat_maps(model, t, methods, folder / f"heatmap_{slug}_{name}.png")
             if p is not None:
                 files.append(p)
                 parts.append(f"![{md_text(t)} heat map]({p.name})\n")

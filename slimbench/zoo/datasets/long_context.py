@@ -214,8 +214,9 @@ def fit(build: Callable[[int], Parts], encode: Callable[[str], list[int]], budge
         max_units: int = 10**6) -> Fitted:
     """The example with the largest haystack whose prompt has at most ``budget`` tokens.
 
-    Raises if even the smallest haystack does not fit, or if the best fit fills less than
-    ``min_fill`` of the budget (a haystack too coarse or a corpus too small): never truncates.
+    Raises if even the smallest haystack does not fit, or if the best fit leaves more than
+    ``max(1 - min_fill of the budget, 128 tokens)`` unused (one haystack sentence may be long):
+    never truncates.
     """
     def make(u: int) -> Fitted:
         p = build(u)
@@ -236,7 +237,8 @@ def fit(build: Callable[[int], Parts], encode: Callable[[str], list[int]], budge
             lo, best = mid, cand
         else:
             hi = mid
-    if best.tokens < min_fill * budget:
-        raise ValueError(f"the best example has {best.tokens} prompt tokens, under {min_fill:.0%} of the budget of "
-                         f"{budget}: the haystack cannot grow further")
+    slack = max((1 - min_fill) * budget, 128)
+    if budget - best.tokens > slack:
+        raise ValueError(f"the best example has {best.tokens} prompt tokens, more than {slack:.0f} under the budget "
+                         f"of {budget}: the haystack cannot grow further")
     return best
