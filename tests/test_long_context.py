@@ -163,11 +163,14 @@ def test_a_task_records_scores_by_length_and_depth_and_kv_kept(one_torch_thread,
     m.run(lm, build_config(m.config, {"ratio": 4}, source="t", field="kv-tova"), None)
     comp = run(lm, "niah-single", lengths=[256, 384], depths=[0, 100], max_new_tokens=4)
     assert comp.details["prefill_reused"] == 4  # the uncompressed run recorded every prompt
-    cpe = comp.details["per_example"]
-    # TOVA holds a quarter of the context (its budget) after the question too, when the answer starts
-    want = [round(c / 4) / t for c, t in zip(cpe["context_tokens"], cpe["tokens"], strict=True)]
-    assert cpe["kept_fraction_logical"] == pytest.approx(want)
     assert len(list((tmp_path / "kv-prefill").glob("*.safetensors"))) == 4
+    cpe = comp.details["per_example"]
+    # TOVA holds a quarter of the prompt (its budget) when the answer starts
+    assert cpe["kept_fraction_logical"] == pytest.approx([round(t / 4) / t for t in cpe["tokens"]])
+    after = run(lm, "niah-single", lengths=[256], depths=[0], max_new_tokens=4, question="after-context")
+    ape = after.details["per_example"]  # a quarter of the context, held after the question too
+    assert ape["kept_fraction_logical"] == pytest.approx([round(c / 4) / t for c, t in zip(ape["context_tokens"],
+                                                                                        ape["tokens"], strict=True)])
     fresh = run(lm, "niah-single", lengths=[256, 384], depths=[0, 100], max_new_tokens=4, share_prefill=False)
     assert fresh.details["per_example"]["prediction"] == comp.details["per_example"]["prediction"]
     assert fresh.details["prefill_reused"] == 0
