@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,3 +58,8 @@ class Task:
     # ``result(memory_reading=None)`` -> TaskResult; the harness may set its ``interleaving``
     # (how the repeats alternated) and ``limits_memo``. tasks/efficiency.py is the example.
     session: Callable[[LanguageModel, Any, TaskContext], Any] | None = None
+    # Checks against the model's config and the cell's method steps, run by `validate` on a
+    # weightless skeleton of the model (``lm.model.config``, ``lm.name``) before anything loads:
+    # ``check(lm, cfg, steps)`` with ``steps`` the cell's ``(Method, config)`` pairs; a
+    # ValueError refuses the cell with its message (e.g. a context longer than the model takes).
+    check: Callable[[Any, Any, Sequence[tuple[Any, Any]]], None] | None = None

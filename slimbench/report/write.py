@@ -71,6 +71,10 @@ def write_report(
         atomic_write_text(out / "report.html", html_report(lb, loaded, drawn))
         files.append(out / "report.html")
     files += [p.path for p in drawn] + [p.path for p in serving_drawn]
+    if plots:  # long-context tasks: heat maps by length x depth, KV bytes vs accuracy (their own page)
+        from slimbench.report.long_context import write_long_context
+
+        files += write_long_context(loaded.ok, out)
     if lb is None:
         summary = "no ok records to report"
     else:

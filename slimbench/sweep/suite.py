@@ -369,6 +369,23 @@ def check_against_models(suite: Suite, problems: Problems) -> None:
                     problems.warnings += [f"{where}: {step.name}: calibration budget: {w}" for w in warnings]
                 if method.changes_shapes or method.family == "acceleration":
                     break  # later steps see other shapes, or an engine instead of the model
+        check_tasks_against_model(suite, mi, spec, sk, problems)
+
+
+def check_tasks_against_model(suite: Suite, mi: int, spec: ModelSpec, sk: Any, problems: Problems) -> None:
+    """Each task's own ``check`` (if it has one) against the model and each cell's method steps."""
+    for ti, t in enumerate(suite.tasks):
+        task = TASKS.get(t.name)
+        if getattr(task, "check", None) is None:
+            continue
+        tcfg = build_config(task.config, t.params, source=suite.source, field=f"tasks[{ti}]")
+        for me in suite.methods:
+            steps = [(METHODS.get(s.name), build_config(METHODS.get(s.name).config, s.params, source=suite.source,
+                                                        field=s.name)) for s in me.steps]
+            try:
+                task.check(sk, tcfg, steps)
+            except ValueError as err:
+                problems.add(str(err), f"models[{mi}] {spec.name} x {me.label()} x tasks[{ti}] {t.name}")
 
 
 def validate_against_models(suite: Suite) -> None:
