@@ -21,7 +21,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     names = rp.available_papers() if args.all else args.names
     if not names:
         raise SuiteError("name a paper (`reproduce gptq`), or give --all or --list", source="reproduce")
-    papers = [rp.load_paper(n) for n in names]  # every file is validated before anything runs
+    papers = [rp.load_paper(n, args.set) for n in names]  # every file is validated before anything runs
     hardware = {k: v for k, v in (("device", args.device), ("dtype", args.dtype), ("threads", args.threads)) if v}
     reps = []
     for paper in papers:
@@ -30,6 +30,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             budget=args.budget,
             results=args.results,
             hardware=hardware,
+            overrides=args.set,
             dry_run=args.dry_run,
             progress=not args.no_progress,
             isolate=args.isolate,
@@ -74,6 +75,9 @@ def register(sub) -> None:
     r.add_argument("--threads", type=int, help="override hardware.threads of the suites (part of the run id)")
     r.add_argument("--device", choices=["cpu", "cuda"], help="override hardware.device")
     r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override hardware.dtype")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the paper file (value parsed as YAML), e.g. "
+                   "headline.suite.models.0.revision=COMMIT or headline.suite.hardware.dtype=float16; repeatable")
     r.add_argument("--dry-run", action="store_true",
                    help="run nothing: say what is missing and show verdicts from records already stored")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")

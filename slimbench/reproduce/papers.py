@@ -164,13 +164,23 @@ def find_paper(name: str) -> Path:
     raise SuiteError(f"unknown paper {name!r}{hint} Known: {', '.join(known) or '(none)'}", source="reproduce")
 
 
-def load_paper(name: str) -> Paper:
-    """Read and validate a paper file: its blocks, both suites, the budgets and every matcher."""
+def load_paper(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Paper:
+    """Read and validate a paper file: its blocks, both suites, the budgets and every matcher.
+
+    ``overrides`` are ``--set key=value`` assignments on the file's mapping (value parsed as
+    YAML), e.g. ``headline.suite.models.0.revision=<commit>``, applied before validation.
+    """
+    from slimbench.sweep.suite import apply_override
+
     path = find_paper(name)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise SuiteError(f"malformed YAML: {err}", source=str(path)) from None
+    for assignment in overrides:
+        if not isinstance(raw, dict):
+            break  # the validation below says what a paper file is
+        apply_override(raw, assignment, str(path))
     try:
         spec = PaperFile(**(raw or {}))
     except ValidationError as err:
