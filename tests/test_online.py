@@ -13,8 +13,8 @@ with `$SLIMBENCH_REVISION_<CORPUS>`, as a user would.
 The scenarios run in one process, in order (the Hugging Face cache carries over, as on a
 user's machine): a revision that does not exist; the server going away in the middle of the
 weights; a data-set config that does not exist at the pinned revision; the full GPTQ headline;
-a dry run after one record is lost; the rerun that measures it again; SVD-LLM (LLaMA-shaped
-model, calibration on WikiText-2's training split).
+a dry run after one record is lost; the rerun that measures it again; SmoothQuant (a
+Llama-shaped model in sharded safetensors; its card calibrates on WikiText-2's training split).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def online(tmp_path_factory):
     work = tmp_path_factory.mktemp("online")
     fx = hub_repos.build(work / "hub")
     gptq = shrink("gptq", work / "papers", "tiny-opt", "c4")
-    svdllm = shrink("svd-llm", work / "papers", "tiny-llama", "wikitext2")
+    smoothquant = shrink("smoothquant", work / "papers", "tiny-llama", "wikitext2")
     pins = [f"headline.suite.models.0.revision={fx.opt125m_pinned}", f"headline.suite.models.1.revision={fx.opt350m}"]
     sets = [a for p in pins for a in ("--set", p)]
     data_env = {"SLIMBENCH_REVISION_WIKITEXT2": fx.wikitext, "SLIMBENCH_REVISION_C4": fx.c4}
@@ -104,8 +104,8 @@ def online(tmp_path_factory):
         {"name": "dry-run", "env": data_env, "remove": [str(work / "r-gptq" / "runs" / f"{lost.run_id}.json")],
          "argv": reproduce(gptq, "r-gptq", *sets, "--dry-run")},
         {"name": "rerun", "env": data_env, "argv": reproduce(gptq, "r-gptq", *sets)},
-        {"name": "svd-llm", "env": data_env,
-         "argv": reproduce(svdllm, "r-svd-llm", "--set", f"headline.suite.models.0.revision={fx.llama}")},
+        {"name": "smoothquant", "env": data_env,
+         "argv": reproduce(smoothquant, "r-smoothquant", "--set", f"headline.suite.models.0.revision={fx.llama}")},
     ]
     (work / "plan.json").write_text(json.dumps(plan))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SLIMBENCH_REVISION_"))}
@@ -194,7 +194,8 @@ def reference_perplexity(fx, commit: str) -> float:
 
     import pyarrow.parquet as pq
     import torch
-    from transformers import AutoModelForCausalLM, GPT2TokenizerFast, OPTConfig
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoModelForCausalLM, OPTConfig
 
     repo = fx.root / "models" / "facebook" / "opt-125m"
 
@@ -202,11 +203,9 @@ def reference_perplexity(fx, commit: str) -> float:
         return subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{path}"], capture_output=True,
                               check=True).stdout
 
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"opt-ref-{commit}"
-    tmp.mkdir(exist_ok=True)
-    for f in ("vocab.json", "merges.txt"):
-        (tmp / f).write_bytes(blob(f, commit))
-    tok = GPT2TokenizerFast(vocab_file=str(tmp / "vocab.json"), merges_file=str(tmp / "merges.txt"))
+    vocab = json.loads(blob("vocab.json", commit))
+    merges = [tuple(line.split()) for line in blob("merges.txt", commit).decode().splitlines()[1:] if line]
+    tok = ByteLevelBPETokenizer(vocab, merges, add_prefix_space=False)  # GPT-2's byte-level BPE, by hand
     config = OPTConfig(**json.loads(blob("config.json", commit)))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = torch.load(io.BytesIO(blob("pytorch_model.bin", commit)), weights_only=True)
@@ -215,7 +214,7 @@ def reference_perplexity(fx, commit: str) -> float:
     model.eval()
     wt = fx.root / "datasets" / "Salesforce" / "wikitext"
     rows = pq.read_table(io.BytesIO(blob("wikitext-2-raw-v1/test-00000-of-00001.parquet", fx.wikitext, wt)))
-    ids = tok("\n\n".join(rows.column("text").to_pylist()), add_special_tokens=False)["input_ids"]
+    ids = tok.encode("\n\n".join(rows.column("text").to_pylist())).ids
     n = len(ids) // 64
     windows = torch.tensor(ids[: n * 64]).view(n, 64)
     with torch.no_grad():
@@ -268,15 +267,22 @@ def test_a_lost_record_is_reported_missing_and_a_rerun_measures_only_it(online):
 
 
 def test_a_second_paper_with_another_model_family_and_calibration_corpus(online):
-    fx, step = online["fx"], online["out"]["svd-llm"]
+    fx, step = online["fx"], online["out"]["smoothquant"]
     assert step["rc"] == 1 and errors(step) == [], show(step)
-    report = json.loads((online["work"] / "r-svd-llm" / "reproduce" / "svd-llm-paper.json").read_text())
+    report = json.loads((online["work"] / "r-smoothquant" / "reproduce" / "smoothquant-paper.json").read_text())
     rows = report["headline"]["rows"]
-    assert len(rows) == 10 and all(r["measured"] is not None and r["model"] == "huggyllama/llama-7b" for r in rows)
-    snap = online["work"] / "hf" / "hub" / "models--huggyllama--llama-7b" / "snapshots" / fx.llama
-    assert (snap / "model.safetensors.index.json").exists() and len(list(snap.glob("model-*.safetensors"))) == 3
-    train = f"/datasets/Salesforce/wikitext/resolve/{fx.wikitext}/wikitext-2-raw-v1/train-00000-of-00001.parquet"
-    assert any(r.endswith(train) for s in online["out"].values() for r in s["requests"])
+    assert [(r["model"], r["published"]) for r in rows] == [("meta-llama/Llama-2-7b-hf", 5.474),
+                                                            ("meta-llama/Llama-2-7b-hf", 5.515)]
+    assert all(isinstance(r["measured"], float) and r["status"] in ("pass", "FAIL") for r in rows)
+    snap = online["work"] / "hf" / "hub" / "models--meta-llama--Llama-2-7b-hf" / "snapshots" / fx.llama
+    assert (snap / "model.safetensors.index.json").exists() and len(list(snap.glob("model-*.safetensors"))) > 1
+    assert not (snap / "pytorch_model.bin").exists()  # one weight format fetched, the one transformers loads
+    # Its claim card calibrates on WikiText-2's training split (the corpus' calibration split).
+    arm = next(a for a in report["claim"]["arms"] if a["arm"] == "smoothquant")
+    rec = json.loads((online["work"] / "r-smoothquant" / "runs" / f"{arm['run_id']}.json").read_text())
+    calib = rec["method_report"]["steps"][0]["details"]["calibration"]
+    assert (calib["corpus"], calib["split"], calib["tokens"]) == ("wikitext2", "calibration", 4 * 32)
+    assert report["claim"]["verdict"] in ("holds", "fails", "inconclusive")
 
 
 # -- one clear error, nothing recorded ----------------------------------------------------------
