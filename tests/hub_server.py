@@ -5,7 +5,8 @@ downloaded at a pinned revision by ``huggingface_hub`` / ``transformers``, a dat
 config and split through ``datasets``) is tested against this server. It implements the
 endpoints those clients call in that path, with the headers and error codes they check:
 
-- ``GET /api/{models|datasets}/{repo}[/revision/{rev}]``: repo info (``sha``, ``siblings``).
+- ``GET /api/{models|datasets}/{repo}[/revision/{rev}]``: repo info (``sha``, ``siblings``, with
+  sizes under ``?blobs=true``).
 - ``GET /api/{type}/{repo}/tree/{rev}[/{path}]?recursive=``: the file listing ``datasets``
   resolves data-file patterns with (entries carry ``lfs`` for LFS files).
 - ``POST /api/{type}/{repo}/paths-info/{rev}``: what ``HfFileSystem.info`` asks.
@@ -181,7 +182,8 @@ class Handler(BaseHTTPRequestHandler):
         repo = self.repo_dir(kind, repo_id)
         if not tail or tail[0] == "revision":
             commit = self.commit_of(repo, "/".join(tail[1:]) if len(tail) > 1 else "main")
-            return self.send_json(self.info(kind, repo_id, repo, commit))
+            blobs = query.get("blobs", ["false"])[0].lower() == "true"
+            return self.send_json(self.info(kind, repo_id, repo, commit, blobs))
         if tail[0] == "tree" and len(tail) >= 2:
             commit = self.commit_of(repo, tail[1])
             recursive = query.get("recursive", ["false"])[0].lower() == "true"
@@ -192,11 +194,20 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(self.paths_info(repo, commit, form.get("paths", [])))
         raise HubError(404, "", f"Not Found: {self.path}")
 
-    def info(self, kind: str, repo_id: str, repo: Path, commit: str) -> dict:
-        files = sorted(listing(repo, commit))
+    def info(self, kind: str, repo_id: str, repo: Path, commit: str, blobs: bool = False) -> dict:
+        files = listing(repo, commit)
+        siblings = []
+        for path, (oid, size) in sorted(files.items()):
+            entry = {"rfilename": path}
+            if blobs:  # ?blobs=true: sizes and ids, as files_metadata=True asks
+                item = self.entry(repo, commit, path, oid, size)
+                entry.update(blobId=oid, size=size)
+                if "lfs" in item:  # siblings name the LFS hash sha256 (a tree entry names it oid)
+                    entry["lfs"] = {"sha256": item["lfs"]["oid"], "size": size, "pointerSize": 134}
+            siblings.append(entry)
         info = {"_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id, "sha": commit,
                 "lastModified": commit_date(repo, commit), "private": False, "gated": False, "disabled": False,
-                "tags": [], "siblings": [{"rfilename": f} for f in files]}
+                "tags": [], "siblings": siblings}
         if kind == "models":
             info["modelId"] = repo_id
         return info

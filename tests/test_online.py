@@ -171,6 +171,13 @@ def test_the_pinned_revision_is_what_was_downloaded_and_measured(online):
     assert requested, "the model was never requested from the server"
     revisions = {revision_in(p) for p in requested if not p.startswith("/cdn/")}
     assert revisions <= {fx.opt125m_pinned, MISSING_REVISION}, revisions  # never main, never its commit
+    # What was fetched, as announced: the pinned commit's config, tokenizer and weight files.
+    tree = subprocess.run(["git", "-C", str(fx.root / "models" / "facebook" / "opt-125m"), "ls-tree", "-r", "-l",
+                           fx.opt125m_pinned], capture_output=True, text=True, check=True).stdout.splitlines()
+    sizes = {line.split("\t")[1]: int(line.split()[3]) for line in tree}
+    fetched = sum(v for k, v in sizes.items() if k not in ("README.md", ".gitattributes"))
+    line = f"fetching facebook/opt-125m at {fx.opt125m_pinned} ({len(sizes) - 2} files, {fetched / 1e6:,.1f} MB)"
+    assert line in online["out"]["gptq"]["stdout"], online["out"]["gptq"]["stdout"][:500]
     cache = work / "hf" / "hub" / "models--facebook--opt-125m"
     assert sorted(p.name for p in (cache / "snapshots").iterdir()) == [fx.opt125m_pinned]
     assert not (cache / "refs" / "main").exists()
@@ -321,3 +328,46 @@ def test_a_server_that_goes_away_mid_download_is_one_clear_error_and_nothing_par
     pinned = subprocess.run(["git", "-C", str(repo), "show", f"{fx.opt125m_pinned}:pytorch_model.bin"],
                             capture_output=True, check=True).stdout
     assert (snap / "pytorch_model.bin").read_bytes() == pinned
+
+
+# -- the pieces, without a server --------------------------------------------------------------
+@pytest.mark.parametrize(("user", "expected"), [
+    ({}, {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}),
+    ({"HF_HUB_OFFLINE": "0"}, {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}),  # one switch for both
+    ({"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "1"}),
+])
+def test_one_variable_turns_the_hub_on_for_models_and_data_sets(monkeypatch, user, expected):
+    from slimbench.zoo.hub import offline_defaults
+
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DISABLE_SAFETENSORS_CONVERSION"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in user.items():
+        monkeypatch.setenv(key, value)
+    offline_defaults()
+    assert {k: os.environ[k] for k in expected} == expected
+    assert os.environ["DISABLE_SAFETENSORS_CONVERSION"] == "1"  # no call to a conversion Space
+
+
+def test_the_files_fetched_are_config_tokenizer_and_one_weight_format():
+    from slimbench.errors import SuiteError
+    from slimbench.reproduce.online import files_to_fetch
+
+    both = ["config.json", "tokenizer.json", "README.md", "pytorch_model.bin", "model.safetensors", "tf_model.h5"]
+    assert files_to_fetch("m", "r", both) == ["config.json", "tokenizer.json", "model.safetensors"]
+    sharded = ["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+               "model-00002-of-00002.safetensors", "pytorch_model-00001-of-00002.bin"]
+    assert files_to_fetch("m", "r", sharded)[1:] == sharded[1:4]
+    assert files_to_fetch("m", "r", ["config.json", "vocab.json", "merges.txt", "pytorch_model.bin"]) == [
+        "config.json", "vocab.json", "merges.txt", "pytorch_model.bin"]
+    with pytest.raises(SuiteError, match="has no weights"):
+        files_to_fetch("m", "r", ["config.json", "flax_model.msgpack"])
+
+
+def test_set_overrides_a_paper_field_before_validation(tmp_path):
+    from slimbench.errors import SuiteError
+    from slimbench.reproduce import papers as rp
+
+    paper = rp.load_paper("gptq", ["headline.suite.models.0.revision=" + "ab" * 20])
+    assert rp.headline_suite(paper).models[0].revision == "ab" * 20
+    with pytest.raises(SuiteError, match="no list element '5'"):
+        rp.load_paper("gptq", ["headline.suite.models.5.revision=x"])

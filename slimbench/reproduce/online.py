@@ -70,6 +70,7 @@ def model_failure(spec: ModelSpec, err: BaseException) -> str:
     """A download failure in words: what was asked, of which server, and what to do."""
     from huggingface_hub.errors import (
         GatedRepoError,
+        HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -84,9 +85,11 @@ def model_failure(spec: ModelSpec, err: BaseException) -> str:
     if isinstance(err, RepositoryNotFoundError):
         return f"{where}: no such repository (or it is private: log in with `hf auth login`)"
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if isinstance(err, (OSError, LocalEntryNotFoundError)) or _is_connection_error(err):
+    if _is_connection_error(err) or isinstance(err, LocalEntryNotFoundError):
         return (f"{where}: the download stopped ({type(err).__name__}: {text}). Nothing was recorded; the files "
                 "that finished are kept in the Hugging Face cache, so the same command again downloads only the rest")
+    if isinstance(err, HfHubHTTPError) and err.response is not None:
+        return f"{where}: the server answered {err.response.status_code} ({text})"
     return f"{where}: {type(err).__name__}: {text}"
 
 
