@@ -96,6 +96,10 @@ def online(tmp_path_factory):
         {"name": "bad-revision", "env": data_env,
          "argv": reproduce(gptq, "r-bad-revision", "--set", f"headline.suite.models.0.revision={MISSING_REVISION}",
                            "--set", f"headline.suite.models.1.revision={fx.opt350m}")},
+        {"name": "dry-bad-revision", "env": data_env,
+         "argv": reproduce(gptq, "r-dry-bad-revision", "--dry-run", "--set",
+                           f"headline.suite.models.0.revision={MISSING_REVISION}",
+                           "--set", f"headline.suite.models.1.revision={fx.opt350m}")},
         {"name": "gone", "env": data_env, "drop_after": {"pytorch_model.bin": 1_000_000},
          "argv": reproduce(gptq, "r-gone", *sets)},
         {"name": "bad-config", "env": {**data_env, "SLIMBENCH_REVISION_WIKITEXT2": fx.wikitext_without_wt2},
@@ -300,6 +304,19 @@ def test_a_revision_that_does_not_exist_is_one_clear_error(online):
     assert f"facebook/opt-125m at revision {MISSING_REVISION}" in errors(step)[0]
     assert "has no revision" in errors(step)[0]
     assert nothing_recorded(online["work"] / "r-bad-revision")
+
+
+def test_a_dry_run_asks_the_hub_without_downloading(online):
+    step, fx = online["out"]["dry-bad-revision"], online["fx"]
+    assert step["rc"] == 0 and errors(step) == [], show(step)  # a dry run reports, it does not fail
+    assert "Not reachable here" in step["stdout"] and f"has no revision '{MISSING_REVISION}'" in step["stdout"]
+    assert not any("/resolve/" in r or r.startswith("GET /cdn/") for r in step["requests"])  # nothing downloaded
+    asked = f"GET /api/datasets/allenai/c4/revision/{fx.c4}"
+    assert any(r.startswith(asked) for r in step["requests"])  # the data pins were asked about too
+    assert nothing_recorded(online["work"] / "r-dry-bad-revision")
+    clean = online["out"]["dry-run"]  # the dry run after the headline ran: every pin exists
+    assert "Not reachable here" not in clean["stdout"], show(clean)
+    assert not any("/resolve/" in r for r in clean["requests"])
 
 
 def test_a_dataset_config_that_does_not_exist_is_one_clear_error(online):
