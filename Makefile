@@ -6,7 +6,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 1
-export HF_DATASETS_OFFLINE ?= 1
+# datasets has its own switch; it follows the hub's unless set (`HF_HUB_OFFLINE=0 make ...` is online)
+export HF_DATASETS_OFFLINE ?= $(HF_HUB_OFFLINE)
 export HF_UPDATE_DOWNLOAD_COUNTS ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 

@@ -179,7 +179,7 @@ def test_offline_message_names_the_missing_model_data_set_and_revision(tmp_path,
     assert "facebook/opt-125m at revision 27dcfa74d334bc871f3234de431e71c6eeba5dd6" in out
     assert "not in the local Hugging Face cache" in out
     assert "wikitext2 split test" in out and "SLIMBENCH_REVISION_WIKITEXT2" in out
-    assert "hub data set wikitext, wikitext-2-raw-v1" in out
+    assert "hub data set Salesforce/wikitext, wikitext-2-raw-v1" in out
     assert "runs on the embedded model instead" in out
 
 

@@ -12,6 +12,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from slimbench.reproduce import papers as rp
     from slimbench.reproduce import render as rp_render
     from slimbench.reproduce import run as rp_run
+    from slimbench.reproduce.online import HubUnavailable
 
     if args.list:
         for key in rp.available_papers():
@@ -21,19 +22,28 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     names = rp.available_papers() if args.all else args.names
     if not names:
         raise SuiteError("name a paper (`reproduce gptq`), or give --all or --list", source="reproduce")
-    papers = [rp.load_paper(n) for n in names]  # every file is validated before anything runs
+    papers = [rp.load_paper(n, args.set) for n in names]  # every file is validated before anything runs
     hardware = {k: v for k, v in (("device", args.device), ("dtype", args.dtype), ("threads", args.threads)) if v}
-    reps = []
+    reps, unavailable = [], []
     for paper in papers:
-        rep = rp_run.reproduce(
-            str(paper.path),
-            budget=args.budget,
-            results=args.results,
-            hardware=hardware,
-            dry_run=args.dry_run,
-            progress=not args.no_progress,
-            isolate=args.isolate,
-        )
+        try:
+            rep = rp_run.reproduce(
+                str(paper.path),
+                budget=args.budget,
+                results=args.results,
+                hardware=hardware,
+                overrides=args.set,
+                dry_run=args.dry_run,
+                progress=not args.no_progress,
+                isolate=args.isolate,
+            )
+        except HubUnavailable as err:
+            if len(papers) == 1:
+                raise
+            # With several papers, one whose models cannot be fetched (a gated Llama-2) stops only itself.
+            print(f"error: {paper.key}: {err}", file=sys.stderr)
+            unavailable.append(paper.key)
+            continue
         print(rp_render.render(rep, markdown=False))
         if not args.dry_run:
             print(f"(written to {rp_render.write_outputs(rep, args.results)})\n")
@@ -50,6 +60,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             atomic_write_text(path, table)
             print(f"(summary written to {path})")
     sys.stdout.flush()
+    if unavailable:
+        print(f"error: not run (their models or data could not be fetched): {', '.join(unavailable)}",
+              file=sys.stderr)
+        return 2
     return max(r.exit_code() for r in reps)
 
 
@@ -74,6 +88,9 @@ def register(sub) -> None:
     r.add_argument("--threads", type=int, help="override hardware.threads of the suites (part of the run id)")
     r.add_argument("--device", choices=["cpu", "cuda"], help="override hardware.device")
     r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override hardware.dtype")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the paper file (value parsed as YAML), e.g. "
+                   "headline.suite.models.0.revision=COMMIT or headline.suite.hardware.dtype=float16; repeatable")
     r.add_argument("--dry-run", action="store_true",
                    help="run nothing: say what is missing and show verdicts from records already stored")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")

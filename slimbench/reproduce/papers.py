@@ -164,10 +164,20 @@ def find_paper(name: str) -> Path:
     raise SuiteError(f"unknown paper {name!r}{hint} Known: {', '.join(known) or '(none)'}", source="reproduce")
 
 
-def load_paper(name: str) -> Paper:
-    """Read and validate a paper file: its blocks, both suites, the budgets and every matcher."""
+def load_paper(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Paper:
+    """Read and validate a paper file: its blocks, both suites, the budgets and every matcher.
+
+    ``overrides`` are ``--set key=value`` assignments on the file's mapping (value parsed as
+    YAML), e.g. ``headline.suite.models.0.revision=<commit>``, applied before validation.
+    """
+    from slimbench.sweep.suite import apply_override
+
     path = find_paper(name)
     raw = load_file(path)  # the suites' limits: size, encoding, depth, alias expansion
+    for assignment in overrides:
+        if not isinstance(raw, dict):
+            break  # the validation below says what a paper file is
+        apply_override(raw, assignment, str(path))
     try:
         spec = PaperFile(**(raw or {}))
     except ValidationError as err:

@@ -73,8 +73,9 @@ def summary_table(reps: list[Reproduction]) -> str:
         if r.headline_missing:
             head = f"not reachable ({len(r.headline_missing)} missing)"
         else:
-            done = [x for x in r.headline_rows if x.measured is not None]
-            head = f"{sum(x.status == 'pass' for x in done)}/{len(r.headline_rows)} within tolerance"
+            head = f"{sum(x.status == 'pass' for x in r.headline_rows)}/{len(r.headline_rows)} within tolerance"
+            if r.headline_missing_rows:
+                head += f", {len(r.headline_missing_rows)} not measured"
         out.append(f"| {md(r.paper.key)} | {md(r.paper.spec.claim.statement)} | {md(r.budget)} | "
                    f"**{r.verdict.verdict}** | {md(head)} |")
     return "\n".join(out) + "\n"

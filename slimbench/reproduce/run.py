@@ -7,7 +7,6 @@ normal runner into a results folder, and the comparison of published and measure
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,18 +25,19 @@ from slimbench.reproduce.papers import (
 from slimbench.specs import CellSpec, TaskSpec
 from slimbench.sweep.store import ResultStore
 from slimbench.sweep.suite import Suite
+from slimbench.zoo.hub import endpoint, hub_offline
 
 
 # -- what is reachable -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Missing:
-    kind: Literal["model", "data"]
+    kind: Literal["model", "data", "hub"]
     what: str
     why: str
     fix: str
 
     def line(self) -> str:
-        return f"{self.kind} {self.what}: {self.why}. {self.fix}"
+        return f"{self.kind} {self.what}: {self.why}." + (f" {self.fix}" if self.fix else "")
 
 
 WEIGHT_FILES = (
@@ -46,10 +46,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def model_missing(spec) -> Missing | None:
@@ -82,42 +78,34 @@ def model_missing(spec) -> Missing | None:
 
 
 def data_missing(corpus: str, split: str) -> Missing | None:
-    """A corpus split that cannot be read here (no local copy, no pinned revision, or offline)."""
+    """A corpus split that cannot be read here (no local copy, not in the cache while offline)."""
     from slimbench.registry import CORPORA
 
     try:
         CORPORA.get(corpus).documents(split)
         return None
     except Exception as err:  # any failure to read the data is what the user must fix
-        hub = ""
-        try:
-            from slimbench.zoo.datasets.standard_corpora import SOURCES
+        hub, fix = "", "Provide a local copy or a pinned hub commit (see docs/reproduction.md)."
+        from slimbench.zoo.datasets import standard_corpora as sc
 
-            src = SOURCES.get(corpus, {}).get(split)
-            if src is not None:
-                hub = f" (hub data set {src.dataset}, {src.config}, split {src.split})"
-        except ImportError:
-            pass
-        return Missing(
-            "data",
-            f"{corpus} split {split}{hub}",
-            f"{type(err).__name__}: {err}",
-            "Provide a local copy or a pinned hub commit (see docs/reproduction.md).",
-        )
+        src = sc.SOURCES.get(corpus, {}).get(split)
+        if src is not None:
+            rev = sc.revision(corpus)
+            hub = (f" (hub data set {src.dataset}, {src.config or src.data_files}, split {src.split}"
+                   + (f", at {rev})" if rev else ")"))
+            fix = (f"Set HF_HUB_OFFLINE=0 to download it, or put a local copy at $SLIMBENCH_DATA/{corpus}/"
+                   f"{split}(.jsonl|.json|.parquet|.txt|.raw); $SLIMBENCH_REVISION_{corpus.upper()} pins another "
+                   "hub commit (see docs/reproduction.md).")
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return Missing("data", f"{corpus} split {split}{hub}", why, fix)
 
 
 def requirements(suite: Suite) -> list[Missing]:
     """Everything the suite needs that this machine lacks: models, data sets, revisions."""
+    from slimbench.reproduce.online import data_needed
+
     out = [m for m in (model_missing(s) for s in suite.models) if m is not None]
-    needed: list[tuple[str, str]] = []
-    for t in suite.tasks:
-        if "corpus" in t.params:
-            needed.append((t.params["corpus"], t.params.get("split", "test")))
-    for me in suite.methods:
-        for step in me.steps:
-            if "calib_corpus" in step.params:
-                needed.append((step.params["calib_corpus"], "calibration"))
-    for corpus, split in dict.fromkeys(needed):
+    for corpus, split in data_needed(suite):
         miss = data_missing(corpus, split)
         if miss is not None:
             out.append(miss)
@@ -157,7 +145,7 @@ class HeadlineRow:
     published: float
     tolerance: Tolerance
     measured: float | None
-    status: str  # pass | FAIL | not run | failed ...
+    status: str  # pass | FAIL | missing: not run | missing: failed (stage): ...
     run_id: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,10 +174,19 @@ class Reproduction:
     arms: list[ArmResult]
     verdict: Verdict
     notes: list[str] = field(default_factory=list)
+    headline_expected: bool = False  # --budget paper with everything reachable: every row should be measured
+
+    @property
+    def headline_missing_rows(self) -> list[HeadlineRow]:
+        return [r for r in self.headline_rows if r.measured is None]
 
     @property
     def headline_ok(self) -> bool:
-        return all(r.status != "FAIL" for r in self.headline_rows)
+        """No published number missed: none outside its tolerance and, where the headline was to
+        run, none left unmeasured (a failed or unfinished cell)."""
+        if any(r.status == "FAIL" for r in self.headline_rows):
+            return False
+        return not (self.headline_expected and self.headline_missing_rows)
 
     def exit_code(self) -> int:
         return 0 if self.verdict.verdict != "fails" and self.headline_ok else 1
@@ -204,6 +201,9 @@ class Reproduction:
                 "missing": [m.line() for m in self.headline_missing],
                 "ran": self.headline_ran,
                 "rows": [r.to_dict() for r in self.headline_rows],
+                "measured": sum(r.measured is not None for r in self.headline_rows),
+                "within_tolerance": sum(r.status == "pass" for r in self.headline_rows),
+                "unmeasured": [r.to_dict() for r in self.headline_missing_rows],
             },
             "claim": {
                 "statement": self.paper.spec.claim.statement,
@@ -222,7 +222,7 @@ def headline_rows(paper: Paper, suite: Suite, store: ResultStore) -> list[Headli
     for pub, cell in zip(head.published, headline_cells(paper, suite), strict=True):
         tol = pub.tolerance or head.tolerance
         value, why = read_value(store, cell, pub.metric)
-        status = ("pass" if tol.allows(value, pub.value) else "FAIL") if value is not None else why
+        status = ("pass" if tol.allows(value, pub.value) else "FAIL") if value is not None else f"missing: {why}"
         rows.append(
             HeadlineRow(pub.model, method_label(cell.method, pub.method), cell.task.label() + _task_params(cell.task),
                         pub.metric, pub.value, tol, value, status, cell.run_id)
@@ -242,23 +242,40 @@ def reproduce(
     budget: str = "small",
     results: str | Path = "results",
     hardware: dict[str, Any] | None = None,
+    overrides: list[str] = (),
     dry_run: bool = False,
     progress: bool = True,
     isolate: bool = False,
     log=print,
 ) -> Reproduction:
-    """Run what is reachable of one paper and compute its verdicts from the stored records."""
-    paper = load_paper(name)
+    """Run what is reachable of one paper and compute its verdicts from the stored records.
+
+    Offline, the headline runs if its models and data are in the local caches, else the report
+    says what is missing. Online with ``budget="paper"``, everything the headline needs is
+    fetched first (``slimbench.reproduce.online``): a failure there raises ``HubUnavailable``
+    before any record is written.
+    """
+    from slimbench.reproduce import online
+
+    paper = load_paper(name, overrides)
     store = ResultStore(results)
     head = headline_suite(paper, hardware)
-    missing = requirements(head)
     notes: list[str] = []
     ran = False
+    if budget != "paper":
+        # Online, checking would download the data for nothing: the headline does not run.
+        missing = requirements(head) if hub_offline() else []
+        notes.append("the headline runs only with --budget paper (the published numbers need the paper's protocol)")
+    elif hub_offline():
+        missing = requirements(head)
+    elif dry_run:
+        missing = [Missing("hub", endpoint(), p, "") for p in online.check(head)]
+    else:
+        online.prefetch(head, log)  # raises before anything is written
+        missing = []
     if missing:
         notes.append("the paper's headline is not reachable here; the claim card runs on the embedded model instead")
-    elif budget != "paper":
-        notes.append("the headline runs only with --budget paper (the published numbers need the paper's protocol)")
-    elif not dry_run:
+    elif budget == "paper" and not dry_run:
         log(f"{paper.key}: running the headline ({len(head.cells())} cells)")
         run_suite_cells(headline_cells(paper, head), store, f"{paper.path}#headline", progress=progress,
                         isolate=isolate)
@@ -283,5 +300,6 @@ def reproduce(
         arms.append(ArmResult(arm, method_label(cell.method, card.arms[arm]), value, why, cell.run_id))
     verdict = evaluate(card.checks, values, card.reference)
     first = next(iter(cells.values()))
+    expected = budget == "paper" and not missing
     return Reproduction(paper, budget, missing, ran, rows, first.model.name,
-                        first.task.label() + _task_params(first.task), arms, verdict, notes)
+                        first.task.label() + _task_params(first.task), arms, verdict, notes, expected)

@@ -89,7 +89,21 @@ def wrap(model: Any, tok: Any, name: str, hw: HardwareSpec, provenance: dict) ->
 def load_hf(spec: ModelSpec, hw: HardwareSpec) -> LanguageModel:
     model, tok = load_pretrained(spec.name, spec, hw)
     prov = {"source": f"{spec.name}" + (f"@{spec.revision}" if spec.revision else "")}
+    commit = loaded_commit(spec)
+    if commit:
+        prov["commit"] = commit
     return wrap(model, tok, spec.name, hw, prov)
+
+
+def loaded_commit(spec: ModelSpec) -> str | None:
+    """The hub commit a hub model's files were loaded from: the Hugging Face cache snapshot that
+    holds its config.json for the revision (a branch or tag resolves to a commit there)."""
+    if spec.name.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(spec.name, "config.json", revision=spec.revision)
+    return Path(path).parent.name if isinstance(path, str) else None
 
 
 # -- smollm2-135m: GGUF -> safetensors cache ---------------------------------------------

@@ -27,11 +27,16 @@ class DataError(SuiteError):
 
 @dataclass(frozen=True)
 class HubSource:
-    """Where the online copy lives: ``load_dataset(dataset, config, split=split, revision=...)``."""
+    """Where the online copy lives: ``load_dataset(dataset, config, split=split, revision=...)``, or
+    with ``data_files`` (one file of the repository, loaded without a config name) instead of a config."""
 
     dataset: str
     config: str | None
     split: str
+    data_files: str | None = None
+
+    def label(self, revision: str) -> str:
+        return f"hub:{self.dataset}/{self.config or self.data_files or ''}@{revision}"
 
 
 def read_local(path: str | Path) -> list[dict[str, Any]]:
@@ -71,12 +76,42 @@ def read_local(path: str | Path) -> list[dict[str, Any]]:
     raise DataError(f"{p}: unknown format {suffix!r}; use .jsonl, .json, .parquet, .csv, .tsv, .txt or .raw")
 
 
-def read_hub(source: HubSource, revision: str) -> list[dict[str, Any]]:
-    """Online: the hub copy at ``revision`` (a commit sha or tag). Needs network."""
+def read_hub(source: HubSource, revision: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Online: the hub copy at ``revision`` (a commit sha or tag), its first ``limit`` rows if given.
+
+    Needs network (``HF_HUB_OFFLINE=0``). Any failure (no such revision, config, split or file,
+    the hub unreachable) is one DataError naming the data set, what was asked and why.
+    """
     from datasets import load_dataset
 
-    ds = load_dataset(source.dataset, source.config, split=source.split, revision=revision)
+    kwargs = {"data_files": {source.split: source.data_files}} if source.data_files else {"name": source.config}
+    try:
+        ds = load_dataset(source.dataset, split=source.split, revision=revision, **kwargs)
+    except Exception as err:  # datasets raises many types; the user needs the one line that says what failed
+        raise DataError(hub_failure(source, revision, err)) from err
+    if limit is not None and len(ds) > limit:
+        ds = ds.select(range(limit))  # before materializing: C4's train shard has 356k rows
     return [dict(r) for r in ds]
+
+
+def hub_failure(source: HubSource, revision: str, err: BaseException) -> str:
+    """``load_dataset``'s failure as one line: the data set, config/file, split, revision, and the cause."""
+    what = f"config {source.config!r}" if source.config else f"file {source.data_files!r}"
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    causes = {"OfflineModeIsEnabled": "the hub is offline (HF_HUB_OFFLINE=1) and this is not in the local cache",
+              "RevisionNotFoundError": f"revision {revision} does not exist",
+              "DatasetNotFoundError": "no such data set on the hub (or it is private or gated)",
+              "ConnectionError": "the hub could not be reached"}
+    cause = next((c for name, c in causes.items() if any(type(e).__name__ == name for e in _chain(err))), None)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return (f"{source.dataset} ({what}, split {source.split!r}) at revision {revision} from {endpoint}: "
+            f"{cause + ' (' + text + ')' if cause else text}")
+
+
+def _chain(err: BaseException | None):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 def load_rows(path: str | None, source: HubSource, revision: str | None) -> tuple[list[dict[str, Any]], str]:
@@ -87,7 +122,7 @@ def load_rows(path: str | None, source: HubSource, revision: str | None) -> tupl
         raise DataError(
             f"{source.dataset}: give `path` (a local file) or pin `revision` (a hub commit) to load it online"
         )
-    return read_hub(source, revision), f"hub:{source.dataset}/{source.config or ''}@{revision}"
+    return read_hub(source, revision), source.label(revision)
 
 
 class Rows:
