@@ -229,6 +229,32 @@ def _headwise(n_heads: int, h: torch.Tensor) -> torch.Tensor:
     return torch.block_diag(*[h] * n_heads)
 
 
+def residual_linears(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(linears reading the residual stream, linears writing to it directly) of a rotatable model.
+
+    Gemma's attention and MLP outputs reach the stream through a post-norm (rotated online), so
+    it has no direct writers.
+    """
+    readers, writers = [], []
+    for layer in decoder_layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        readers += [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
+        if not hasattr(layer, "post_feedforward_layernorm"):
+            writers += [attn.o_proj, mlp.down_proj]
+    return readers, writers
+
+
+@torch.no_grad()
+def rotate_residual(model: nn.Module, r: torch.Tensor) -> None:
+    """Readers ``W <- W R``, writers ``W <- Rᵀ W`` (the norms must already be folded)."""
+    r = r.double()
+    readers, writers = residual_linears(model)
+    for lin in readers:
+        _rotate_in(lin, r)
+    for lin in writers:
+        _rotate_out(lin, r)
+
+
 @torch.no_grad()
 def rotate_model(model: nn.Module, r1: Rotation, *, seed: int, online_o: bool = True, online_down: bool = True,
                  qk: bool = True, v_heads: bool = True) -> dict[str, Any]:
@@ -246,8 +272,6 @@ def rotate_model(model: nn.Module, r1: Rotation, *, seed: int, online_o: bool = 
     for layer in decoder_layers(model):
         _fold_norms(layer, adapter)
         attn, mlp = layer.self_attn, layer.mlp
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _rotate_in(lin, r)
         if h_v is not None:  # v -> v H per head; o_proj reads v H, so W_o <- W_o blockdiag(H)
             _rotate_out(attn.v_proj, _headwise(kv_heads, h_v))
             _rotate_in(attn.o_proj, _headwise(heads, h_v))
@@ -263,9 +287,7 @@ def rotate_model(model: nn.Module, r1: Rotation, *, seed: int, online_o: bool = 
         if hasattr(layer, "post_feedforward_layernorm"):  # Gemma: writes through scaled post-norms
             layer.post_attention_layernorm = RotateOutput(layer.post_attention_layernorm, r1)
             layer.post_feedforward_layernorm = RotateOutput(layer.post_feedforward_layernorm, r1)
-        else:
-            _rotate_out(attn.o_proj, r)
-            _rotate_out(layer.mlp.down_proj, r)
+    rotate_residual(model, r)
     inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     inner.embed_tokens = RotateOutput(inner.embed_tokens, r1)
     inner.norm = RotateInput(inner.norm, r1)
