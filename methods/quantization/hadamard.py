@@ -15,10 +15,10 @@ So SmolLM2's 576 = 36 · 16 (Paley II, q = 17), its 1,536 = 12 · 128 and 192 = 
 640 = 20 · 32 (Paley I, q = 19). A width no construction here covers (any odd width, 100 = 4 · 25,
 ...) raises ``ValueError`` with the reason, at validation time.
 
-The transform (:func:`hadamard_matmul`) runs the power-of-two factor as an in-place-free
-butterfly (fast Walsh–Hadamard, ``log2(p)`` passes of adds and subtracts, written in PyTorch:
-no CUDA-only library is needed on this CPU) and the ``m``-factor as a small dense matmul, i.e.
-``n · (log2 p + m)`` operations per vector instead of ``n²``.
+The transform (:func:`hadamard_matmul`, written in PyTorch: the CUDA-only fast-hadamard-transform
+library does not run on this CPU) applies ``H_m`` and the power-of-two part, itself split into
+Sylvester factors of at most 128 (``H_2048 = H_16 ⊗ H_128``), as one small dense matmul per
+factor: ``n · (m + Σ c_i)`` multiply-adds per vector instead of ``n²``, in a few kernel calls.
 """
 
 from __future__ import annotations
@@ -161,18 +161,40 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@functools.lru_cache(maxsize=32)
+def _sylvester_float(p: int) -> torch.Tensor:
+    return sylvester(p).float()
+
+
+def _chunks(p: int, largest: int = 128) -> list[int]:
+    """Powers of two <= ``largest`` whose product is ``p``: H_p = H_c1 ⊗ H_c2 ⊗ ... (Sylvester's order)."""
+    out = []
+    while p > largest:
+        out.append(largest)
+        p //= largest
+    return [p, *out] if p > 1 else out
+
+
 def hadamard_matmul(x: torch.Tensor, plan: HadamardPlan, factor: torch.Tensor | None = None,
                     transpose: bool = False) -> torch.Tensor:
-    """``x @ H_n / √n`` (or ``x @ H_nᵀ / √n``) over the last dim, fast: butterfly + small matmul."""
+    """``x @ H_n / √n`` (or ``x @ H_nᵀ / √n``) over the last dim, in ``n · (m + Σ c_i)`` multiply-adds.
+
+    ``H_n = H_m ⊗ H_c1 ⊗ H_c2 ...`` with Sylvester factors of at most 128: each factor is one small
+    dense matmul over its own axis (a handful of kernel calls, which at one token beats the
+    ``log2 p`` passes of a butterfly; :func:`fwht` is the butterfly, kept as the reference).
+    """
     n, m, p = plan.n, plan.m, plan.p
     if x.shape[-1] != n:
         raise ValueError(f"last dim {x.shape[-1]} != Hadamard order {n}")
     shape = x.shape
-    y = fwht(x.reshape(-1, m, p))  # Sylvester's H_p is symmetric: x @ H_p = H_p x
+    chunks = _chunks(p)
+    y = x.reshape(-1, m, *chunks)
+    for axis, c in enumerate(chunks, start=2):  # Sylvester factors are symmetric
+        y = torch.movedim(torch.movedim(y, axis, -1) @ _sylvester_float(c).to(y.dtype), -1, axis)
     if m > 1:
         a = plan.dense_factor() if factor is None else factor
         a = a.to(y.dtype)
-        y = torch.einsum("nbq,bc->ncq", y, a.t() if transpose else a)
+        y = torch.movedim(torch.movedim(y, 1, -1) @ (a.t() if transpose else a), -1, 1)
     return (y * (1.0 / math.sqrt(n))).reshape(shape)
 
 
