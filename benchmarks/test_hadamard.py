@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from slimbench.methods.quantization.hadamard import hadamard_matmul, hadamard_plan
 
 CASES = [(1536, 576), (576, 576), (640, 640), (2048, 640)]  # (transform width, linear output width)
