@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from slimbench.methods.quantization import hadamard as hd
@@ -108,10 +110,24 @@ def test_quarot_keeps_gemma3_logits_with_sandwich_norms():
             p.data.view(-1)[0] = -1.0
     ids = torch.randint(0, 300, (2, 24))
     ref = _logits(model, ids)
+    online = copy.deepcopy(model)
     rotate_model(model, Rotation.hadamard(80, 0), seed=0)  # 80 = 20 * 4: a Paley I factor
     out = _logits(model, ids)
     assert torch.isfinite(out).all()
     assert torch.allclose(out, ref, atol=1e-5)
+    # online residual mode (quarot's default on Gemma): norm scales kept, pre-norm outputs rotated
+    rotate_model(online, Rotation.hadamard(80, 0), seed=0, residual="online")
+    assert online.model.layers[0].input_layernorm.inner.weight.abs().max() > 0  # scales kept
+    assert torch.allclose(_logits(online, ids), ref, atol=1e-5)
+
+
+def test_auto_int_kernel_only_for_8bit_activations():
+    steps = (StepSpec(name="rtn", params={"bits": 4, "symmetric": True}),)
+    for a_bits, kernels in ((8, {"int_mm": 14, "fake": 0}), (4, {"int_mm": 0, "fake": 14})):
+        lm = load_tiny("llama")
+        act = StepSpec(name="act-quant", params={"a_bits": a_bits})
+        rep = apply_method(lm, MethodSpec(steps=(*steps, act)), HardwareSpec(threads=1))
+        assert rep["steps"][-1]["details"]["kernels"] == kernels
 
 
 def test_quarot_refuses_layernorm_models_and_uncovered_widths():
@@ -183,7 +199,7 @@ def test_w4a8_chain_runs_the_int_kernel_and_w4a4_is_labelled_simulated():
     steps = [StepSpec(name="quarot", params={}), StepSpec(name="rtn", params={"bits": 4, "symmetric": True})]
     for a_bits, kv in ((8, 16), (4, 4)):
         lm = load_tiny("llama")
-        act = StepSpec(name="act-quant", params={"a_bits": a_bits, "kv_bits": kv})
+        act = StepSpec(name="act-quant", params={"a_bits": a_bits, "kv_bits": kv, "int_kernel": "always"})
         rep = apply_method(lm, MethodSpec(steps=(*steps, act)), HardwareSpec(threads=1))
         last = rep["steps"][-1]
         assert last["details"]["kernels"] == {"int_mm": 14, "fake": 0}

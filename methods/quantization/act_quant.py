@@ -22,7 +22,7 @@ Execution is ``native`` only for 8-bit activations on integer weights with a ful
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -43,7 +43,9 @@ class ActQuantConfig(Config):
     a_clip: float = Field(1.0, gt=0, le=1, description="activation range kept, as a fraction of each token's max")
     kv_bits: int = Field(16, ge=2, le=16, description="KV-cache bits (per token and head, asymmetric); 16 = off")
     kv_clip: float = Field(1.0, gt=0, le=1, description="KV range kept, as a fraction of the min-max range")
-    int_kernel: bool = Field(True, description="run grid-stored weights through torch._int_mm (false: fake-quant)")
+    int_kernel: Literal["auto", "always", "never"] = Field(
+        "auto", description="run grid-stored weights through torch._int_mm: always, never (fake-quant), or auto: "
+        "for 8-bit activations only (4-bit ones have no int4 kernel to gain from)")
 
     @model_validator(mode="after")
     def _something(self):
@@ -178,10 +180,11 @@ def apply(lm, cfg: ActQuantConfig, ctx) -> MethodReport:
     kernels = {"int_mm": 0, "fake": 0}
     kept: dict[str, dict[str, torch.Tensor]] = {}
     stored = getattr(ctx, "stored", None) or {}
+    use_int = cfg.int_kernel == "always" or (cfg.int_kernel == "auto" and cfg.a_bits == 8)
     if cfg.a_bits < 16:
         for name, mod in list(iter_linears(lm.model)):
             parts = stored.get(f"{name}.weight")
-            if cfg.int_kernel and grid_form(parts) and not isinstance(mod, CompressedLinear):
+            if use_int and grid_form(parts) and not isinstance(mod, CompressedLinear):
                 replace_module(lm.model, name, IntActLinear.from_form(mod, parts, cfg.a_bits, cfg.a_clip))
                 kernels["int_mm"] += 1
                 continue

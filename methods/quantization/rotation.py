@@ -255,11 +255,37 @@ def rotate_residual(model: nn.Module, r: torch.Tensor) -> None:
         _rotate_out(lin, r)
 
 
+def sandwich_norms(model: nn.Module) -> bool:
+    """Whether the layers write through scaled post-norms (Gemma 2/3)."""
+    return any(hasattr(layer, "post_feedforward_layernorm") for layer in decoder_layers(model))
+
+
+def _rotate_norm_outputs(model: nn.Module, adapter, r1: Rotation, r: torch.Tensor) -> None:
+    """``online`` residual mode: the stream stays as it is; each pre-norm's output (its scale kept)
+    is rotated online and the linears it feeds get ``W <- W R``."""
+    for layer in decoder_layers(model):
+        for norm_name, lin_names in adapter.norm_linear_pairs:
+            for n in lin_names:
+                _rotate_in(layer.get_submodule(n), r)
+            parent, _, child = norm_name.rpartition(".")
+            holder = layer.get_submodule(parent) if parent else layer
+            setattr(holder, child, RotateOutput(getattr(holder, child), r1))
+
+
 @torch.no_grad()
 def rotate_model(model: nn.Module, r1: Rotation, *, seed: int, online_o: bool = True, online_down: bool = True,
-                 qk: bool = True, v_heads: bool = True) -> dict[str, Any]:
-    """Rotate ``model`` in place (function unchanged up to float rounding); returns what was done."""
+                 qk: bool = True, v_heads: bool = True, residual: str = "fused") -> dict[str, Any]:
+    """Rotate ``model`` in place (function unchanged up to float rounding); returns what was done.
+
+    ``residual``: ``fused`` (QuaRot: norms folded, the residual stream rotated by ``R1``) or
+    ``online`` (norms keep their scales; ``R1`` is applied online to each pre-norm's output, two
+    transforms per layer). ``online`` is for norm scales of a wide range: folding Gemma 3's
+    (0.16 to 234 at the attention input) moves that range behind the activation quantizer, which
+    then sees the weightless norm's output, so its rounding noise is multiplied by up to 234.
+    """
     check_rotatable(model)
+    if residual not in ("fused", "online"):
+        raise ValueError(f"residual {residual!r}: fused or online")
     adapter = adapter_for(model)
     cfg = model.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -270,7 +296,8 @@ def rotate_model(model: nn.Module, r1: Rotation, *, seed: int, online_o: bool = 
     rot_qk = Rotation.hadamard(head_dim, seed + 3) if qk else None
     h_v = Rotation.hadamard(head_dim, seed + 4).dense().double() if v_heads else None
     for layer in decoder_layers(model):
-        _fold_norms(layer, adapter)
+        if residual == "fused":
+            _fold_norms(layer, adapter)
         attn, mlp = layer.self_attn, layer.mlp
         if h_v is not None:  # v -> v H per head; o_proj reads v H, so W_o <- W_o blockdiag(H)
             _rotate_out(attn.v_proj, _headwise(kv_heads, h_v))
@@ -284,14 +311,17 @@ def rotate_model(model: nn.Module, r1: Rotation, *, seed: int, online_o: bool = 
         if rot_d is not None:
             _rotate_in(mlp.down_proj, rot_d.dense().double())
             layer.mlp = RotatedMLP(mlp, rot_d)
-        if hasattr(layer, "post_feedforward_layernorm"):  # Gemma: writes through scaled post-norms
+        if residual == "fused" and hasattr(layer, "post_feedforward_layernorm"):  # Gemma: scaled post-norms
             layer.post_attention_layernorm = RotateOutput(layer.post_attention_layernorm, r1)
             layer.post_feedforward_layernorm = RotateOutput(layer.post_feedforward_layernorm, r1)
-    rotate_residual(model, r)
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    inner.embed_tokens = RotateOutput(inner.embed_tokens, r1)
-    inner.norm = RotateInput(inner.norm, r1)
-    return {"residual": r1.extra_repr(), "online_o_proj": online_o, "online_down_proj": online_down,
+    if residual == "online":
+        _rotate_norm_outputs(model, adapter, r1, r)
+    else:
+        rotate_residual(model, r)
+        inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        inner.embed_tokens = RotateOutput(inner.embed_tokens, r1)
+        inner.norm = RotateInput(inner.norm, r1)
+    return {"residual": residual, "r1": r1.extra_repr(), "online_o_proj": online_o, "online_down_proj": online_down,
             "qk_rotation": qk, "v_head_rotation": v_heads, "head_dim": head_dim,
             "hadamard": {n: hadamard_plan(n).recipe + f" x {hadamard_plan(n).p}"
                          for n in sorted({cfg.hidden_size, cfg.intermediate_size, head_dim, heads * head_dim})}}
