@@ -41,6 +41,7 @@ from slimbench.specs import HardwareSpec, MethodSpec
 Execution = Literal["native", "simulated"]
 FAMILIES = (
     "baseline", "precision", "quantization", "pruning", "lowrank", "distillation", "recovery", "acceleration", "search",
+    "rotation",
 )
 # Families whose methods make the model smaller (stored bytes, effective bits, parameters).
 COMPRESSION = ("precision", "quantization", "pruning", "lowrank", "distillation", "search")
@@ -57,16 +58,21 @@ COMPRESSION = ("precision", "quantization", "pruning", "lowrank", "distillation"
 # - low-rank and precision replace or re-type weights that earlier sparse or quantized stored
 #   forms describe, so they only follow steps that leave no such stored form.
 # - recovery (fine-tuning) follows compression; baseline is the unchanged reference: alone only.
+# - rotation (QuaRot, SpinQuant) changes the basis of dense weights without changing the function,
+#   so that a quantizer or pruner after it meets no outliers: it is its own step, which quantization,
+#   pruning, search and a cast may follow; it follows only steps that leave dense weights (not
+#   pruning or quantization, whose zeros or grid it would destroy).
 DEFAULT_FOLLOWS: dict[str, tuple[str, ...]] = {
     "baseline": (),
-    "precision": ("lowrank", "distillation", "recovery"),
-    "quantization": ("pruning", "lowrank", "distillation", "recovery", "precision"),
-    "pruning": ("pruning", "lowrank", "distillation", "recovery", "precision"),
+    "precision": ("lowrank", "distillation", "recovery", "rotation"),
+    "quantization": ("pruning", "lowrank", "distillation", "recovery", "precision", "rotation"),
+    "pruning": ("pruning", "lowrank", "distillation", "recovery", "precision", "rotation"),
     "lowrank": ("distillation", "recovery", "precision"),
     "distillation": ("precision",),
     # search (`auto`) allocates per-layer quantization or sparsity on the model it is given,
     # like those families, so it follows what they follow
-    "search": ("lowrank", "distillation", "recovery", "precision"),
+    "search": ("lowrank", "distillation", "recovery", "precision", "rotation"),
+    "rotation": ("lowrank", "distillation", "recovery", "precision"),
     "recovery": COMPRESSION,
     "acceleration": tuple(f for f in FAMILIES if f != "baseline"),
 }
@@ -109,8 +115,10 @@ class MethodContext:
 
     hardware: HardwareSpec
     progress: Callable[..., Any] | None = None
-    # The stored forms earlier steps of the chain reported ({weight name: parts}, read-only):
-    # an exporting step (GGUF, compressed-tensors) writes a method's own integer grid from them.
+    # The stored forms earlier steps of the chain reported ({weight name: parts}, read-only;
+    # empty for a chain's first step): an exporting step (GGUF, compressed-tensors) writes a
+    # method's own integer grid from them; a step that executes what an earlier one encoded
+    # (act-quant running a weight grid through an integer kernel) reads the codes here.
     stored_forms: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -268,7 +276,7 @@ def apply_method(lm: LanguageModel, spec: MethodSpec, hw, progress=None, storage
         for step in spec.steps:
             method = METHODS.get(step.name)
             cfg = build_config(method.config, step.params, source="record", field=step.name)
-            ctx = MethodContext(hardware=hw, progress=progress, stored_forms=storage)
+            ctx = MethodContext(hardware=hw, progress=progress, stored_forms=dict(storage))
             t_step = time.perf_counter()
             held = tensor_ids(lm.model, storage)
             rep: MethodReport = method.run(lm, cfg, ctx)  # checks, budget guard, seeded apply, report warnings

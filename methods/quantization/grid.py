@@ -131,13 +131,16 @@ def stored_form(codes: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
     return out
 
 
-def decode_stored_form(parts: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
-    """The fp32 [out, in] weight ``scale * (code - zero)`` that :func:`stored_form` stands for.
+def decode_codes(parts: dict[str, torch.Tensor], out_features: int,
+                 in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [out, in] uint8, scale [out, groups] f32, zero [out, groups] f32, group of each column [in])
+    of a stored form: ``weight = scale[:, cols] * (codes - zero[:, cols])``.
 
     The form does not hold the bit width: it is the one whose packed size matches the codes
-    (unique for any matrix of 8 weights or more). Columns map to groups through ``g_idx``
-    where present (act-order), else in runs of ``in / groups``. Raises ValueError for a form
-    it cannot read (extra parts such as AWQ's ``input_scale`` are the caller's business).
+    (unique for any matrix of 8 weights or more). Zero-points are packed integers (``qzeros``),
+    fp16 values (``zeros``: HQQ's are not integers) or, for a symmetric grid, ``2**(bits-1)``.
+    Columns map to groups through ``g_idx`` where present (act-order), else in runs of
+    ``in / groups``. Raises ValueError for a form it cannot read.
     """
     numel = out_features * in_features
     bits = [b for b in range(1, 9) if (numel * b + 7) // 8 == parts["qweight"].numel()]
@@ -149,6 +152,8 @@ def decode_stored_form(parts: dict[str, torch.Tensor], out_features: int, in_fea
     groups = scale.shape[1]
     if "qzeros" in parts:
         zero = unpack_bits(parts["qzeros"], b, scale.numel()).float().view(out_features, groups)
+    elif "zeros" in parts:
+        zero = parts["zeros"].float().reshape(out_features, groups)
     else:
         zero = torch.full_like(scale, float(2 ** (b - 1)))
     if "g_idx" in parts:
@@ -157,5 +162,12 @@ def decode_stored_form(parts: dict[str, torch.Tensor], out_features: int, in_fea
         raise ValueError(f"{groups} groups do not divide {in_features} input channels")
     else:
         cols = torch.arange(in_features) // (in_features // groups)
-    codes = unpack_bits(parts["qweight"], b, numel).view(out_features, in_features).float()
-    return scale[:, cols] * (codes - zero[:, cols])
+    codes = unpack_bits(parts["qweight"], b, numel).view(out_features, in_features)
+    return codes, scale, zero, cols
+
+
+def decode_stored_form(parts: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
+    """The fp32 [out, in] weight ``scale * (code - zero)`` that :func:`stored_form` stands for
+    (see :func:`decode_codes`; extra parts such as AWQ's ``input_scale`` are the caller's business)."""
+    codes, scale, zero, cols = decode_codes(parts, out_features, in_features)
+    return scale[:, cols] * (codes.float() - zero[:, cols])

@@ -20,7 +20,8 @@ from slimbench.errors import SuiteError
 from slimbench.method import DEFAULT_FOLLOWS, FAMILIES
 
 NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
-TEMPLATE_FAMILIES = tuple(f for f in FAMILIES if f in DEFAULT_FOLLOWS and f != "baseline")
+# Families with a template (rotation has none: its two methods are architecture surgery, not a pattern to copy)
+TEMPLATE_FAMILIES = tuple(f for f in FAMILIES if f in DEFAULT_FOLLOWS and f != "baseline" and f in BODIES)
 FOLDERS = {"precision": "", "baseline": ""}  # other families have a folder of their own name
 
 def module_name(name: str) -> str:
