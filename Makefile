@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= $(HF_HUB_OFFLINE)
 export HF_UPDATE_DOWNLOAD_COUNTS ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-all browser run test lint bench speed report claims clean-venv
+.PHONY: setup setup-all browser run test test-durations lint bench speed report claims clean-venv
 
 # `setup`: what `make run` needs. `setup-all`: the optional features, the test tools and Ray too.
 setup: $(STAMP)
@@ -46,12 +46,19 @@ TEST_WORKERS ?= 2
 test: setup-all browser
 	SLIMBENCH_MAX_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
+# The same run, writing each test's seconds to tests/durations.json: `make test` starts the
+# slowest files first so the workers finish together. Refresh it on an idle machine.
+test-durations: setup-all browser
+	SLIMBENCH_RECORD_DURATIONS=1 SLIMBENCH_MAX_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) \
+	  --dist loadgroup --durations=25
+
 # Micro-benchmarks of the hot paths (benchmarks/, pytest-benchmark): each run is saved under
 # .benchmarks/ (machine and commit in the name) and compared with the previous one; a median
 # more than BENCH_FAIL worse fails. Run it on an idle machine.
 BENCH_FAIL ?= median:25%
+BENCH_ARGS ?= benchmarks
 bench: setup-all
-	$(PY) -m pytest benchmarks -o python_files='bench_*.py' -o python_functions='bench_*' -p no:xdist \
+	$(PY) -m pytest $(BENCH_ARGS) -o python_files='bench_*.py' -o python_functions='bench_*' -p no:xdist \
 	  --benchmark-autosave --benchmark-storage=file://.benchmarks --benchmark-compare \
 	  --benchmark-compare-fail=$(BENCH_FAIL) --benchmark-group-by=group --benchmark-columns=min,median,max,rounds
 

@@ -24,6 +24,11 @@ os.environ.setdefault("SLIMBENCH_NODE_LOCK", os.path.join(tempfile.gettempdir(),
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("SLIMBENCH_MAX_THREADS", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# A timed cell's memory is read in a fresh process (a fork server that imports torch and
+# transformers, then a child that loads the model again): seconds per cell that only the tests of
+# that probe need; they turn it on (tests/test_timing_trust.py). Elsewhere the record says the
+# memory was read in the sweep's process, which is what those tests check.
+os.environ.setdefault("SLIMBENCH_MEMORY_PROBE", "off")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -31,6 +36,42 @@ from slimbench.specs import HardwareSpec, ModelSpec  # noqa: E402
 from slimbench.zoo.models import make_tiny_loader  # noqa: E402
 
 TINY_ARCHS = ("llama", "gpt2", "opt")
+
+
+DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The slowest test files first (seconds from a measured run, tests/durations.json), so the
+    parallel workers do not end on one long file while the other idles. Tests stay together by
+    file (a module's fixtures are set up once); files not listed keep their order after the rest.
+    Refresh the file with `make test-durations`."""
+    import json
+
+    if not DURATIONS.exists():
+        return
+    seconds = json.loads(DURATIONS.read_text())
+    per_file: dict[str, float] = {}
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        per_file[path] = per_file.get(path, 0.0) + seconds.get(item.nodeid, 0.0)
+    items.sort(key=lambda item: -per_file[item.nodeid.split("::", 1)[0]])  # stable within a file
+
+
+_RECORDED: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    if os.environ.get("SLIMBENCH_RECORD_DURATIONS"):  # `make test-durations` (setup + call + teardown)
+        _RECORDED[report.nodeid] = _RECORDED.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import json
+
+    if os.environ.get("SLIMBENCH_RECORD_DURATIONS") and not os.environ.get("PYTEST_XDIST_WORKER") and _RECORDED:
+        kept = {k: round(v, 2) for k, v in sorted(_RECORDED.items(), key=lambda kv: -kv[1]) if v >= 0.5}
+        DURATIONS.write_text(json.dumps(kept, indent=0) + "\n")
 
 
 def pytest_configure(config):

@@ -184,6 +184,7 @@ def test_the_same_cell_gives_the_same_peak_memory_whatever_the_process_held(tmp_
     from slimbench.measure import memory
 
     monkeypatch.setenv("SLIMBENCH_ARTIFACTS", str(tmp_path / "artifacts"))  # reloadable in a fresh process
+    monkeypatch.setenv("SLIMBENCH_MEMORY_PROBE", "on")  # the suite turns it off elsewhere (tests/conftest.py)
     text = f"""
     models: [tiny-llama]
     methods: [{{name: rtn, bits: 8, group_size: 32}}]

@@ -1,7 +1,7 @@
 """The online Hadamard transforms of QuaRot / QuIP# against the linear layer they sit in front of.
 
-Run on an idle machine, one thread:
-    .venv/bin/python -m pytest benchmarks/test_hadamard.py --benchmark-only -p no:cacheprovider
+Part of `make bench`; alone, on an idle machine, one thread:
+    make bench BENCH_ARGS=benchmarks/bench_hadamard.py
 Widths are SmolLM2-135M's (down_proj input 1,536 = 12 x 128, hidden 576 = 36 x 16) and Gemma 3's
 (hidden 640 = 20 x 32, down_proj input 2,048); 1 token is decode, 128 tokens a prefill chunk.
 """
@@ -25,7 +25,7 @@ def one_thread():
 
 @pytest.mark.parametrize("tokens", [1, 128])
 @pytest.mark.parametrize("width,out", CASES)
-def test_fast_hadamard(benchmark, width, out, tokens):
+def bench_fast_hadamard(benchmark, width, out, tokens):
     plan = hadamard_plan(width)
     factor = plan.dense_factor()
     x = torch.randn(tokens, width)
@@ -35,7 +35,7 @@ def test_fast_hadamard(benchmark, width, out, tokens):
 
 @pytest.mark.parametrize("tokens", [1, 128])
 @pytest.mark.parametrize("width,out", CASES)
-def test_linear_it_precedes(benchmark, width, out, tokens):
+def bench_linear_it_precedes(benchmark, width, out, tokens):
     lin = torch.nn.Linear(width, out, bias=False)
     x = torch.randn(tokens, width)
     benchmark.group = f"{width}->{out} x{tokens}"
