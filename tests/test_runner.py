@@ -1,6 +1,7 @@
 """The sweep: a record per cell, failures become records, reruns skip finished cells."""
 
 import json
+import shutil
 
 import pytest
 
@@ -35,19 +36,33 @@ def boom(lm, cfg, ctx):
     raise RuntimeError("task exploded")
 
 
+BOOM = Task("boom", "1", "always fails", BoomConfig, boom)
+
+
 @pytest.fixture
 def boom_task(monkeypatch):
-    monkeypatch.setitem(TASKS.entries, "boom", Task("boom", "1", "always fails", BoomConfig, boom))
+    monkeypatch.setitem(TASKS.entries, "boom", BOOM)
+
+
+@pytest.fixture(scope="module")
+def swept_once(tmp_path_factory):
+    """The sweep, run once for the module (tests get a copy of its results folder)."""
+    tmp = tmp_path_factory.mktemp("swept")
+    path = tmp / "suite.yaml"
+    path.write_text(SUITE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(TASKS.entries, "boom", BOOM)
+        suite = load_suite(path, check_models=False)  # the g128 cell must reach the runner, which fails it at check
+        summary = run_cells(suite.cells(), ResultStore(tmp / "results"), suite_source=str(path),
+                            show_progress=False, log=lambda s: None)
+    return suite, tmp / "results", summary
 
 
 @pytest.fixture
-def swept(tmp_path, boom_task):
-    path = tmp_path / "suite.yaml"
-    path.write_text(SUITE)
-    suite = load_suite(path, check_models=False)  # the g128 cell must reach the runner, which fails it at check
-    store = ResultStore(tmp_path / "results")
-    summary = run_cells(suite.cells(), store, suite_source=str(path), show_progress=False, log=lambda s: None)
-    return suite, store, summary
+def swept(swept_once, tmp_path, boom_task):
+    suite, results, summary = swept_once
+    shutil.copytree(results, tmp_path / "results")
+    return suite, ResultStore(tmp_path / "results"), summary
 
 
 def test_every_cell_has_a_record(swept):
