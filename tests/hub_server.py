@@ -132,6 +132,14 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         pass  # requests go to the server's own log
 
+    def setup(self):
+        super().setup()
+        self.server.track(self.connection, True)
+
+    def finish(self):
+        self.server.track(self.connection, False)
+        super().finish()
+
     # -- dispatch
     def do_HEAD(self):
         self.handle_any("HEAD")
@@ -143,6 +151,9 @@ class Handler(BaseHTTPRequestHandler):
         self.handle_any("POST")
 
     def handle_any(self, method: str) -> None:
+        if self.server.gone.is_set():  # a request that raced the server going away: no answer
+            self.close_connection = True
+            return
         rng = self.headers.get("Range")
         self.server.record(f"{method} {self.path}" + (f" [{rng}]" if rng else ""))
         url = urlsplit(self.path)
@@ -345,6 +356,7 @@ class HubServer(ThreadingHTTPServer):
         self.requests: list[str] = []
         self.lock = threading.Lock()
         self.gone = threading.Event()
+        self.connections: set[socket.socket] = set()
 
     @property
     def url(self) -> str:
@@ -367,12 +379,21 @@ class HubServer(ThreadingHTTPServer):
         name = Path(file_path).name
         return self.drop_after.get(file_path, self.drop_after.get(name))
 
+    def track(self, conn: socket.socket, open_: bool) -> None:
+        with self.lock:
+            (self.connections.add if open_ else self.connections.discard)(conn)
+
     def go_away(self, conn: socket.socket) -> None:
-        """Cut the connection mid-body and stop serving: the server is gone."""
+        """Cut the connection mid-body and stop serving: the server is gone. Every other open
+        connection is closed too (kept-alive ones included), as when a process dies: a client
+        must not go on talking to a server that is no longer there."""
         self.record("-- server went away")
-        with contextlib.suppress(OSError):
-            conn.shutdown(socket.SHUT_RDWR)
         self.gone.set()
+        with self.lock:
+            conns = self.connections | {conn}
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
         threading.Thread(target=self._stop, daemon=True).start()
 
     def _stop(self) -> None:

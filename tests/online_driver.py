@@ -34,14 +34,25 @@ from hub_server import HubServer  # noqa: E402
 
 def warm_imports() -> None:
     """Import what every scenario uses, then freeze the heap: the runner calls gc.collect() twice
-    per cell, and walking the million objects torch and transformers create at import costs
-    seconds per call on a busy machine; frozen objects are skipped. Only the test's process."""
+    per cell, and walking the million objects torch, transformers and the registries create at
+    import costs a second per call on a busy machine; frozen objects are skipped. Everything
+    imported later (SlimBench's methods and tasks, the model classes) would not be frozen, so it
+    is imported here first. Only the test's process."""
     import gc
 
-    import datasets  # noqa: F401
-    import transformers  # noqa: F401
+    import datasets
+    import datasets.packaged_modules.json.json
+    import datasets.packaged_modules.parquet.parquet  # noqa: F401
+    import transformers
+    import transformers.models.gpt2.tokenization_gpt2
+    import transformers.models.llama.modeling_llama
+    import transformers.models.opt.modeling_opt  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
+    from slimbench.registry import CORPORA, METHODS, MODELS, TASKS
+
+    for registry in (METHODS, TASKS, MODELS, CORPORA):
+        registry.names()
     gc.collect()
     gc.freeze()
 
@@ -65,7 +76,9 @@ def run(plan: list[dict], repos: Path, log: Path | None = None) -> list[dict]:
     os.environ["HF_ENDPOINT"] = server.url
     from slimbench.cli import main  # imported after HF_ENDPOINT is set
 
+    t0, c0 = time.perf_counter(), time.process_time()
     warm_imports()
+    progress(f"imports: {time.perf_counter() - t0:.1f} s ({time.process_time() - c0:.1f} s of CPU)", log)
 
     out = []
     for step in plan:

@@ -388,3 +388,18 @@ def test_set_overrides_a_paper_field_before_validation(tmp_path):
     assert rp.headline_suite(paper).models[0].revision == "ab" * 20
     with pytest.raises(SuiteError, match="no list element '5'"):
         rp.load_paper("gptq", ["headline.suite.models.5.revision=x"])
+
+
+def test_the_cost_model_builds_the_papers_models_at_their_published_sizes():
+    """paper_cost times random models built from the papers' shapes: they must be those models'
+    sizes (OPT's model cards: 125M, 331M, 1.3B parameters), or the per-token costs are someone else's."""
+    import torch
+
+    from slimbench.devtools.paper_cost import SHAPES, build
+
+    published = {"opt-125m": 125.2e6, "opt-350m": 331.2e6, "opt-1.3b": 1315.8e6}
+    assert set(SHAPES) == set(published)
+    for name, size in published.items():
+        with torch.device("meta"):  # shapes only: no memory, no time
+            model = build(name)
+        assert sum(p.numel() for p in model.parameters()) == pytest.approx(size, rel=1e-3), name

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
@@ -72,18 +74,29 @@ def gptq_seconds(samples: int, seqlen: int = 2048) -> float:
     return cpu_seconds(lambda: method.apply(lm, cfg, MethodContext(hardware=HardwareSpec(threads=1))))
 
 
-def measure(models: list[str], gptq_samples: tuple[int, int]) -> dict:
+def note(line: str) -> None:
+    """Each figure as soon as it is measured (a long run on a busy machine shows its progress)."""
+    print(f"[paper_cost] {line} (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+
+
+def measure(models: list[str], gptq_samples: tuple[int, int], repeats: int = 2) -> dict:
     torch.set_num_threads(1)
-    out = {"threads": 1, "clock": "process_time", "eval_seconds_per_2048_window": {}}
-    for name in models:
-        model = build(name)
-        out["eval_seconds_per_2048_window"][name] = eval_window(model)
-        del model
+    out = {"threads": 1, "clock": "process_time", "load_at_start": os.getloadavg(),
+           "eval_seconds_per_2048_window": {}}
     a, b = gptq_samples
-    ta, tb = gptq_seconds(a), gptq_seconds(b)
+    ta = gptq_seconds(a)
+    note(f"gptq opt-125m, {a} x 2048 calibration: {ta:.1f} s")
+    tb = gptq_seconds(b)
+    note(f"gptq opt-125m, {b} x 2048 calibration: {tb:.1f} s")
     per_sample = (tb - ta) / (b - a)
     out["gptq_opt125m"] = {f"samples_{a}": ta, f"samples_{b}": tb, "per_2048_sample": per_sample,
                            "fixed": ta - a * per_sample, "estimate_128_samples": ta + (128 - a) * per_sample}
+    for name in models:
+        model = build(name)
+        out["eval_seconds_per_2048_window"][name] = eval_window(model, repeats=repeats)
+        note(f"eval {name}: {out['eval_seconds_per_2048_window'][name]:.1f} s per 2048-token window")
+        del model
+    out["load_at_end"] = os.getloadavg()
     return out
 
 
@@ -91,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", default="opt-125m,opt-350m,opt-1.3b")
     p.add_argument("--gptq-samples", default="2,6", help="two calibration sizes (sequences of 2048 tokens)")
+    p.add_argument("--repeats", type=int, default=2, help="timed forwards per model (the fastest is kept)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
     a, b = (int(x) for x in args.gptq_samples.split(","))
-    result = measure(args.models.split(","), (a, b))
+    result = measure(args.models.split(","), (a, b), args.repeats)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -112,6 +112,15 @@ def requirements(suite: Suite) -> list[Missing]:
     return out
 
 
+def hub_missing(suite: Suite) -> list[Missing]:
+    """What a dry run with the hub on finds missing: local models checked here, hub models and
+    data asked of the hub; nothing is downloaded."""
+    from slimbench.reproduce import online
+
+    local = [m for m in (model_missing(s) for s in suite.models) if m is not None]
+    return local + [Missing("hub", endpoint(), p, "") for p in online.check(suite)]
+
+
 # -- running and reading records -----------------------------------------------------------
 def run_suite_cells(cells: list[CellSpec], store: ResultStore, source: str, *, progress: bool, isolate: bool):
     from slimbench.sweep.driver import run_cells
@@ -269,7 +278,7 @@ def reproduce(
     elif hub_offline():
         missing = requirements(head)
     elif dry_run:
-        missing = [Missing("hub", endpoint(), p, "") for p in online.check(head)]
+        missing = hub_missing(head)
     else:
         online.prefetch(head, log)  # raises before anything is written
         missing = []
@@ -284,7 +293,7 @@ def reproduce(
 
     suite = claim_suite(paper, budget, hardware)
     cells = claim_cells(paper, suite)
-    claim_missing = requirements(suite)
+    claim_missing = hub_missing(suite) if dry_run and not hub_offline() else requirements(suite)
     if claim_missing:
         notes += [f"claim card cannot run: {m.line()}" for m in claim_missing]
     elif not dry_run:
