@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import load_tiny
+
 from slimbench.devtools.kv_needle_kept import answer_span, needle_kept
 
 
