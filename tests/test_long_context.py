@@ -182,7 +182,7 @@ def test_the_report_draws_heat_maps_and_the_table(one_torch_thread, tmp_path, mo
     from slimbench.sweep.store import ResultStore
 
     monkeypatch.setenv("SLIMBENCH_CACHE", str(tmp_path / "cache"))
-    s = suite([{"name": "passkey", "lengths": [256, 384], "depths": [0, 100], "max_new_tokens": 4}],
+    s = suite([{"name": "passkey", "lengths": [256], "depths": [0, 100], "max_new_tokens": 2}],
               methods=["baseline", {"name": "kv-streaming", "ratio": 4}])
     store = ResultStore(tmp_path / "runs")
     run_cells(s.cells(), store, show_progress=False, log=lambda s: None)
