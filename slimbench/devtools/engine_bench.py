@@ -133,7 +133,7 @@ def summarize(samples: list[dict[str, float]]) -> dict[str, Any]:
 
 def run_model(model: str, paths: list[tuple[str, Any]], *, threads: int, prompt_len: int, new_tokens: int,
               repeats: int, windows: int, seqlen: int, log=print) -> dict[str, Any]:
-    from slimbench.measure.machine import machine_limits
+    from slimbench.measure.limits import limits_summary, machine_limits, problems
     from slimbench.method import apply_method
     from slimbench.specs import HardwareSpec, ModelSpec
     from slimbench.tasks.perplexity import JOIN
@@ -170,7 +170,8 @@ def run_model(model: str, paths: list[tuple[str, Any]], *, threads: int, prompt_
             for r in live if rep % 2 == 0 else reversed(live):
                 r["samples"].append(sample(r["lm"], ids, new_tokens))
         load_after = _load()
-        bandwidth = machine_limits(threads)["bandwidth"]["bytes_per_s"]
+        limits = machine_limits(threads)
+        bandwidth = limits["bandwidth"]["bytes_per_s"]
         rows = []
         for r in built:
             if "lm" not in r:
@@ -191,7 +192,8 @@ def run_model(model: str, paths: list[tuple[str, Any]], *, threads: int, prompt_
             })
         return {"model": model, "weights_note": NOTES.get(model), "threads": threads, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "repeats": repeats, "windows": windows, "seqlen": seqlen,
-                "bandwidth_bytes_per_s": bandwidth, "load_before": load_before, "load_after": load_after,
+                "bandwidth_bytes_per_s": bandwidth, "limits": limits_summary(limits),
+                "limits_problems": problems(limits), "load_before": load_before, "load_after": load_after,
                 "rows": rows}
     finally:
         for r in built:
