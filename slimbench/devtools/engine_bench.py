@@ -159,7 +159,12 @@ def run_model(model: str, paths: list[tuple[str, Any]], *, threads: int, prompt_
             win = cut(encode_split(lm, "shakespeare", "test", JOIN), seqlen, windows)
             row = {"label": label, "lm": lm, "report": report, "build_s": time.perf_counter() - t0,
                    "quality": quality(lm, report, win), "bytes_per_token": bytes_per_decode_step(lm), "samples": []}
-            log(f"{model} {label}: built in {row['build_s']:.0f} s, perplexity {row['quality']['perplexity']:.3f}")
+            q = row["quality"]
+            # the quality figures are final here: a run stopped before its timed repeats keeps them in the log
+            log(f"{model} {label}: built in {row['build_s']:.0f} s, perplexity {q['perplexity']:.3f}"
+                + (f" (in process {q['perplexity_in_process']:.3f}, delta NLL {q['delta_nll']:+.2e})"
+                   if q["delta_nll"] is not None else "")
+                + f", stored {report.get('stored_bytes') or 0:,} bytes, effective bits {report.get('effective_bits')}")
             built.append(row)
         live = [r for r in built if "lm" in r]
         ids = torch.tensor([encode_split(live[0]["lm"], "shakespeare", "test", JOIN)[:prompt_len]])
