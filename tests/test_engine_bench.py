@@ -33,3 +33,26 @@ def test_engines_status_names_every_engine_and_why():
     assert set(rows) >= {"OpenVINO (openvino)", "vLLM"}
     assert all(text for text in rows.values())
     assert "torch 2.13.0+cpu" in rows["vLLM"]
+
+
+def test_run_model_end_to_end_on_a_tiny_model(monkeypatch, one_torch_thread):
+    """The bench itself on tiny-llama: two in-process paths, interleaved, every figure present."""
+    import argparse
+
+    from slimbench.cli.engine_bench import parse_paths
+    from slimbench.devtools.engine_bench import run_model
+    from slimbench.measure import limits as limits_mod
+
+    fake = {"bandwidth": {"bytes_per_s": 2e10, "method": "fixed for the test"}, "flops": {},
+            "identity": {"threads": 1, "device": "cpu"}, "noisy": True, "unstable": []}
+    monkeypatch.setattr(limits_mod, "machine_limits", lambda *a, **k: fake)
+    args = argparse.Namespace(paths="torch-fp32,torch-bf16", windows=1, seqlen=32)
+    res = run_model("tiny-llama", parse_paths(args), threads=1, prompt_len=8, new_tokens=3, repeats=2,
+                    windows=1, seqlen=32, log=lambda *_: None)
+    fp32, bf16 = res["rows"]
+    assert [r["label"] for r in res["rows"]] == ["torch-fp32", "torch-bf16"]
+    assert len(fp32["speed"]["decode_tokens_per_s"]["samples"]) == 2
+    assert fp32["bytes_per_token"] == 2 * bf16["bytes_per_token"]  # every weight read once, at its width
+    assert bf16["quality"]["perplexity"] != fp32["quality"]["perplexity"] > 1  # each path's own logits
+    assert res["limits_problems"] and "other processes" in res["limits_problems"][0]
+    assert "tiny-llama" in table(res)

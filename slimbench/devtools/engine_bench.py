@@ -133,7 +133,7 @@ def summarize(samples: list[dict[str, float]]) -> dict[str, Any]:
 
 def run_model(model: str, paths: list[tuple[str, Any]], *, threads: int, prompt_len: int, new_tokens: int,
               repeats: int, windows: int, seqlen: int, log=print) -> dict[str, Any]:
-    from slimbench.measure.machine import machine_limits
+    from slimbench.measure.limits import limits_summary, machine_limits, problems
     from slimbench.method import apply_method
     from slimbench.specs import HardwareSpec, ModelSpec
     from slimbench.tasks.perplexity import JOIN
@@ -159,7 +159,12 @@ def run_model(model: str, paths: list[tuple[str, Any]], *, threads: int, prompt_
             win = cut(encode_split(lm, "shakespeare", "test", JOIN), seqlen, windows)
             row = {"label": label, "lm": lm, "report": report, "build_s": time.perf_counter() - t0,
                    "quality": quality(lm, report, win), "bytes_per_token": bytes_per_decode_step(lm), "samples": []}
-            log(f"{model} {label}: built in {row['build_s']:.0f} s, perplexity {row['quality']['perplexity']:.3f}")
+            q = row["quality"]
+            # the quality figures are final here: a run stopped before its timed repeats keeps them in the log
+            log(f"{model} {label}: built in {row['build_s']:.0f} s, perplexity {q['perplexity']:.3f}"
+                + (f" (in process {q['perplexity_in_process']:.3f}, delta NLL {q['delta_nll']:+.2e})"
+                   if q["delta_nll"] is not None else "")
+                + f", stored {report.get('stored_bytes') or 0:,} bytes, effective bits {report.get('effective_bits')}")
             built.append(row)
         live = [r for r in built if "lm" in r]
         ids = torch.tensor([encode_split(live[0]["lm"], "shakespeare", "test", JOIN)[:prompt_len]])
@@ -170,7 +175,8 @@ def run_model(model: str, paths: list[tuple[str, Any]], *, threads: int, prompt_
             for r in live if rep % 2 == 0 else reversed(live):
                 r["samples"].append(sample(r["lm"], ids, new_tokens))
         load_after = _load()
-        bandwidth = machine_limits(threads)["bandwidth"]["bytes_per_s"]
+        limits = machine_limits(threads)
+        bandwidth = limits["bandwidth"]["bytes_per_s"]
         rows = []
         for r in built:
             if "lm" not in r:
@@ -191,7 +197,8 @@ def run_model(model: str, paths: list[tuple[str, Any]], *, threads: int, prompt_
             })
         return {"model": model, "weights_note": NOTES.get(model), "threads": threads, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "repeats": repeats, "windows": windows, "seqlen": seqlen,
-                "bandwidth_bytes_per_s": bandwidth, "load_before": load_before, "load_after": load_after,
+                "bandwidth_bytes_per_s": bandwidth, "limits": limits_summary(limits),
+                "limits_problems": problems(limits), "load_before": load_before, "load_after": load_after,
                 "rows": rows}
     finally:
         for r in built:
