@@ -106,6 +106,51 @@ def test_lock_timeout_fails_the_waiting_cells_with_the_holder_named(held_lock, l
     assert f"PID {held_lock.pid}" in rec["error"]["message"]
 
 
+def test_a_run_waits_its_lock_timeout_once_not_once_per_stage(held_lock, lock_path, tmp_path):
+    cells = load_suite(suite_file(tmp_path, TWO_METHODS)).cells()  # two groups: four stages would wait
+    store = quiet(tmp_path / "r")
+    summary = run_cells(cells, store, show_progress=False, log=lambda s: None, options=RunOptions(lock_timeout=0.5))
+    assert len(summary.failed) == 4 and not summary.ok
+    messages = [r["error"]["message"] for r in store.records(include_failed=True)]
+    waited = [m for m in messages if "not free within --lock-timeout 0.5 s" in m]
+    tried = [m for m in messages if "already waited its --lock-timeout" in m]
+    assert len(waited) == 2 and len(tried) == 2, messages  # the first group's two cells waited; the rest tried
+    assert all(f"PID {held_lock.pid}" in m for m in messages)
+
+
+def test_waiting_for_the_lock_is_not_progress_in_the_eta(tmp_path):
+    from types import SimpleNamespace
+
+    from slimbench.sweep.driver import Sweep, _Running
+
+    cells = load_suite(suite_file(tmp_path, TWO_METHODS)).cells()
+    sweep = Sweep(cells, quiet(tmp_path / "r"), SimpleNamespace(slots=1), suite_source="", show_progress=False,
+                  log=lambda s: None, claim_timeout=60)
+    sweep.running[0] = _Running(cells, None, "")
+    full = sweep.eta()
+    sweep.running[0].last_event -= 30  # 30 s of waiting for the machine lock...
+    sweep.handle(0, ("waiting", {"text": "waiting for the machine lock held by PID 1", "run_ids": []}))
+    assert sweep.eta() == pytest.approx(full, abs=1.0)  # ...bring the end no closer
+    assert "waiting for the machine lock held by PID 1" in sweep.postfix()
+    sweep.running[0].last_event -= 30  # 30 s of work do
+    sweep.handle(0, ("progress", {}))
+    assert sweep.eta() <= full - 29
+
+
+def test_a_timed_cells_cost_is_never_borrowed_from_quality_cells(tmp_path):
+    from slimbench.sweep.status import DEFAULTS
+
+    cells = load_suite(suite_file(tmp_path, TWO_METHODS)).cells()
+    ppl = [c for c in cells if c.task.name == "perplexity"]
+    eff = [c for c in cells if c.task.name == "efficiency"]
+    cm = CostModel()
+    cm.add("evaluate", ppl[0], 2.0)
+    assert cm.unit_seconds([eff[1]], done={f"load:{eff[1].run_id}", f"compress:{eff[1].run_id}"}) == \
+        (0.0, DEFAULTS["timed"])  # not the 2 s of a perplexity cell
+    cm.add("evaluate", eff[0], 40.0)  # the same timed task, another method: learned from it
+    assert cm.estimate("evaluate", eff[1], timed=True) == 40.0
+
+
 def test_status_and_the_bar_say_a_cell_waits_for_the_lock_and_on_whom(held_lock, lock_path, tmp_path):
     suite = suite_file(tmp_path, TWO_METHODS)
     results = tmp_path / "r"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from slimbench.measure.clocks import release_memory
@@ -119,6 +120,30 @@ def evaluate_alone(c, lm, method_report, timings, suite_source, lock, guard, pro
     yield ("record", rec)
 
 
+def lock_timed_out(event: tuple) -> bool:
+    """Whether ``event`` is a record failed because the machine lock stayed busy past --lock-timeout."""
+    return (event[0] == "record" and event[1].get("status") == "failed"
+            and (event[1].get("error") or {}).get("type") == "LockTimeout")
+
+
+class _Stages:
+    """The options each stage of a unit runs with: once one stage waited the whole --lock-timeout, the
+    later ones only try the lock (timeout 0, still taken when free) instead of waiting that long again."""
+
+    def __init__(self, options: RunOptions):
+        self.options = options
+
+    def watch(self, events: Iterator[tuple]) -> Iterator[tuple]:
+        while True:
+            try:
+                event = next(events)
+            except StopIteration as stop:
+                return stop.value
+            if lock_timed_out(event) and self.options.lock_timeout:
+                self.options = replace(self.options, lock_timeout=0.0)
+            yield event
+
+
 def memory_is_short(memory_limit: int | None) -> bool:
     """Whether holding one more model for an interleaved block could pass the memory limit."""
     import psutil
@@ -159,14 +184,16 @@ def iter_group(
     yield ("started", socket.gethostname(), os.getpid())
     held: list[Held] = []
     blocks = 0
+    stages = _Stages(options)
     for cells in group_cells(pending).values():
-        got = yield from _compress_group(cells, suite_source, lock, guard, progress, options)
+        got = yield from stages.watch(_compress_group(cells, suite_source, lock, guard, progress, stages.options))
         if got is None:
             continue
         lm, report, timings = got
         for c in cells:
             if not cell_is_timed(c):
-                yield from evaluate_alone(c, lm, report, timings, suite_source, lock, guard, progress, options)
+                yield from stages.watch(evaluate_alone(c, lm, report, timings, suite_source, lock, guard, progress,
+                                                       stages.options))
         timed = [c for c in cells if cell_is_timed(c)]
         if timed:
             held.append(Held(timed, lm, report, timings))
@@ -174,10 +201,12 @@ def iter_group(
         release_memory()
         if held and memory_is_short(memory_limit):
             blocks += 1
-            yield from timed_block(held, suite_source, lock, guard, progress, options, block=blocks)
+            yield from stages.watch(timed_block(held, suite_source, lock, guard, progress, stages.options,
+                                                block=blocks))
             held = []
             release_memory()
     if held:
-        yield from timed_block(held, suite_source, lock, guard, progress, options, block=blocks + 1 if blocks else 0)
+        yield from timed_block(held, suite_source, lock, guard, progress, stages.options,
+                               block=blocks + 1 if blocks else 0)
         held = []
     release_memory()

@@ -30,7 +30,9 @@ from typing import Any
 from slimbench.config import stable_hash
 from slimbench.specs import CellSpec
 
-DEFAULTS = {"load": 5.0, "compress": 2.0, "evaluate": 10.0}  # seconds, before anything was seen
+# seconds, before anything was seen; a timed cell (warm-up, repeats to the protocol's minimum, its memory read
+# in a fresh process) costs more than a quick quality cell, and never borrows their cost
+DEFAULTS = {"load": 5.0, "compress": 2.0, "evaluate": 10.0, "timed": 30.0}
 
 
 def _task_keys(model: str, task_label: str, params: Any) -> list[tuple]:
@@ -75,13 +77,18 @@ class CostModel:
         """Has any finished cell run this cell's method (on any model)? Else its cost is borrowed."""
         return any(self.seen["compress"].get(k) for k in self.keys("compress", cell)[:-1])
 
-    def estimate(self, kind: str, cell: CellSpec | dict) -> float:
-        for k in self.keys(kind, cell):
+    def estimate(self, kind: str, cell: CellSpec | dict, *, timed: bool = False) -> float:
+        """Seconds of ``kind`` for ``cell``. ``timed``: a timed task, whose cost is learned only from
+        the same task (a perplexity cell's seconds say nothing about a timed block's)."""
+        keys = self.keys(kind, cell)
+        if timed and kind == "evaluate":
+            keys = keys[:4]  # the same task (and parameters), on this model or any
+        for k in keys:
             obs = self.seen[kind].get(k)
             if obs:
                 # A model's first load may include its one-time conversion: the next one will not.
                 return min(obs) if kind == "load" else statistics.median(obs)
-        return DEFAULTS[kind]
+        return DEFAULTS["timed" if timed and kind == "evaluate" else kind]
 
     @classmethod
     def from_records(cls, records: list[dict[str, Any]]) -> CostModel:
@@ -121,11 +128,10 @@ class CostModel:
             parallel += 0.0 if f"compress:{head}" in done else self.estimate("compress", group[0])
             for c in group:
                 if c.run_id not in done:
-                    cost = self.estimate("evaluate", c)
                     if cell_is_timed(c):
-                        timed += cost
+                        timed += self.estimate("evaluate", c, timed=True)
                     else:
-                        parallel += cost
+                        parallel += self.estimate("evaluate", c)
         cut = min(elapsed, parallel)
         return parallel - cut, max(0.0, timed - (elapsed - cut))
 
