@@ -360,6 +360,53 @@ def test_without_torch_every_command_says_what_to_install(argv):
     assert len(lines) == 1 and "needs the Python package 'torch'" in lines[0] and "pip install" in lines[0]
 
 
+def test_status_says_which_claimed_cells_run_and_which_are_queued(tmp_path):
+    from slimbench.sweep.cell_claims import ClaimBook
+    from slimbench.sweep.status import format_status
+
+    cells = load_suite(suite_file(tmp_path, TWO_METHODS)).cells()
+    store = quiet(tmp_path / "r")
+    book = ClaimBook(store)  # this process plays a live run that claimed the whole unit
+    for c in cells:
+        book.try_claim(c.run_id)
+    try:
+        assert {r.state for r in suite_state(store, cells)} == {"running"}  # no progress file: as claimed
+        pf = ProgressFile(store)
+        pf.write(eta=60.0, workers=1, waiting={}, cells_left=4, active=[cells[0].run_id])
+        rows = suite_state(store, cells)
+        assert [r.state for r in rows] == ["running", "queued", "queued", "queued"]
+        assert "next in run" in rows[1].detail
+        assert "4 cells: 0 done, 1 running, 3 queued, 0 pending" in format_status(rows, None)
+        pf.remove()
+    finally:
+        book.release_all()
+
+
+def test_the_driver_publishes_the_cells_its_stage_works_on(tmp_path, lock_path, monkeypatch):
+    from slimbench.sweep.driver import Sweep
+    from slimbench.sweep.executors import LocalExecutor
+
+    monkeypatch.setenv("SLIMBENCH_MEMORY_PROBE", "off")
+    cells = load_suite(suite_file(tmp_path, TWO_METHODS)).cells()
+    sweep = Sweep(cells, quiet(tmp_path / "r"), LocalExecutor(), suite_source="", show_progress=False,
+                  log=lambda s: None, claim_timeout=60)
+    seen = []
+    original = sweep.handle
+
+    def handle(gid, event):
+        original(gid, event)
+        if event[0] == "begin":  # what `status` reads at that moment
+            sweep.publish()
+            seen.append(json.loads(sweep.progress_file.path.read_text())["active"])
+
+    sweep.handle = handle
+    sweep.run()
+    groups = [[c.run_id for c in cells if c.method.name == m] for m in ("baseline", "magnitude")]
+    ppl = [c.run_id for c in cells if c.task.name == "perplexity"]
+    eff = sorted(c.run_id for c in cells if c.task.name == "efficiency")
+    assert seen == [sorted(groups[0]), [ppl[0]], sorted(groups[1]), [ppl[1]], eff]
+
+
 def test_progress_file_is_json_the_status_command_can_read(tmp_path):
     pf = ProgressFile(quiet(tmp_path))
     pf.write(eta=None, workers=1, waiting={"r": "waiting for the machine lock"}, cells_left=1)

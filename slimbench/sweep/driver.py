@@ -44,6 +44,7 @@ class _Running:
     done: set[str] = field(default_factory=set)  # "load:<run id>", "compress:<run id>" and evaluated run ids
     last_event: float = field(default_factory=time.monotonic)
     waiting: dict | None = None  # what its worker waits for (the machine lock), while it waits
+    active: set[str] = field(default_factory=set)  # the cells the stage in progress works on (the rest: queued)
 
 
 class Sweep:
@@ -110,6 +111,8 @@ class Sweep:
             run.last_event = time.monotonic()  # waiting is not progress: the stage's clock starts when it ends
             return
         run.waiting = None
+        if kind == "begin":
+            run.active = set(event[1])
         if kind == "progress":
             return
         run.last_event = time.monotonic()
@@ -204,6 +207,7 @@ class Sweep:
         self.progress_file.write(eta=self.eta(), workers=getattr(self.executor, "slots", 1),
                                  waiting={rid: r.waiting["text"] for r in self.running.values() if r.waiting
                                           for rid in r.waiting.get("run_ids", [])},
+                                 active=sorted(rid for r in self.running.values() for rid in r.active),
                                  cells_left=sum(len(u) for u in self.queue)
                                  + sum(len(r.cells) - len(r.written) for r in self.running.values()))
 

@@ -71,6 +71,7 @@ def _compress_group(cells, suite_source, lock, guard, progress, options) -> Iter
     head = cells[0]
     stage: dict[str, Any] = {"name": "lock"}
     lm, started = None, utc_now()
+    yield ("begin", [c.run_id for c in cells])
     try:
         yield from acquire(lock, False, lock_who(cells, suite_source), options.lock_timeout)
         t0 = time.perf_counter()
@@ -98,6 +99,7 @@ def evaluate_alone(c, lm, method_report, timings, suite_source, lock, guard, pro
     started = utc_now()
     t1 = time.perf_counter()
     stage = "lock"
+    yield ("begin", [c.run_id])
     try:
         timed = cell_is_timed(c)
         yield from acquire(lock, timed, lock_who([c], suite_source), options.lock_timeout)
@@ -166,7 +168,8 @@ def iter_group(
     (slimbench.sweep.timed).
 
     Yields events for the driver, which writes the records:
-    ``("started", host, pid)``; ``("waiting", info)`` while the machine lock is busy (about once
+    ``("started", host, pid)``; ``("begin", run_ids)`` as a stage starts on those cells (the others of
+the unit are queued); ``("waiting", info)`` while the machine lock is busy (about once
     a second: ``info["text"]`` says on whom); ``("stage", kind, run_id, seconds)`` after each load,
     compression (kind ``load``/``compress``, the group's first cell) and evaluation (``evaluate``,
     that cell): what the ETA learns from; ``("progress", info)`` now and then during a long timed

@@ -163,11 +163,14 @@ class ProgressFile:
         self.dir = store.root / "progress"
         self.path = self.dir / f"{socket.gethostname()}.{os.getpid()}.json"
 
-    def write(self, *, eta: float | None, workers: int, waiting: dict[str, str], cells_left: int) -> None:
+    def write(self, *, eta: float | None, workers: int, waiting: dict[str, str], cells_left: int,
+              active: list[str] | None = None) -> None:
         from slimbench.sweep.store import atomic_write_text
 
         data = {"host": socket.gethostname(), "pid": os.getpid(), "written_at": time.time(), "eta_seconds": eta,
                 "workers": workers, "waiting": waiting, "cells_left": cells_left}
+        if active is not None:  # the cells being worked on; the run's other claimed cells are queued
+            data["active"] = active
         with contextlib.suppress(OSError):  # a progress file is a courtesy: never a failed run
             atomic_write_text(self.path, json.dumps(data))
 
@@ -219,7 +222,9 @@ def human_seconds(s: float) -> str:
 class CellState:
     cell: CellSpec | None
     run_id: str
-    state: str  # done | running | waiting (for the machine lock) | failed | pending | stale (claimed by a dead driver)
+    # done | running | waiting (for the machine lock) | queued (claimed by a live run, not started yet) | failed |
+    # pending | stale (claimed by a dead driver)
+    state: str
     detail: str = ""
     label: str = ""
 
@@ -231,6 +236,8 @@ def suite_state(store, cells: list[CellSpec] | None, claim_book=None) -> list[Ce
 
     book = claim_book or ClaimBook(store)
     waits = waiting_cells()
+    # what each live run works on now (its progress file): its other claimed cells are queued, not running
+    active = {(d.get("host"), d.get("pid")): set(d["active"]) for d in ProgressFile.live(store.root) if "active" in d}
     latest = {r["run_id"]: r for r in store.records(include_failed=True)}
     claims = book.all_claims()
     ids = [c.run_id for c in cells] if cells is not None else sorted(set(latest) | set(claims))
@@ -245,6 +252,8 @@ def suite_state(store, cells: list[CellSpec] | None, claim_book=None) -> list[Ce
             owner = claims[run_id][0]
             if run_id in waits:
                 rows.append(CellState(cell, run_id, "waiting", f"{waits[run_id][1]}; run {owner.describe()}", label))
+            elif run_id not in active.get((owner.host, owner.pid), {run_id}):
+                rows.append(CellState(cell, run_id, "queued", f"next in run {owner.describe()}", label))
             else:
                 rows.append(CellState(cell, run_id, "running", f"by {owner.describe()}", label))
         elif run_id in claims:
@@ -282,7 +291,7 @@ def remaining_seconds(cells: list[CellSpec], rows: list[CellState], cost: CostMo
     """Time the cells not yet done need with ``workers`` workers (groups load and compress once)."""
     from slimbench.sweep.runner import units_of
 
-    todo = {r.run_id for r in rows if r.state in ("pending", "running", "waiting", "stale", "failed")}
+    todo = {r.run_id for r in rows if r.state in ("pending", "running", "waiting", "queued", "stale", "failed")}
     units = units_of([c for c in cells if c.run_id in todo], interleave=interleave)
     unseen = {c.method.name for u in units for c in u if not cost.knows_method(c)}
     return Eta(eta_seconds([], [cost.unit_seconds(u) for u in units], workers), sorted(unseen), workers)
@@ -299,7 +308,7 @@ def live_eta(root) -> Eta | None:
 
 
 def format_status(rows: list[CellState], eta: Eta | None, *, verbose_done: bool = False) -> str:
-    states = ("done", "running", "waiting", "failed", "stale", "pending")
+    states = ("done", "running", "waiting", "queued", "failed", "stale", "pending")
     counts = {k: sum(r.state == k for r in rows) for k in states}
     head = ", ".join(f"{v} {k}" for k, v in counts.items() if v or k in ("done", "pending"))
     lines = [f"{len(rows)} cells: {head}"]
