@@ -106,6 +106,51 @@ def test_lock_timeout_fails_the_waiting_cells_with_the_holder_named(held_lock, l
     assert f"PID {held_lock.pid}" in rec["error"]["message"]
 
 
+def test_a_run_waits_its_lock_timeout_once_not_once_per_stage(held_lock, lock_path, tmp_path):
+    cells = load_suite(suite_file(tmp_path, TWO_METHODS)).cells()  # two groups: four stages would wait
+    store = quiet(tmp_path / "r")
+    summary = run_cells(cells, store, show_progress=False, log=lambda s: None, options=RunOptions(lock_timeout=0.5))
+    assert len(summary.failed) == 4 and not summary.ok
+    messages = [r["error"]["message"] for r in store.records(include_failed=True)]
+    waited = [m for m in messages if "not free within --lock-timeout 0.5 s" in m]
+    tried = [m for m in messages if "already waited its --lock-timeout" in m]
+    assert len(waited) == 2 and len(tried) == 2, messages  # the first group's two cells waited; the rest tried
+    assert all(f"PID {held_lock.pid}" in m for m in messages)
+
+
+def test_waiting_for_the_lock_is_not_progress_in_the_eta(tmp_path):
+    from types import SimpleNamespace
+
+    from slimbench.sweep.driver import Sweep, _Running
+
+    cells = load_suite(suite_file(tmp_path, TWO_METHODS)).cells()
+    sweep = Sweep(cells, quiet(tmp_path / "r"), SimpleNamespace(slots=1), suite_source="", show_progress=False,
+                  log=lambda s: None, claim_timeout=60)
+    sweep.running[0] = _Running(cells, None, "")
+    full = sweep.eta()
+    sweep.running[0].last_event -= 30  # 30 s of waiting for the machine lock...
+    sweep.handle(0, ("waiting", {"text": "waiting for the machine lock held by PID 1", "run_ids": []}))
+    assert sweep.eta() == pytest.approx(full, abs=1.0)  # ...bring the end no closer
+    assert "waiting for the machine lock held by PID 1" in sweep.postfix()
+    sweep.running[0].last_event -= 30  # 30 s of work do
+    sweep.handle(0, ("progress", {}))
+    assert sweep.eta() <= full - 29
+
+
+def test_a_timed_cells_cost_is_never_borrowed_from_quality_cells(tmp_path):
+    from slimbench.sweep.status import DEFAULTS
+
+    cells = load_suite(suite_file(tmp_path, TWO_METHODS)).cells()
+    ppl = [c for c in cells if c.task.name == "perplexity"]
+    eff = [c for c in cells if c.task.name == "efficiency"]
+    cm = CostModel()
+    cm.add("evaluate", ppl[0], 2.0)
+    assert cm.unit_seconds([eff[1]], done={f"load:{eff[1].run_id}", f"compress:{eff[1].run_id}"}) == \
+        (0.0, DEFAULTS["timed"])  # not the 2 s of a perplexity cell
+    cm.add("evaluate", eff[0], 40.0)  # the same timed task, another method: learned from it
+    assert cm.estimate("evaluate", eff[1], timed=True) == 40.0
+
+
 def test_status_and_the_bar_say_a_cell_waits_for_the_lock_and_on_whom(held_lock, lock_path, tmp_path):
     suite = suite_file(tmp_path, TWO_METHODS)
     results = tmp_path / "r"
@@ -314,6 +359,53 @@ def test_without_torch_every_command_says_what_to_install(argv):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs the Python package 'torch'" in lines[0] and "pip install" in lines[0]
+
+
+def test_status_says_which_claimed_cells_run_and_which_are_queued(tmp_path):
+    from slimbench.sweep.cell_claims import ClaimBook
+    from slimbench.sweep.status import format_status
+
+    cells = load_suite(suite_file(tmp_path, TWO_METHODS)).cells()
+    store = quiet(tmp_path / "r")
+    book = ClaimBook(store)  # this process plays a live run that claimed the whole unit
+    for c in cells:
+        book.try_claim(c.run_id)
+    try:
+        assert {r.state for r in suite_state(store, cells)} == {"running"}  # no progress file: as claimed
+        pf = ProgressFile(store)
+        pf.write(eta=60.0, workers=1, waiting={}, cells_left=4, active=[cells[0].run_id])
+        rows = suite_state(store, cells)
+        assert [r.state for r in rows] == ["running", "queued", "queued", "queued"]
+        assert "next in run" in rows[1].detail
+        assert "4 cells: 0 done, 1 running, 3 queued, 0 pending" in format_status(rows, None)
+        pf.remove()
+    finally:
+        book.release_all()
+
+
+def test_the_driver_publishes_the_cells_its_stage_works_on(tmp_path, lock_path, monkeypatch):
+    from slimbench.sweep.driver import Sweep
+    from slimbench.sweep.executors import LocalExecutor
+
+    monkeypatch.setenv("SLIMBENCH_MEMORY_PROBE", "off")
+    cells = load_suite(suite_file(tmp_path, TWO_METHODS)).cells()
+    sweep = Sweep(cells, quiet(tmp_path / "r"), LocalExecutor(), suite_source="", show_progress=False,
+                  log=lambda s: None, claim_timeout=60)
+    seen = []
+    original = sweep.handle
+
+    def handle(gid, event):
+        original(gid, event)
+        if event[0] == "begin":  # what `status` reads at that moment
+            sweep.publish()
+            seen.append(json.loads(sweep.progress_file.path.read_text())["active"])
+
+    sweep.handle = handle
+    sweep.run()
+    groups = [[c.run_id for c in cells if c.method.name == m] for m in ("baseline", "magnitude")]
+    ppl = [c.run_id for c in cells if c.task.name == "perplexity"]
+    eff = sorted(c.run_id for c in cells if c.task.name == "efficiency")
+    assert seen == [sorted(groups[0]), [ppl[0]], sorted(groups[1]), [ppl[1]], eff]
 
 
 def test_progress_file_is_json_the_status_command_can_read(tmp_path):

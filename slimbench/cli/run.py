@@ -219,7 +219,8 @@ def register(sub) -> None:
         type=positive(float, "seconds"),
         metavar="SECONDS",
         help="fail a cell whose stage waited this long for the machine lock (other SlimBench runs' timed cells "
-        "hold it; default: wait as long as it takes, saying on whom on the progress bar and in `status`)",
+        "hold it); waited once per run: later stages only try the lock. Default: wait as long as it takes, "
+        "saying on whom on the progress bar and in `status`",
     )
     r.add_argument(
         "--quality-only",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tqdm.auto import tqdm
 
@@ -19,7 +19,7 @@ from slimbench.specs import CellSpec
 from slimbench.sweep.cell_claims import TIMEOUT_S, ClaimBook
 from slimbench.sweep.executors import LocalExecutor
 from slimbench.sweep.executors.resources import Resources, unit_resources
-from slimbench.sweep.runner import RunOptions, make_record, units_of
+from slimbench.sweep.runner import RunOptions, lock_timed_out, make_record, units_of
 from slimbench.sweep.status import CostModel, ProgressFile, eta_seconds, human_seconds
 from slimbench.sweep.store import ResultStore, utc_now
 
@@ -44,6 +44,7 @@ class _Running:
     done: set[str] = field(default_factory=set)  # "load:<run id>", "compress:<run id>" and evaluated run ids
     last_event: float = field(default_factory=time.monotonic)
     waiting: dict | None = None  # what its worker waits for (the machine lock), while it waits
+    active: set[str] = field(default_factory=set)  # the cells the stage in progress works on (the rest: queued)
 
 
 class Sweep:
@@ -107,8 +108,11 @@ class Sweep:
         kind = event[0]
         if kind == "waiting":  # the worker waits for the machine lock: said on the bar and to `status`
             run.waiting = event[1]
+            run.last_event = time.monotonic()  # waiting is not progress: the stage's clock starts when it ends
             return
         run.waiting = None
+        if kind == "begin":
+            run.active = set(event[1])
         if kind == "progress":
             return
         run.last_event = time.monotonic()
@@ -118,6 +122,10 @@ class Sweep:
             self.cost.add(stage, cell, seconds)
             run.done.add(run_id if stage == "evaluate" else f"{stage}:{run_id}")
         elif kind == "record":
+            if lock_timed_out(event) and self.options.lock_timeout:
+                # the wait was bounded once: units handed out later only try the lock, never wait that long again
+                self.options = replace(self.options, lock_timeout=0.0)
+                self.executor.options = self.options
             self.write(run, event[1])
         elif kind == "end":
             reason = event[1] or {"type": "WorkerDied", "message": "the group ended without a record for this cell"}
@@ -199,6 +207,7 @@ class Sweep:
         self.progress_file.write(eta=self.eta(), workers=getattr(self.executor, "slots", 1),
                                  waiting={rid: r.waiting["text"] for r in self.running.values() if r.waiting
                                           for rid in r.waiting.get("run_ids", [])},
+                                 active=sorted(rid for r in self.running.values() for rid in r.active),
                                  cells_left=sum(len(u) for u in self.queue)
                                  + sum(len(r.cells) - len(r.written) for r in self.running.values()))
 

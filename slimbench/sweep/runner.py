@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from slimbench.measure.clocks import release_memory
@@ -70,6 +71,7 @@ def _compress_group(cells, suite_source, lock, guard, progress, options) -> Iter
     head = cells[0]
     stage: dict[str, Any] = {"name": "lock"}
     lm, started = None, utc_now()
+    yield ("begin", [c.run_id for c in cells])
     try:
         yield from acquire(lock, False, lock_who(cells, suite_source), options.lock_timeout)
         t0 = time.perf_counter()
@@ -97,6 +99,7 @@ def evaluate_alone(c, lm, method_report, timings, suite_source, lock, guard, pro
     started = utc_now()
     t1 = time.perf_counter()
     stage = "lock"
+    yield ("begin", [c.run_id])
     try:
         timed = cell_is_timed(c)
         yield from acquire(lock, timed, lock_who([c], suite_source), options.lock_timeout)
@@ -117,6 +120,30 @@ def evaluate_alone(c, lm, method_report, timings, suite_source, lock, guard, pro
                           timings={**timings, "evaluate_seconds": time.perf_counter() - t1})
     yield ("stage", "evaluate", c.run_id, time.perf_counter() - t1)
     yield ("record", rec)
+
+
+def lock_timed_out(event: tuple) -> bool:
+    """Whether ``event`` is a record failed because the machine lock stayed busy past --lock-timeout."""
+    return (event[0] == "record" and event[1].get("status") == "failed"
+            and (event[1].get("error") or {}).get("type") == "LockTimeout")
+
+
+class _Stages:
+    """The options each stage of a unit runs with: once one stage waited the whole --lock-timeout, the
+    later ones only try the lock (timeout 0, still taken when free) instead of waiting that long again."""
+
+    def __init__(self, options: RunOptions):
+        self.options = options
+
+    def watch(self, events: Iterator[tuple]) -> Iterator[tuple]:
+        while True:
+            try:
+                event = next(events)
+            except StopIteration as stop:
+                return stop.value
+            if lock_timed_out(event) and self.options.lock_timeout:
+                self.options = replace(self.options, lock_timeout=0.0)
+            yield event
 
 
 def memory_is_short(memory_limit: int | None) -> bool:
@@ -141,7 +168,8 @@ def iter_group(
     (slimbench.sweep.timed).
 
     Yields events for the driver, which writes the records:
-    ``("started", host, pid)``; ``("waiting", info)`` while the machine lock is busy (about once
+    ``("started", host, pid)``; ``("begin", run_ids)`` as a stage starts on those cells (the others of
+the unit are queued); ``("waiting", info)`` while the machine lock is busy (about once
     a second: ``info["text"]`` says on whom); ``("stage", kind, run_id, seconds)`` after each load,
     compression (kind ``load``/``compress``, the group's first cell) and evaluation (``evaluate``,
     that cell): what the ETA learns from; ``("progress", info)`` now and then during a long timed
@@ -159,14 +187,16 @@ def iter_group(
     yield ("started", socket.gethostname(), os.getpid())
     held: list[Held] = []
     blocks = 0
+    stages = _Stages(options)
     for cells in group_cells(pending).values():
-        got = yield from _compress_group(cells, suite_source, lock, guard, progress, options)
+        got = yield from stages.watch(_compress_group(cells, suite_source, lock, guard, progress, stages.options))
         if got is None:
             continue
         lm, report, timings = got
         for c in cells:
             if not cell_is_timed(c):
-                yield from evaluate_alone(c, lm, report, timings, suite_source, lock, guard, progress, options)
+                yield from stages.watch(evaluate_alone(c, lm, report, timings, suite_source, lock, guard, progress,
+                                                       stages.options))
         timed = [c for c in cells if cell_is_timed(c)]
         if timed:
             held.append(Held(timed, lm, report, timings))
@@ -174,10 +204,12 @@ def iter_group(
         release_memory()
         if held and memory_is_short(memory_limit):
             blocks += 1
-            yield from timed_block(held, suite_source, lock, guard, progress, options, block=blocks)
+            yield from stages.watch(timed_block(held, suite_source, lock, guard, progress, stages.options,
+                                                block=blocks))
             held = []
             release_memory()
     if held:
-        yield from timed_block(held, suite_source, lock, guard, progress, options, block=blocks + 1 if blocks else 0)
+        yield from timed_block(held, suite_source, lock, guard, progress, stages.options,
+                               block=blocks + 1 if blocks else 0)
         held = []
     release_memory()

@@ -30,7 +30,9 @@ from typing import Any
 from slimbench.config import stable_hash
 from slimbench.specs import CellSpec
 
-DEFAULTS = {"load": 5.0, "compress": 2.0, "evaluate": 10.0}  # seconds, before anything was seen
+# seconds, before anything was seen; a timed cell (warm-up, repeats to the protocol's minimum, its memory read
+# in a fresh process) costs more than a quick quality cell, and never borrows their cost
+DEFAULTS = {"load": 5.0, "compress": 2.0, "evaluate": 10.0, "timed": 30.0}
 
 
 def _task_keys(model: str, task_label: str, params: Any) -> list[tuple]:
@@ -75,13 +77,18 @@ class CostModel:
         """Has any finished cell run this cell's method (on any model)? Else its cost is borrowed."""
         return any(self.seen["compress"].get(k) for k in self.keys("compress", cell)[:-1])
 
-    def estimate(self, kind: str, cell: CellSpec | dict) -> float:
-        for k in self.keys(kind, cell):
+    def estimate(self, kind: str, cell: CellSpec | dict, *, timed: bool = False) -> float:
+        """Seconds of ``kind`` for ``cell``. ``timed``: a timed task, whose cost is learned only from
+        the same task (a perplexity cell's seconds say nothing about a timed block's)."""
+        keys = self.keys(kind, cell)
+        if timed and kind == "evaluate":
+            keys = keys[:4]  # the same task (and parameters), on this model or any
+        for k in keys:
             obs = self.seen[kind].get(k)
             if obs:
                 # A model's first load may include its one-time conversion: the next one will not.
                 return min(obs) if kind == "load" else statistics.median(obs)
-        return DEFAULTS[kind]
+        return DEFAULTS["timed" if timed and kind == "evaluate" else kind]
 
     @classmethod
     def from_records(cls, records: list[dict[str, Any]]) -> CostModel:
@@ -121,11 +128,10 @@ class CostModel:
             parallel += 0.0 if f"compress:{head}" in done else self.estimate("compress", group[0])
             for c in group:
                 if c.run_id not in done:
-                    cost = self.estimate("evaluate", c)
                     if cell_is_timed(c):
-                        timed += cost
+                        timed += self.estimate("evaluate", c, timed=True)
                     else:
-                        parallel += cost
+                        parallel += self.estimate("evaluate", c)
         cut = min(elapsed, parallel)
         return parallel - cut, max(0.0, timed - (elapsed - cut))
 
@@ -157,11 +163,14 @@ class ProgressFile:
         self.dir = store.root / "progress"
         self.path = self.dir / f"{socket.gethostname()}.{os.getpid()}.json"
 
-    def write(self, *, eta: float | None, workers: int, waiting: dict[str, str], cells_left: int) -> None:
+    def write(self, *, eta: float | None, workers: int, waiting: dict[str, str], cells_left: int,
+              active: list[str] | None = None) -> None:
         from slimbench.sweep.store import atomic_write_text
 
         data = {"host": socket.gethostname(), "pid": os.getpid(), "written_at": time.time(), "eta_seconds": eta,
                 "workers": workers, "waiting": waiting, "cells_left": cells_left}
+        if active is not None:  # the cells being worked on; the run's other claimed cells are queued
+            data["active"] = active
         with contextlib.suppress(OSError):  # a progress file is a courtesy: never a failed run
             atomic_write_text(self.path, json.dumps(data))
 
@@ -213,7 +222,9 @@ def human_seconds(s: float) -> str:
 class CellState:
     cell: CellSpec | None
     run_id: str
-    state: str  # done | running | waiting (for the machine lock) | failed | pending | stale (claimed by a dead driver)
+    # done | running | waiting (for the machine lock) | queued (claimed by a live run, not started yet) | failed |
+    # pending | stale (claimed by a dead driver)
+    state: str
     detail: str = ""
     label: str = ""
 
@@ -225,6 +236,8 @@ def suite_state(store, cells: list[CellSpec] | None, claim_book=None) -> list[Ce
 
     book = claim_book or ClaimBook(store)
     waits = waiting_cells()
+    # what each live run works on now (its progress file): its other claimed cells are queued, not running
+    active = {(d.get("host"), d.get("pid")): set(d["active"]) for d in ProgressFile.live(store.root) if "active" in d}
     latest = {r["run_id"]: r for r in store.records(include_failed=True)}
     claims = book.all_claims()
     ids = [c.run_id for c in cells] if cells is not None else sorted(set(latest) | set(claims))
@@ -239,6 +252,8 @@ def suite_state(store, cells: list[CellSpec] | None, claim_book=None) -> list[Ce
             owner = claims[run_id][0]
             if run_id in waits:
                 rows.append(CellState(cell, run_id, "waiting", f"{waits[run_id][1]}; run {owner.describe()}", label))
+            elif run_id not in active.get((owner.host, owner.pid), {run_id}):
+                rows.append(CellState(cell, run_id, "queued", f"next in run {owner.describe()}", label))
             else:
                 rows.append(CellState(cell, run_id, "running", f"by {owner.describe()}", label))
         elif run_id in claims:
@@ -276,7 +291,7 @@ def remaining_seconds(cells: list[CellSpec], rows: list[CellState], cost: CostMo
     """Time the cells not yet done need with ``workers`` workers (groups load and compress once)."""
     from slimbench.sweep.runner import units_of
 
-    todo = {r.run_id for r in rows if r.state in ("pending", "running", "waiting", "stale", "failed")}
+    todo = {r.run_id for r in rows if r.state in ("pending", "running", "waiting", "queued", "stale", "failed")}
     units = units_of([c for c in cells if c.run_id in todo], interleave=interleave)
     unseen = {c.method.name for u in units for c in u if not cost.knows_method(c)}
     return Eta(eta_seconds([], [cost.unit_seconds(u) for u in units], workers), sorted(unseen), workers)
@@ -293,7 +308,7 @@ def live_eta(root) -> Eta | None:
 
 
 def format_status(rows: list[CellState], eta: Eta | None, *, verbose_done: bool = False) -> str:
-    states = ("done", "running", "waiting", "failed", "stale", "pending")
+    states = ("done", "running", "waiting", "queued", "failed", "stale", "pending")
     counts = {k: sum(r.state == k for r in rows) for k in states}
     head = ", ".join(f"{v} {k}" for k, v in counts.items() if v or k in ("done", "pending"))
     lines = [f"{len(rows)} cells: {head}"]

@@ -90,6 +90,7 @@ def timed_block(held: list[Held], suite_source: str, lock, guard, progress, opti
     """Every timed cell of ``held``, under the exclusive machine lock; yields stage and record events."""
     cells = [c for h in held for c in h.cells]
     started = utc_now()
+    yield ("begin", [c.run_id for c in cells])
     try:
         yield from acquire(lock, True, lock_who(cells, suite_source), options.lock_timeout)
     except LockTimeout as exc:

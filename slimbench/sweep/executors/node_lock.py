@@ -233,6 +233,10 @@ class NodeLock:
     def timeout_message(self, exclusive: bool, timeout: float) -> str:
         blockers = self.blockers(exclusive)
         who = blockers[0].describe() if blockers else "another process"
+        if timeout == 0:  # an earlier stage of this run waited the whole --lock-timeout: not waited for again
+            return (f"the machine lock was still held by {who} (an earlier cell of this run already waited its "
+                    "--lock-timeout). Run again when it is free, raise --lock-timeout, or run only the untimed "
+                    "cells with --quality-only")
         return (f"the machine lock was not free within --lock-timeout {timeout:g} s: held by {who}. "
                 "Run again when it is free, raise --lock-timeout, or run only the untimed cells with --quality-only")
 
@@ -313,7 +317,7 @@ def waiting_cells(path: Path | None = None) -> dict[str, tuple[Party, str]]:
             text = f"waiting for the machine lock held by {others[0].describe()}"
         else:
             text = "waiting for the machine lock"
-        text += f" (since {_clock(p.since)})"
+        text += f"; waiting since {_clock(p.since)}"
         for run_id in p.run_ids:
             out[run_id] = (p, text)
     return out
