@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from slimbench.methods.quantization import e8p
+from slimbench.methods.quantization import hadamard as hd
 from slimbench.methods.quantization.grid import decode_stored_form
 from slimbench.methods.quantization.hqq import HQQConfig, hqq_groups, shrink_lp
 from slimbench.methods.quantization.hqq import quantize_weight as hqq_weight
@@ -149,12 +150,12 @@ def test_e8p_codebook_is_2_to_the_16_points_of_e8_plus_a_quarter():
 
 def test_e8p_nearest_equals_brute_force_and_codewords_map_to_themselves():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3000, 8, generator=g) * 1.3
+    x = torch.randn(1500, 8, generator=g) * 1.3
     cb = e8p.codebook()
     fast = (x - cb[e8p.nearest(x)]).square().sum(1)
     brute = torch.cdist(x, cb).square().min(1).values
     assert torch.allclose(fast, brute, atol=1e-4)
-    sample = torch.arange(0, 65536, 97)
+    sample = torch.arange(0, 65536, 211)
     assert torch.equal(e8p.nearest(cb[sample]), sample)
 
 
@@ -191,3 +192,15 @@ def test_quip_sharp_layers_decode_consistently_and_weigh_two_bits():
     assert rep["effective_bits"] == pytest.approx(2 + (codebook_bits + 32 * 14 + sum(
         8 * (math.ceil(m.in_features / 8) + math.ceil(m.out_features / 8)) for m in layers)) / numel)
     assert torch.isfinite(lm.model(input_ids=ids).logits).all()
+    # defining property: every stored code decodes to a point of E8 + 1/4, and the layer's weight is
+    # R_out (σ · those points) R_inᵀ, R = diag(s) H / √n built as dense matrices (not the fast transform)
+    stored_cb = next(m for m in layers if m.holds_codebook).codebook
+    assert torch.equal(stored_cb.float(), e8p.codebook())  # E8P values are multiples of 1/4 up to 13/4: exact in fp16
+    for m in layers:
+        points = stored_cb.float()[m.codes.long() & 0xFFFF].reshape(-1, 8) - 0.25
+        integer, half = (points == points.round()).all(1), (points - 0.5 == (points - 0.5).round()).all(1)
+        assert ((integer | half) & (points.sum(1).round() % 2 == 0)).all()
+        r_in = torch.diag(m.s_in) @ hd.hadamard_plan(m.in_features).matrix() / m.in_features ** 0.5
+        r_out = torch.diag(m.s_out) @ hd.hadamard_plan(m.out_features).matrix() / m.out_features ** 0.5
+        wt = m.scale * (points + 0.25).reshape(m.out_features, m.in_features)
+        assert torch.allclose(m.dequantized_weight(), r_out @ wt @ r_in.t(), atol=1e-5)
