@@ -55,7 +55,7 @@ from slimbench.methods.quantization.grid import (
 from slimbench.methods.quantization.packed import FormatConfig, finish_layer, format_report
 
 from slimbench.calibration import CalibrationConfig, sample_calibration
-from slimbench.layerwise import SharedGram, adapter_for, sequential, symmetric_from_upper
+from slimbench.layerwise import HessianStream, SharedGram, adapter_for, sequential
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight, iter_linears
 
@@ -198,30 +198,13 @@ def assemble(codes: torch.Tensor, perm: torch.Tensor, col_group: torch.Tensor, p
     return GPTQResult(codes, params, g_idx, weight)
 
 
-class GPTQLayer:
-    """One linear layer's GPTQ state for the layer-wise loop (IST-DASLab's ``GPTQ`` object)."""
-
-    needs_output = False  # the Hessian needs inputs only: the loop may skip the output
+class GPTQLayer(HessianStream):
+    """One linear layer's GPTQ state for the layer-wise loop (IST-DASLab's ``GPTQ`` object); the
+    Hessian needs inputs only (``needs_output`` False: the loop may skip the output)."""
 
     def __init__(self, model, name: str, module, cfg: GPTQConfig, gram: SharedGram | None = None):
         self.model, self.name, self.module, self.cfg = model, name, module, cfg
-        cols = get_weight(module).shape[1]
-        self.h = torch.zeros(cols, cols)
-        self.n = 0
-        self.gram = gram or SharedGram()  # shared across a layer's linears: q/k/v reuse one product
-        self.upper_only = False  # some products filled only the upper triangle (see layerwise.gram)
-
-    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None) -> None:
-        t = inp.shape[0]
-        self.h *= self.n / (self.n + t)
-        self.n += t
-        prod, upper_only = self.gram.product(inp, (2 / self.n) ** 0.5)
-        self.h += prod
-        self.upper_only |= upper_only
-
-    def hessian(self) -> torch.Tensor:
-        """The streamed ``2/n Σ x xᵀ``, bit for bit the reference's running sum."""
-        return symmetric_from_upper(self.h) if self.upper_only else self.h
+        self.start_hessian(get_weight(module).shape[1], gram)
 
     def compress(self) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -37,7 +37,7 @@ from slimbench.methods.quantization.hadamard import hadamard_matmul, hadamard_pl
 from slimbench.methods.quantization.packed import replace_module
 
 from slimbench.calibration import CalibrationConfig, sample_calibration
-from slimbench.layerwise import SharedGram, adapter_for, sequential, symmetric_from_upper
+from slimbench.layerwise import HessianStream, SharedGram, adapter_for, sequential
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import CompressedLinear, get_weight, iter_linears
 
@@ -150,26 +150,15 @@ def block_ldlq(wt: torch.Tensor, ht: torch.Tensor, sigma: float, cfg: QuipSharpC
         return {"codes": codes, "feedback_energy": energy, "damped_h": h}
 
 
-class QuipLayer:
-    needs_output = False
-
+class QuipLayer(HessianStream):
     def __init__(self, model, name: str, module, cfg: QuipSharpConfig, gram: SharedGram, first: list[bool]):
-        self.model, self.name, self.module, self.cfg, self.gram, self.first = model, name, module, cfg, gram, first
-        cols = get_weight(module).shape[1]
-        self.h, self.n, self.upper_only = torch.zeros(cols, cols), 0, False
-
-    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None) -> None:
-        t = inp.shape[0]
-        self.h *= self.n / (self.n + t)
-        self.n += t
-        prod, upper = self.gram.product(inp, (2 / self.n) ** 0.5)
-        self.h += prod
-        self.upper_only |= upper
+        self.model, self.name, self.module, self.cfg, self.first = model, name, module, cfg, first
+        self.start_hessian(get_weight(module).shape[1], gram)
 
     def compress(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         w = get_weight(self.module).float()
-        h = symmetric_from_upper(self.h) if self.upper_only else self.h
+        h = self.hessian()
         self.h = None
         out_f, in_f = w.shape
         seed = self.cfg.seed * 1_000_003 + zlib.crc32(self.name.encode())

@@ -34,7 +34,7 @@ from slimbench.methods.quantization.gptq import inverse_cholesky, prepare_hessia
 from slimbench.methods.quantization.grid import check_group_size, pack_bits, unpack_bits
 
 from slimbench.calibration import CalibrationConfig, sample_calibration
-from slimbench.layerwise import SharedGram, adapter_for, sequential, symmetric_from_upper
+from slimbench.layerwise import HessianStream, SharedGram, adapter_for, sequential
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight, iter_linears, set_weight
 
@@ -184,26 +184,15 @@ def decode(form: dict[str, torch.Tensor], out_f: int, in_f: int, cfg: SpQRConfig
     return w
 
 
-class SpQRLayer:
-    needs_output = False
-
+class SpQRLayer(HessianStream):
     def __init__(self, module, cfg: SpQRConfig, gram: SharedGram):
-        self.module, self.cfg, self.gram = module, cfg, gram
-        cols = get_weight(module).shape[1]
-        self.h, self.n, self.upper_only = torch.zeros(cols, cols), 0, False
-
-    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None) -> None:
-        t = inp.shape[0]
-        self.h *= self.n / (self.n + t)
-        self.n += t
-        prod, upper = self.gram.product(inp, (2 / self.n) ** 0.5)
-        self.h += prod
-        self.upper_only |= upper
+        self.module, self.cfg = module, cfg
+        self.start_hessian(get_weight(module).shape[1], gram)
 
     def compress(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         w = get_weight(self.module).float()
-        h = symmetric_from_upper(self.h) if self.upper_only else self.h
+        h = self.hessian()
         res = spqr_quantize(w, h, self.cfg)
         set_weight(self.module, res["dense"])
         self.h = None

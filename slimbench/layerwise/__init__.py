@@ -51,13 +51,13 @@ from slimbench.layerwise.capture import (
     run_layer,
     sequential_reference,
 )
-from slimbench.layerwise.hessian import SharedGram, gram, symmetric_from_upper
+from slimbench.layerwise.hessian import HessianStream, SharedGram, gram, symmetric_from_upper
 from slimbench.layerwise.loop import sequential
 from slimbench.layerwise.memo import MEMO_BYTES
 from slimbench.layerwise.variant import loop_variant
 
 __all__ = [
-    "ADAPTERS", "MEMO_BYTES", "ArchAdapter", "LayerCompressor", "LayerInputs", "SharedGram", "adapter_for",
-    "capture_layer_inputs", "decoder_layers", "drop_layers", "get_path", "gram", "has_adapter", "loop_variant",
-    "run_layer", "same_tensor", "sequential", "sequential_reference", "symmetric_from_upper", "teacher_depth",
+    "ADAPTERS", "MEMO_BYTES", "ArchAdapter", "HessianStream", "LayerCompressor", "LayerInputs", "SharedGram",
+    "adapter_for", "capture_layer_inputs", "decoder_layers", "drop_layers", "get_path", "gram", "has_adapter",
+    "loop_variant",    "run_layer", "same_tensor", "sequential", "sequential_reference", "symmetric_from_upper", "teacher_depth",
 ]

@@ -82,3 +82,28 @@ class SharedGram:
         x = inp.float() * scale
         self.inp, self.key, self.value = inp, key, gram(x, self.buffers)
         return self.value
+
+
+class HessianStream:
+    """A layer-wise compressor's running ``H = 2/n Σ x xᵀ`` over its linear's calibration inputs
+    (GPTQ's ``add_batch``, bit for bit the reference's running sum), for the loop's
+    ``add_batch`` hook. Subclasses call :meth:`start_hessian` in ``__init__``."""
+
+    needs_output = False
+
+    def start_hessian(self, cols: int, gram: SharedGram | None = None) -> None:
+        self.h, self.n = torch.zeros(cols, cols), 0
+        self.gram = gram or SharedGram()  # shared across a layer's linears: q/k/v reuse one product
+        self.upper_only = False  # some products filled only the upper triangle (see gram)
+
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None) -> None:
+        t = inp.shape[0]
+        self.h *= self.n / (self.n + t)
+        self.n += t
+        prod, upper_only = self.gram.product(inp, (2 / self.n) ** 0.5)
+        self.h += prod
+        self.upper_only |= upper_only
+
+    def hessian(self) -> torch.Tensor:
+        """The streamed ``2/n Σ x xᵀ`` as a full symmetric matrix."""
+        return symmetric_from_upper(self.h) if self.upper_only else self.h
