@@ -10,7 +10,12 @@ test first checks that loopback is the only interface. What is checked:
   measured TTFT and ITL are at least those (a property that holds at any machine load), errors
   are counted and break the SLO, a server killed mid-run fails the measurement with its log;
 - the ``serving`` task on a tiny model through the runner: an ``ok`` record, and no process or
-  listening socket left behind; a model whose forward raises: a ``failed`` record with the log.
+  listening socket left behind; a model whose forward raises: a ``failed`` record with the log;
+- the ``serving`` task through llama.cpp (llama-cpp-python's server on the exported GGUF).
+
+Starting a pytest per test in a namespace costs a pytest start-up each, so the module runs in one:
+outside, a single test runs this file inside a loopback-only namespace; inside, the class below
+holds the checks (each class test is collected only there).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import psutil
@@ -50,19 +56,33 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def delegated(request, timeout: int = 900) -> bool:
-    """Outside the namespace: run this test inside one and assert it passed (True). Inside: False."""
-    if INSIDE:
-        assert set(psutil.net_if_addrs()) == {"lo"}, psutil.net_if_addrs()
-        return False
-    cmd = f"ip link set lo up && exec {shlex.quote(sys.executable)} -m pytest -q -x -p no:cacheprovider " \
-          f"{shlex.quote(request.node.nodeid)}"
+def test_every_check_here_passes_inside_a_loopback_only_namespace():
+    """Outside: run this file's checks in one pytest inside a namespace with only loopback."""
+    cmd = f"ip link set lo up && exec {shlex.quote(sys.executable)} -m pytest -q -p no:cacheprovider -rs " \
+          f"{shlex.quote(str(Path(__file__).resolve()))}"
     env = {**os.environ, "SLIMBENCH_LOOPBACK_NETNS": "1"}
     out = subprocess.run(["unshare", "--net", "sh", "-c", cmd], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=timeout)
-    assert out.returncode == 0, (out.stdout[-6000:], out.stderr[-3000:])
-    assert "1 passed" in out.stdout, out.stdout[-3000:]
-    return True
+                         cwd=ROOT, timeout=900)
+    assert out.returncode == 0, (out.stdout[-8000:], out.stderr[-3000:])
+    assert " passed" in out.stdout and " failed" not in out.stdout, out.stdout[-3000:]
+    skipped = [line for line in out.stdout.splitlines() if line.startswith("SKIPPED")]
+    if skipped:  # an optional engine missing inside: say which checks did not run
+        warnings.warn("inside the namespace: " + "; ".join(skipped), stacklevel=1)
+
+
+test_every_check_here_passes_inside_a_loopback_only_namespace.__test__ = not INSIDE
+
+
+def inside(test):
+    """A check collected only inside the namespace (outside, the test above runs it there)."""
+    test.__test__ = INSIDE
+    return test
+
+
+@pytest.fixture(autouse=True)
+def only_loopback():
+    if INSIDE:
+        assert set(psutil.net_if_addrs()) == {"lo"}, psutil.net_if_addrs()
 
 
 FAKE = """
@@ -91,9 +111,8 @@ def fake_server(tmp_path: Path, mode: str) -> ServerProcess:
     return ServerProcess("fake", [sys.executable, str(script), mode, str(port)], port, tmp_path / f"{mode}.log")
 
 
-def test_server_process_starts_stops_with_its_children(request, tmp_path):
-    if delegated(request):
-        return
+@inside
+def test_server_process_starts_stops_with_its_children(tmp_path):
     server = fake_server(tmp_path, "ok")
     server.start(60)
     pids = server.pids()
@@ -105,9 +124,8 @@ def test_server_process_starts_stops_with_its_children(request, tmp_path):
     server.stop()  # idempotent
 
 
-def test_server_failures_carry_their_log(request, tmp_path):
-    if delegated(request):
-        return
+@inside
+def test_server_failures_carry_their_log(tmp_path):
     with pytest.raises(ServerError, match=r"exited with code 3(.|\n)*boom: cannot load the model"):
         fake_server(tmp_path, "exit").start(60)
     never = fake_server(tmp_path, "never")
@@ -122,9 +140,8 @@ def test_server_failures_carry_their_log(request, tmp_path):
         exposed.stop()
 
 
-def test_a_cell_killed_outright_leaves_no_server(request, tmp_path):
-    if delegated(request):
-        return
+@inside
+def test_a_cell_killed_outright_leaves_no_server(tmp_path):
     script = tmp_path / "fake.py"
     script.write_text(FAKE)
     parent = tmp_path / "parent.py"
@@ -184,10 +201,9 @@ def plan(tmp_path: Path, server, profile: dict, *, max_requests: int = 8):
                         run_timeout_s=400, request_timeout_s=30)
 
 
+@inside
 @needs_guidellm
-def test_measured_latencies_are_at_least_the_mock_servers(request, tmp_path):
-    if delegated(request):
-        return
+def test_measured_latencies_are_at_least_the_mock_servers(tmp_path):
     from slimbench.engines.serving import analysis, session
 
     server = mock_server(tmp_path)
@@ -196,7 +212,8 @@ def test_measured_latencies_are_at_least_the_mock_servers(request, tmp_path):
     points = analysis.load_points(m.report)
     assert [(p.strategy, p.target) for p in points] == [("concurrent", 1.0), ("concurrent", 2.0)]
     for p in points:
-        assert p.successful == 8 == p.reported["request_totals"]["successful"] and p.errored == 0
+        # as GuideLLM counts them: those overlapping its window (under load the last may fall out of it)
+        assert 6 <= p.successful == p.reported["request_totals"]["successful"] <= 8 and p.errored == 0
         assert min(p.samples["ttft_ms"]) >= 60  # the mock sleeps 60 ms before the first token
         assert min(p.samples["itl_ms"]) >= 15 * 0.9  # and ~15 ms between tokens (its sleep granularity)
         assert p.request_throughput > 0 and p.output_tokens_per_s > 0
@@ -207,10 +224,9 @@ def test_measured_latencies_are_at_least_the_mock_servers(request, tmp_path):
     assert s["max_rps_within_slo"] == 0.0  # nothing can meet a TTFT below the server's own 60 ms
 
 
+@inside
 @needs_guidellm
-def test_errors_are_counted_and_break_the_slo(request, tmp_path):
-    if delegated(request):
-        return
+def test_errors_are_counted_and_break_the_slo(tmp_path):
     from slimbench.engines.serving import analysis, session
 
     server = mock_server(tmp_path, "--fail-after-requests", "6")
@@ -220,10 +236,9 @@ def test_errors_are_counted_and_break_the_slo(request, tmp_path):
     assert not analysis.judge(p, analysis.SLO(ttft_ms=60_000, itl_ms=None))["met"]
 
 
+@inside
 @needs_guidellm
-def test_a_server_that_dies_mid_run_fails_with_its_log(request, tmp_path):
-    if delegated(request):
-        return
+def test_a_server_that_dies_mid_run_fails_with_its_log(tmp_path):
     from slimbench.engines.serving import session
 
     server = mock_server(tmp_path, "--ttft-ms", "500")
@@ -269,11 +284,10 @@ def run_suite(tmp_path: Path, text: str):
     return [json.loads(p.read_text()) for p in sorted((tmp_path / "results" / "runs").glob("*.json"))]
 
 
+@inside
 @needs_guidellm
 @pytest.mark.parametrize("cb", ["false", "true"])
-def test_serving_task_on_a_tiny_model_leaves_nothing_behind(request, tmp_path, cb):
-    if delegated(request):
-        return
+def test_serving_task_on_a_tiny_model_leaves_nothing_behind(tmp_path, cb):
     import logging
 
     levels = {n: logging.getLogger(n).level for n in ("transformers", "uvicorn.error", "uvicorn.access")}
@@ -295,9 +309,8 @@ def test_serving_task_on_a_tiny_model_leaves_nothing_behind(request, tmp_path, c
     assert not [c for c in me.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
 
 
-def test_a_model_that_fails_becomes_a_failed_record_with_the_server_log(request, tmp_path, monkeypatch):
-    if delegated(request):
-        return
+@inside
+def test_a_model_that_fails_becomes_a_failed_record_with_the_server_log(tmp_path, monkeypatch):
     import slimbench.sweep.runner as runner
 
     original = runner.load_and_compress
@@ -317,4 +330,42 @@ def test_a_model_that_fails_becomes_a_failed_record_with_the_server_log(request,
     assert rec["status"] == "failed"
     msg = rec["error"]["message"]
     assert "warm-up request" in msg and "last log lines" in msg and "the kernel exploded" in msg, msg
+    assert not psutil.Process().children(recursive=True)
+
+
+def llama_cpp_unavailable() -> str | None:
+    from slimbench.engines.serving import servers
+
+    try:
+        servers.llama_flavour("auto")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@inside
+@needs_guidellm
+def test_serving_through_llama_cpp_on_the_exported_gguf(tmp_path):
+    why = llama_cpp_unavailable()
+    if why:
+        pytest.skip(why)
+    from export_helpers import tiny_bpe_llama
+    from slimbench.tasks.serving import ServingConfig, evaluate
+
+    from slimbench.specs import HardwareSpec
+    from slimbench.task import TaskContext
+
+    cfg = ServingConfig(server="llama.cpp", profile="concurrent", streams=[1, 2], max_requests=6, max_seconds=20,
+                        dataset_requests=32, max_prompt_tokens=48, min_output_tokens=6, max_output_tokens=6,
+                        gguf_weights="F32", request_timeout_s=60, warm_requests=1)
+    res = evaluate(tiny_bpe_llama(), cfg, TaskContext(hardware=HardwareSpec(threads=1)))
+    d, m = res.details, res.metrics
+    assert d["server"]["name"] == "llama.cpp" and d["server"]["flavour"] in ("native", "python")
+    assert d["server"]["settings"]["gguf"]["source"] == "exported for this cell"
+    assert [p["target"] for p in d["load_points"]] == [1.0, 2.0]
+    for p in d["load_points"]:
+        assert p["successful"] == p["reported"]["request_totals"]["successful"] >= 3 and p["errored"] == 0
+        # the random model would often stop at its end-of-text token: the server is told not to
+        assert min(p["samples"]["output_tokens"]) >= 5, p["samples"]["output_tokens"]
+    assert m["server_cpu_s"].value > 0 and m["loadgen_cpu_s"].value > 0
     assert not psutil.Process().children(recursive=True)
