@@ -114,7 +114,7 @@ def fake_server(tmp_path: Path, mode: str) -> ServerProcess:
 @inside
 def test_server_process_starts_stops_with_its_children(tmp_path):
     server = fake_server(tmp_path, "ok")
-    server.start(60)
+    server.start(300)
     pids = server.pids()
     assert len(pids) == 3 and server.alive() and not listening_beyond_loopback(pids)  # guard, server, its child
     server.stop()
@@ -127,13 +127,13 @@ def test_server_process_starts_stops_with_its_children(tmp_path):
 @inside
 def test_server_failures_carry_their_log(tmp_path):
     with pytest.raises(ServerError, match=r"exited with code 3(.|\n)*boom: cannot load the model"):
-        fake_server(tmp_path, "exit").start(60)
+        fake_server(tmp_path, "exit").start(300)
     never = fake_server(tmp_path, "never")
     with pytest.raises(ServerError, match=r"not ready after 3 s(.|\n)*fake server starting never"):
         never.start(3)
     never.stop()
     exposed = fake_server(tmp_path, "exposed")
-    exposed.start(60)
+    exposed.start(300)
     try:
         assert listening_beyond_loopback(exposed.pids()) == [f"0.0.0.0:{exposed.port}"]
     finally:
@@ -154,7 +154,7 @@ def test_a_cell_killed_outright_leaves_no_server(tmp_path):
         port = free_loopback_port()
         cmd = [sys.executable, {str(script)!r}, "ok", str(port)]
         s = ServerProcess("fake", cmd, port, Path({str(tmp_path)!r}) / "p.log")
-        s.start(60)
+        s.start(300)
         print(" ".join(map(str, s.pids())), flush=True)
         time.sleep(600)
     """))
@@ -197,7 +197,7 @@ def plan(tmp_path: Path, server, profile: dict, *, max_requests: int = 8):
                                 data=tmp_path / "requests.jsonl", output=tmp_path / "report.json", profile=profile,
                                 max_seconds=120, max_requests=max_requests, warmup_requests=0, request_timeout_s=30,
                                 seed=0)
-    return session.Plan(workdir=tmp_path, scenario=scenario, warm_requests=[], start_timeout_s=120,
+    return session.Plan(workdir=tmp_path, scenario=scenario, warm_requests=[], start_timeout_s=600,
                         run_timeout_s=600, request_timeout_s=30)
 
 
