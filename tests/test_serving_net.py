@@ -56,10 +56,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_every_check_here_passes_inside_a_loopback_only_namespace():
-    """Outside: run this file's checks in one pytest inside a namespace with only loopback."""
+GROUPS: dict[str, list[str]] = {"servers": [], "task": []}  # two halves, so that two test workers share them
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_every_check_here_passes_inside_a_loopback_only_namespace(group):
+    """Outside: run this file's checks of ``group`` in one pytest inside a namespace with only loopback."""
+    select = " or ".join(GROUPS[group])
     cmd = f"ip link set lo up && exec {shlex.quote(sys.executable)} -m pytest -q -p no:cacheprovider -rs " \
-          f"{shlex.quote(str(Path(__file__).resolve()))}"
+          f"{shlex.quote(str(Path(__file__).resolve()))} -k {shlex.quote(select)}"
     env = {**os.environ, "SLIMBENCH_LOOPBACK_NETNS": "1"}
     out = subprocess.run(["unshare", "--net", "sh", "-c", cmd], capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=900)
@@ -73,10 +78,13 @@ def test_every_check_here_passes_inside_a_loopback_only_namespace():
 test_every_check_here_passes_inside_a_loopback_only_namespace.__test__ = not INSIDE
 
 
-def inside(test):
+def inside(group: str):
     """A check collected only inside the namespace (outside, the test above runs it there)."""
-    test.__test__ = INSIDE
-    return test
+    def mark(test):
+        test.__test__ = INSIDE
+        GROUPS[group].append(test.__name__)
+        return test
+    return mark
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +119,7 @@ def fake_server(tmp_path: Path, mode: str) -> ServerProcess:
     return ServerProcess("fake", [sys.executable, str(script), mode, str(port)], port, tmp_path / f"{mode}.log")
 
 
-@inside
+@inside("servers")
 def test_server_process_starts_stops_with_its_children(tmp_path):
     server = fake_server(tmp_path, "ok")
     server.start(300)
@@ -124,7 +132,7 @@ def test_server_process_starts_stops_with_its_children(tmp_path):
     server.stop()  # idempotent
 
 
-@inside
+@inside("servers")
 def test_server_failures_carry_their_log(tmp_path):
     with pytest.raises(ServerError, match=r"exited with code 3(.|\n)*boom: cannot load the model"):
         fake_server(tmp_path, "exit").start(300)
@@ -140,7 +148,7 @@ def test_server_failures_carry_their_log(tmp_path):
         exposed.stop()
 
 
-@inside
+@inside("servers")
 def test_a_cell_killed_outright_leaves_no_server(tmp_path):
     script = tmp_path / "fake.py"
     script.write_text(FAKE)
@@ -201,7 +209,7 @@ def plan(tmp_path: Path, server, profile: dict, *, max_requests: int = 8):
                         run_timeout_s=600, request_timeout_s=30)
 
 
-@inside
+@inside("servers")
 @needs_guidellm
 def test_measured_latencies_are_at_least_the_mock_servers(tmp_path):
     from slimbench.engines.serving import analysis, session
@@ -224,7 +232,7 @@ def test_measured_latencies_are_at_least_the_mock_servers(tmp_path):
     assert s["max_rps_within_slo"] == 0.0  # nothing can meet a TTFT below the server's own 60 ms
 
 
-@inside
+@inside("servers")
 @needs_guidellm
 def test_errors_are_counted_and_break_the_slo(tmp_path):
     from slimbench.engines.serving import analysis, session
@@ -236,7 +244,7 @@ def test_errors_are_counted_and_break_the_slo(tmp_path):
     assert not analysis.judge(p, analysis.SLO(ttft_ms=60_000, itl_ms=None))["met"]
 
 
-@inside
+@inside("servers")
 @needs_guidellm
 def test_a_server_that_dies_mid_run_fails_with_its_log(tmp_path):
     from slimbench.engines.serving import session
@@ -286,7 +294,7 @@ def run_suite(tmp_path: Path, text: str):
     return [json.loads(p.read_text()) for p in sorted((tmp_path / "results" / "runs").glob("*.json"))]
 
 
-@inside
+@inside("task")
 @needs_guidellm
 @pytest.mark.parametrize("cb", ["false", "true"])
 def test_serving_task_on_a_tiny_model_leaves_nothing_behind(tmp_path, cb):
@@ -311,7 +319,7 @@ def test_serving_task_on_a_tiny_model_leaves_nothing_behind(tmp_path, cb):
     assert not [c for c in me.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
 
 
-@inside
+@inside("task")
 def test_a_model_that_fails_becomes_a_failed_record_with_the_server_log(tmp_path, monkeypatch):
     import slimbench.sweep.runner as runner
 
@@ -345,7 +353,7 @@ def llama_cpp_unavailable() -> str | None:
     return None
 
 
-@inside
+@inside("task")
 @needs_guidellm
 def test_serving_through_llama_cpp_on_the_exported_gguf(tmp_path):
     why = llama_cpp_unavailable()
