@@ -367,14 +367,14 @@ def test_serving_through_llama_cpp_on_the_exported_gguf(tmp_path):
 
     cfg = ServingConfig(server="llama.cpp", profile="concurrent", streams=[1, 2], max_requests=6, max_seconds=300,
                         dataset_requests=32, max_prompt_tokens=48, min_output_tokens=6, max_output_tokens=6,
-                        gguf_weights="F32", request_timeout_s=60, warm_requests=1)
+                        gguf_weights="F32", request_timeout_s=600, warm_requests=1)
     res = evaluate(tiny_bpe_llama(), cfg, TaskContext(hardware=HardwareSpec(threads=1)))
     d, m = res.details, res.metrics
     assert d["server"]["name"] == "llama.cpp" and d["server"]["flavour"] in ("native", "python")
     assert d["server"]["settings"]["gguf"]["source"] == "exported for this cell"
     assert [p["target"] for p in d["load_points"]] == [1.0, 2.0]
     for p in d["load_points"]:
-        assert p["successful"] == p["reported"]["request_totals"]["successful"] >= 3 and p["errored"] == 0
+        assert p["successful"] == p["reported"]["request_totals"]["successful"] >= 3 and p["errored"] == 0, p["errors"]
         # the random model would often stop at its end-of-text token: the server is told not to
         assert min(p["samples"]["output_tokens"]) >= 5, p["samples"]["output_tokens"]
     assert m["server_cpu_s"].value > 0 and m["loadgen_cpu_s"].value > 0
