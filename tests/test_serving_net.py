@@ -374,7 +374,10 @@ def test_serving_through_llama_cpp_on_the_exported_gguf(tmp_path):
     assert d["server"]["settings"]["gguf"]["source"] == "exported for this cell"
     assert [p["target"] for p in d["load_points"]] == [1.0, 2.0]
     for p in d["load_points"]:
-        assert p["successful"] == p["reported"]["request_totals"]["successful"] >= 3 and p["errored"] == 0, p["errors"]
+        assert p["successful"] == p["reported"]["request_totals"]["successful"] >= 3, p["errors"]
+        # the random model may stream tokens that are pieces of one UTF-8 character, which the server
+        # holds back: an empty answer, which GuideLLM counts as an error; any other error fails
+        assert all("empty response payload" in e for e in p["errors"]), p["errors"]
         # the random model would often stop at its end-of-text token: the server is told not to
         assert min(p["samples"]["output_tokens"]) >= 5, p["samples"]["output_tokens"]
     assert m["server_cpu_s"].value > 0 and m["loadgen_cpu_s"].value > 0
