@@ -300,6 +300,9 @@ def run_suite(tmp_path: Path, text: str):
 def test_serving_task_on_a_tiny_model_leaves_nothing_behind(tmp_path, cb):
     import logging
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_verbosity()  # transformers sets its logger's level on first use: before the reading
     levels = {n: logging.getLogger(n).level for n in ("transformers", "uvicorn.error", "uvicorn.access")}
     (rec,) = run_suite(tmp_path, SUITE.replace("CB", cb))
     assert rec["status"] == "ok", rec["error"]
