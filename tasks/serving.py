@@ -50,6 +50,9 @@ from slimbench.task import Metric, Task, TaskResult
 
 VERSION = "1"
 PROTOCOL = "guidellm-openai-completions"
+# A load point's p90 from fewer requests is its slowest request: below this many measured requests
+# in any load point, the cell's timings are under-sampled (slimbench.measure.trust).
+MIN_POINT_REQUESTS = 10
 
 
 class SLOConfig(Config):
@@ -179,6 +182,14 @@ def _noise(points: list[analysis.LoadPoint], cfg: ServingConfig) -> list[str]:
     return reasons
 
 
+def _timing_protocol(points: list[analysis.LoadPoint]) -> dict[str, Any]:
+    """What slimbench.measure.trust reads: the fewest requests any load point measured."""
+    fewest = min(p.total for p in points)
+    return {"repeats": fewest, "min_repeats": MIN_POINT_REQUESTS, "timed_seconds": sum(p.duration_s for p in points),
+            "min_seconds": 0.0, "repeat": "a measured request (the fewest of any load point)",
+            "sufficient": fewest >= MIN_POINT_REQUESTS}
+
+
 def evaluate(lm, cfg: ServingConfig, ctx) -> TaskResult:
     choice = servers.choose(lm, cfg)  # refuses (ValueError) before any work, saying why
     flavour = servers.llama_flavour(cfg.llama_server) if choice == "llama.cpp" else None
@@ -200,7 +211,7 @@ def evaluate(lm, cfg: ServingConfig, ctx) -> TaskResult:
                 output=work / "report.json", profile=cfg.profile_args(), max_seconds=cfg.max_seconds,
                 max_requests=cfg.max_requests, warmup_requests=cfg.warmup_requests,
                 request_timeout_s=cfg.request_timeout_s, seed=cfg.seed,
-                extras=servers.request_extras(choice, lm, flavour)),
+                extras=servers.request_extras(choice, lm, flavour), health_route=servers.health_route(choice, flavour)),
             warm_requests=[{"prompt": r["prompt"], "max_tokens": r["output_tokens_count"]}
                            for r in rows[: cfg.warm_requests]],
             start_timeout_s=cfg.start_timeout_s,
@@ -235,6 +246,7 @@ def evaluate(lm, cfg: ServingConfig, ctx) -> TaskResult:
         "warmup_s": m.warmup_s,
         "noisy": bool(reasons),
         "noise_reasons": reasons,
+        "timing_protocol": _timing_protocol(points),
         "load_before": load_before,
         "load_after": load_after,
         "execution": (ctx.method_report or {}).get("execution"),

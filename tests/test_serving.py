@@ -191,3 +191,13 @@ def test_a_profile_list_in_a_suite_is_a_grid_and_rates_are_one_curve(tmp_path):
     cells = load_suite(str(path)).cells()
     assert sorted(c.task.params["profile"] for c in cells) == ["constant", "poisson"]
     assert all(c.task.params["rates"] == [0.5, 1.0, 2.0] for c in cells)
+
+
+def test_a_load_point_of_few_requests_makes_the_cell_under_sampled():
+    from slimbench.tasks.serving import MIN_POINT_REQUESTS, _timing_protocol
+
+    few = analysis.load_point(bench("synchronous", None, [request(20, 5, 100)] * 3, errored=1))
+    many = analysis.load_point(bench("constant", 1.0, [request(20, 5, 100)] * MIN_POINT_REQUESTS))
+    proto = _timing_protocol([few, many])
+    assert proto["repeats"] == 4 and not proto["sufficient"]  # the failed request counts as measured
+    assert _timing_protocol([many])["sufficient"] and _timing_protocol([many])["timed_seconds"] == 10.0

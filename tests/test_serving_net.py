@@ -10,7 +10,12 @@ test first checks that loopback is the only interface. What is checked:
   measured TTFT and ITL are at least those (a property that holds at any machine load), errors
   are counted and break the SLO, a server killed mid-run fails the measurement with its log;
 - the ``serving`` task on a tiny model through the runner: an ``ok`` record, and no process or
-  listening socket left behind; a model whose forward raises: a ``failed`` record with the log.
+  listening socket left behind; a model whose forward raises: a ``failed`` record with the log;
+- the ``serving`` task through llama.cpp (llama-cpp-python's server on the exported GGUF).
+
+Starting a pytest per test in a namespace costs a pytest start-up each, so the module runs in one:
+outside, a single test runs this file inside a loopback-only namespace; inside, the class below
+holds the checks (each class test is collected only there).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import psutil
@@ -50,19 +56,41 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def delegated(request, timeout: int = 900) -> bool:
-    """Outside the namespace: run this test inside one and assert it passed (True). Inside: False."""
-    if INSIDE:
-        assert set(psutil.net_if_addrs()) == {"lo"}, psutil.net_if_addrs()
-        return False
-    cmd = f"ip link set lo up && exec {shlex.quote(sys.executable)} -m pytest -q -x -p no:cacheprovider " \
-          f"{shlex.quote(request.node.nodeid)}"
+GROUPS: dict[str, list[str]] = {"servers": [], "task": []}  # two halves, so that two test workers share them
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_every_check_here_passes_inside_a_loopback_only_namespace(group):
+    """Outside: run this file's checks of ``group`` in one pytest inside a namespace with only loopback."""
+    select = " or ".join(GROUPS[group])
+    cmd = f"ip link set lo up && exec {shlex.quote(sys.executable)} -m pytest -q -p no:cacheprovider -rs " \
+          f"{shlex.quote(str(Path(__file__).resolve()))} -k {shlex.quote(select)}"
     env = {**os.environ, "SLIMBENCH_LOOPBACK_NETNS": "1"}
     out = subprocess.run(["unshare", "--net", "sh", "-c", cmd], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=timeout)
-    assert out.returncode == 0, (out.stdout[-6000:], out.stderr[-3000:])
-    assert "1 passed" in out.stdout, out.stdout[-3000:]
-    return True
+                         cwd=ROOT, timeout=900)
+    assert out.returncode == 0, (out.stdout[-8000:], out.stderr[-3000:])
+    assert " passed" in out.stdout and " failed" not in out.stdout, out.stdout[-3000:]
+    skipped = [line for line in out.stdout.splitlines() if line.startswith("SKIPPED")]
+    if skipped:  # an optional engine missing inside: say which checks did not run
+        warnings.warn("inside the namespace: " + "; ".join(skipped), stacklevel=1)
+
+
+test_every_check_here_passes_inside_a_loopback_only_namespace.__test__ = not INSIDE
+
+
+def inside(group: str):
+    """A check collected only inside the namespace (outside, the test above runs it there)."""
+    def mark(test):
+        test.__test__ = INSIDE
+        GROUPS[group].append(test.__name__)
+        return test
+    return mark
+
+
+@pytest.fixture(autouse=True)
+def only_loopback():
+    if INSIDE:
+        assert set(psutil.net_if_addrs()) == {"lo"}, psutil.net_if_addrs()
 
 
 FAKE = """
@@ -91,11 +119,10 @@ def fake_server(tmp_path: Path, mode: str) -> ServerProcess:
     return ServerProcess("fake", [sys.executable, str(script), mode, str(port)], port, tmp_path / f"{mode}.log")
 
 
-def test_server_process_starts_stops_with_its_children(request, tmp_path):
-    if delegated(request):
-        return
+@inside("servers")
+def test_server_process_starts_stops_with_its_children(tmp_path):
     server = fake_server(tmp_path, "ok")
-    server.start(60)
+    server.start(300)
     pids = server.pids()
     assert len(pids) == 3 and server.alive() and not listening_beyond_loopback(pids)  # guard, server, its child
     server.stop()
@@ -105,26 +132,24 @@ def test_server_process_starts_stops_with_its_children(request, tmp_path):
     server.stop()  # idempotent
 
 
-def test_server_failures_carry_their_log(request, tmp_path):
-    if delegated(request):
-        return
+@inside("servers")
+def test_server_failures_carry_their_log(tmp_path):
     with pytest.raises(ServerError, match=r"exited with code 3(.|\n)*boom: cannot load the model"):
-        fake_server(tmp_path, "exit").start(60)
+        fake_server(tmp_path, "exit").start(300)
     never = fake_server(tmp_path, "never")
     with pytest.raises(ServerError, match=r"not ready after 3 s(.|\n)*fake server starting never"):
         never.start(3)
     never.stop()
     exposed = fake_server(tmp_path, "exposed")
-    exposed.start(60)
+    exposed.start(300)
     try:
         assert listening_beyond_loopback(exposed.pids()) == [f"0.0.0.0:{exposed.port}"]
     finally:
         exposed.stop()
 
 
-def test_a_cell_killed_outright_leaves_no_server(request, tmp_path):
-    if delegated(request):
-        return
+@inside("servers")
+def test_a_cell_killed_outright_leaves_no_server(tmp_path):
     script = tmp_path / "fake.py"
     script.write_text(FAKE)
     parent = tmp_path / "parent.py"
@@ -137,7 +162,7 @@ def test_a_cell_killed_outright_leaves_no_server(request, tmp_path):
         port = free_loopback_port()
         cmd = [sys.executable, {str(script)!r}, "ok", str(port)]
         s = ServerProcess("fake", cmd, port, Path({str(tmp_path)!r}) / "p.log")
-        s.start(60)
+        s.start(300)
         print(" ".join(map(str, s.pids())), flush=True)
         time.sleep(600)
     """))
@@ -178,16 +203,15 @@ def plan(tmp_path: Path, server, profile: dict, *, max_requests: int = 8):
     write_rows(rows, tmp_path / "requests.jsonl")
     scenario = loadgen.scenario(target=server.url, model="slimbench", tokenizer=tmp_path / "tok",
                                 data=tmp_path / "requests.jsonl", output=tmp_path / "report.json", profile=profile,
-                                max_seconds=20, max_requests=max_requests, warmup_requests=0, request_timeout_s=30,
+                                max_seconds=120, max_requests=max_requests, warmup_requests=0, request_timeout_s=30,
                                 seed=0)
-    return session.Plan(workdir=tmp_path, scenario=scenario, warm_requests=[], start_timeout_s=120,
-                        run_timeout_s=400, request_timeout_s=30)
+    return session.Plan(workdir=tmp_path, scenario=scenario, warm_requests=[], start_timeout_s=600,
+                        run_timeout_s=600, request_timeout_s=30)
 
 
+@inside("servers")
 @needs_guidellm
-def test_measured_latencies_are_at_least_the_mock_servers(request, tmp_path):
-    if delegated(request):
-        return
+def test_measured_latencies_are_at_least_the_mock_servers(tmp_path):
     from slimbench.engines.serving import analysis, session
 
     server = mock_server(tmp_path)
@@ -196,7 +220,8 @@ def test_measured_latencies_are_at_least_the_mock_servers(request, tmp_path):
     points = analysis.load_points(m.report)
     assert [(p.strategy, p.target) for p in points] == [("concurrent", 1.0), ("concurrent", 2.0)]
     for p in points:
-        assert p.successful == 8 == p.reported["request_totals"]["successful"] and p.errored == 0
+        # as GuideLLM counts them: those overlapping its window (under load the last may fall out of it)
+        assert 6 <= p.successful == p.reported["request_totals"]["successful"] <= 8 and p.errored == 0
         assert min(p.samples["ttft_ms"]) >= 60  # the mock sleeps 60 ms before the first token
         assert min(p.samples["itl_ms"]) >= 15 * 0.9  # and ~15 ms between tokens (its sleep granularity)
         assert p.request_throughput > 0 and p.output_tokens_per_s > 0
@@ -207,10 +232,9 @@ def test_measured_latencies_are_at_least_the_mock_servers(request, tmp_path):
     assert s["max_rps_within_slo"] == 0.0  # nothing can meet a TTFT below the server's own 60 ms
 
 
+@inside("servers")
 @needs_guidellm
-def test_errors_are_counted_and_break_the_slo(request, tmp_path):
-    if delegated(request):
-        return
+def test_errors_are_counted_and_break_the_slo(tmp_path):
     from slimbench.engines.serving import analysis, session
 
     server = mock_server(tmp_path, "--fail-after-requests", "6")
@@ -220,10 +244,9 @@ def test_errors_are_counted_and_break_the_slo(request, tmp_path):
     assert not analysis.judge(p, analysis.SLO(ttft_ms=60_000, itl_ms=None))["met"]
 
 
+@inside("servers")
 @needs_guidellm
-def test_a_server_that_dies_mid_run_fails_with_its_log(request, tmp_path):
-    if delegated(request):
-        return
+def test_a_server_that_dies_mid_run_fails_with_its_log(tmp_path):
     from slimbench.engines.serving import session
 
     server = mock_server(tmp_path, "--ttft-ms", "500")
@@ -247,11 +270,13 @@ def test_a_server_that_dies_mid_run_fails_with_its_log(request, tmp_path):
 
 
 # -- the task, through the runner ---------------------------------------------------------------------
+# Load points end at max_requests (max_seconds only bounds them): how many requests a point gets
+# must not depend on how busy the machine is.
 SUITE = """
 models: [tiny-llama]
 methods: [baseline]
 tasks:
-  - {name: serving, profile: concurrent, streams: [1, 2], max_requests: 6, max_seconds: 20, warmup_requests: 1,
+  - {name: serving, profile: concurrent, streams: [1, 2], max_requests: 6, max_seconds: 300, warmup_requests: 1,
      dataset_requests: 32, max_prompt_tokens: 48, max_output_tokens: 8, continuous_batching: CB}
 hardware: {threads: 1}
 """
@@ -269,13 +294,15 @@ def run_suite(tmp_path: Path, text: str):
     return [json.loads(p.read_text()) for p in sorted((tmp_path / "results" / "runs").glob("*.json"))]
 
 
+@inside("task")
 @needs_guidellm
 @pytest.mark.parametrize("cb", ["false", "true"])
-def test_serving_task_on_a_tiny_model_leaves_nothing_behind(request, tmp_path, cb):
-    if delegated(request):
-        return
+def test_serving_task_on_a_tiny_model_leaves_nothing_behind(tmp_path, cb):
     import logging
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_verbosity()  # transformers sets its logger's level on first use: before the reading
     levels = {n: logging.getLogger(n).level for n in ("transformers", "uvicorn.error", "uvicorn.access")}
     (rec,) = run_suite(tmp_path, SUITE.replace("CB", cb))
     assert rec["status"] == "ok", rec["error"]
@@ -295,9 +322,8 @@ def test_serving_task_on_a_tiny_model_leaves_nothing_behind(request, tmp_path, c
     assert not [c for c in me.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
 
 
-def test_a_model_that_fails_becomes_a_failed_record_with_the_server_log(request, tmp_path, monkeypatch):
-    if delegated(request):
-        return
+@inside("task")
+def test_a_model_that_fails_becomes_a_failed_record_with_the_server_log(tmp_path, monkeypatch):
     import slimbench.sweep.runner as runner
 
     original = runner.load_and_compress
@@ -317,4 +343,45 @@ def test_a_model_that_fails_becomes_a_failed_record_with_the_server_log(request,
     assert rec["status"] == "failed"
     msg = rec["error"]["message"]
     assert "warm-up request" in msg and "last log lines" in msg and "the kernel exploded" in msg, msg
+    assert not psutil.Process().children(recursive=True)
+
+
+def llama_cpp_unavailable() -> str | None:
+    from slimbench.engines.serving import servers
+
+    try:
+        servers.llama_flavour("auto")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@inside("task")
+@needs_guidellm
+def test_serving_through_llama_cpp_on_the_exported_gguf(tmp_path):
+    why = llama_cpp_unavailable()
+    if why:
+        pytest.skip(why)
+    from export_helpers import tiny_bpe_llama
+    from slimbench.tasks.serving import ServingConfig, evaluate
+
+    from slimbench.specs import HardwareSpec
+    from slimbench.task import TaskContext
+
+    cfg = ServingConfig(server="llama.cpp", profile="concurrent", streams=[1, 2], max_requests=6, max_seconds=300,
+                        dataset_requests=32, max_prompt_tokens=48, min_output_tokens=6, max_output_tokens=6,
+                        gguf_weights="F32", request_timeout_s=600, warm_requests=1)
+    res = evaluate(tiny_bpe_llama(), cfg, TaskContext(hardware=HardwareSpec(threads=1)))
+    d, m = res.details, res.metrics
+    assert d["server"]["name"] == "llama.cpp" and d["server"]["flavour"] in ("native", "python")
+    assert d["server"]["settings"]["gguf"]["source"] == "exported for this cell"
+    assert [p["target"] for p in d["load_points"]] == [1.0, 2.0]
+    for p in d["load_points"]:
+        assert p["successful"] == p["reported"]["request_totals"]["successful"] >= 3, p["errors"]
+        # the random model may stream tokens that are pieces of one UTF-8 character, which the server
+        # holds back: an empty answer, which GuideLLM counts as an error; any other error fails
+        assert all("empty response payload" in e for e in p["errors"]), p["errors"]
+        # the random model would often stop at its end-of-text token: the server is told not to
+        assert min(p["samples"]["output_tokens"]) >= 5, p["samples"]["output_tokens"]
+    assert m["server_cpu_s"].value > 0 and m["loadgen_cpu_s"].value > 0
     assert not psutil.Process().children(recursive=True)

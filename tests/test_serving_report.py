@@ -41,7 +41,9 @@ def serving_record(meth, max_rps, *, server="transformers", slo_words="TTFT p90 
                "max_request_throughput": fb.m(3.0 * scale, "requests/s", True),
                "sync_ttft_p50_ms": fb.m(150.0, "ms", False), "loadgen_cpu_share_in_load": fb.m(0.2, "fraction", False)}
     details = {"server": {"name": server, "flavour": flavour}, "slo": {"words": slo_words, **SLO},
-               "load_points": pts, "noise_reasons": []}
+               "load_points": pts, "noisy": False, "noise_reasons": [],
+               "timing_protocol": {"repeats": 12, "min_repeats": 10, "timed_seconds": 80.0, "min_seconds": 0.0,
+                                   "sufficient": True}}
     return fb.record("tiny-llama", meth, task(server), metrics, details=details, execution=execution)
 
 
@@ -122,3 +124,17 @@ def test_compare_checks_the_max_rate(tmp_path, capsys):
         assert main(["compare", str(a.root), str(b.root), "--fail-if-worse", "max_rps_within_slo=30%"]) == 0
         assert main(["compare", str(b.root), str(a.root), "--fail-if-worse", "max_rps_within_slo=0"]) == 0
     assert math.isfinite(ra["metrics"]["max_rps_within_slo"]["value"])
+
+
+def test_compare_does_not_judge_an_under_sampled_serving_cell(tmp_path, capsys):
+    a, b = ResultStore(tmp_path / "a"), ResultStore(tmp_path / "b")
+    ra = serving_record(fb.method("baseline"), 2.0)
+    rb = copy.deepcopy(ra)
+    rb["metrics"]["max_rps_within_slo"]["value"] = 1.0
+    rb["task_details"]["timing_protocol"].update(repeats=4, sufficient=False)  # a load point of 4 requests
+    fb.write(a, [ra])
+    fb.write(b, [rb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["compare", str(a.root), str(b.root), "--fail-if-worse", "max_rps_within_slo=10%"]) == 3
+    assert "under-sampled" in capsys.readouterr().out

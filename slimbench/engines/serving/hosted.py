@@ -174,6 +174,7 @@ class HostedTransformersServer:
             self._affinity_before = sorted(os.sched_getaffinity(0))
             set_affinity([os.getpid()], self.cpus)
         levels = {name: logging.getLogger(name).level for name in self.LOGGERS}  # Serve sets them
+        access_level = logging.getLogger("uvicorn.access").level  # uvicorn's config sets it too
         cb = self._cb_config() if self.continuous_batching else {}
         self.settings = {"continuous_batching": self.continuous_batching, **cb}
         self.serve = Hosted(host="127.0.0.1", port=self.port, non_blocking=True, log_level="error",
@@ -186,7 +187,7 @@ class HostedTransformersServer:
         config.app.add_exception_handler(Exception, self._on_exception)  # before the 500 is sent
         config.app = _ignore_eos_shim(config.app, self.lm.model, self.log)
         access = logging.getLogger("uvicorn.access")  # one line per request would cost the server's CPU
-        self._access = (access, list(access.handlers), access.propagate, access.disabled)
+        self._access = (access, list(access.handlers), access.propagate, access.disabled, access_level)
         access.handlers, access.propagate, access.disabled = [], False, True
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         Serve.start_server(self.serve)
@@ -241,8 +242,9 @@ class HostedTransformersServer:
             logger.setLevel(level)
         self._loggers = []
         if self._access is not None:
-            access, handlers, propagate, disabled = self._access
+            access, handlers, propagate, disabled, level = self._access
             access.handlers, access.propagate, access.disabled = handlers, propagate, disabled
+            access.setLevel(level)
             self._access = None
         if self._affinity_before is not None:
             set_affinity([os.getpid()], self._affinity_before)

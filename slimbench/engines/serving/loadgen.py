@@ -58,11 +58,13 @@ def _marker_ok(root: Path) -> bool:
         meta = json.loads((root / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return meta.get("pins") == list(PINS) and meta.get("base") == _base_site_packages()
+    base = [str(Path(b).resolve()) for b in meta.get("base") or []]
+    return meta.get("pins") == list(PINS) and base == _base_site_packages()
 
 
 def _base_site_packages() -> list[str]:
-    return [p for p in site.getsitepackages() if Path(p).is_dir()]
+    # resolved: a worktree's .venv may be a link to a shared one, which then shares this environment
+    return [str(Path(p).resolve()) for p in site.getsitepackages() if Path(p).is_dir()]
 
 
 def unavailable() -> str | None:
@@ -186,8 +188,12 @@ class GuideLLMRun:
 
 def scenario(*, target: str, model: str, tokenizer: Path, data: Path, output: Path, profile: dict[str, Any],
              max_seconds: float, max_requests: int, warmup_requests: int, request_timeout_s: float, seed: int,
-             extras: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The GuideLLM scenario (its ``-c`` file) of one run: every load point of one profile."""
+             extras: dict[str, Any] | None = None, health_route: str = "health") -> dict[str, Any]:
+    """The GuideLLM scenario (its ``-c`` file) of one run: every load point of one profile.
+
+    GuideLLM checks the server on ``/health`` before it starts; ``health_route`` names the path a
+    server without one answers on (llama-cpp-python's server: ``v1/models``).
+    """
     constraints: list[dict[str, Any]] = [{"kind": "max_duration", "seconds": max_seconds},
                                          {"kind": "max_requests", "count": max_requests}]
     backend: dict[str, Any] = {"kind": "openai_http", "target": target, "model": model,
@@ -195,6 +201,8 @@ def scenario(*, target: str, model: str, tokenizer: Path, data: Path, output: Pa
                                "timeout_connect": 10.0, "http2": False}
     if extras:
         backend["extras"] = {"body": extras}
+    if health_route != "health":
+        backend["api_routes"] = {"/health": health_route}
     warm = {"mode": "prefer_duration", "value": None, "percent": None}
     if warmup_requests:
         warm = {"mode": "requests", "value": warmup_requests, "percent": None}

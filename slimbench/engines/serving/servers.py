@@ -102,6 +102,11 @@ def request_extras(name: str, lm: Any, flavour: str | None) -> dict[str, Any] | 
     return None
 
 
+def health_route(name: str, flavour: str | None) -> str:
+    """The path GuideLLM checks before a run: llama-cpp-python's server has no ``/health``."""
+    return "v1/models" if name == "llama.cpp" and flavour == "python" else "health"
+
+
 def describe(name: str, flavour: str | None) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
