@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,17 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import hub_repos  # noqa: E402
+from netns import loopback_namespace_problem  # noqa: E402
 
 MISSING_REVISION = "feedfacefeedfacefeedfacefeedfacefeedface"
-
-
-def loopback_namespace_available() -> str | None:
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "needs `unshare` and `ip` (util-linux, iproute2)"
-    probe = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"cannot create a network namespace (needs root): {probe.stderr.strip()}"
-    return None
 
 
 def shrink(paper: str, out: Path, claim_model: str, claim_calib: str) -> Path:
@@ -72,7 +63,7 @@ def shrink(paper: str, out: Path, claim_model: str, claim_calib: str) -> Path:
 
 @pytest.fixture(scope="module")
 def online(tmp_path_factory):
-    why = loopback_namespace_available()
+    why = loopback_namespace_problem()
     if why:
         pytest.skip(f"online tests run in a loopback-only network namespace: {why}")
     work = tmp_path_factory.mktemp("online")

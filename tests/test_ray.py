@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from netns import loopback_namespace_problem
 from scale_helpers import read_log, stamp_tasks_fixture  # noqa: F401 - the stamp_tasks fixture
 
 from slimbench.sweep.driver import run_cells
@@ -28,17 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 
 
-def loopback_namespace_available() -> bool:
-    try:
-        probe = subprocess.run(["unshare", "--net", "sh", "-c", "ip link set lo up"], capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0
-
-
+NETNS_PROBLEM = loopback_namespace_problem()
 pytestmark = pytest.mark.skipif(
-    not loopback_namespace_available(),
-    reason="needs `unshare --net` and `ip` as root: Ray must not bind to this machine's network address",
+    NETNS_PROBLEM is not None, reason=f"Ray must not bind to this machine's network address: {NETNS_PROBLEM}"
 )
 
 QUALITY = """

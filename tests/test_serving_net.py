@@ -33,6 +33,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from netns import loopback_namespace_problem
 
 from slimbench.engines.serving import loadgen
 from slimbench.engines.serving.process import ServerError, ServerProcess, listening_beyond_loopback
@@ -42,17 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 INSIDE = os.environ.get("SLIMBENCH_LOOPBACK_NETNS") == "1"
 
 
-def loopback_namespace_available() -> bool:
-    try:
-        probe = subprocess.run(["unshare", "--net", "sh", "-c", "ip link set lo up"], capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0
-
-
+NETNS_PROBLEM = None if INSIDE else loopback_namespace_problem()
 pytestmark = pytest.mark.skipif(
-    not INSIDE and not loopback_namespace_available(),
-    reason="needs `unshare --net` and `ip` as root: servers run in a loopback-only namespace",
+    NETNS_PROBLEM is not None, reason=f"servers run in a loopback-only namespace: {NETNS_PROBLEM}"
 )
 
 

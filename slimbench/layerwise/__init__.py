@@ -59,5 +59,6 @@ from slimbench.layerwise.variant import loop_variant
 __all__ = [
     "ADAPTERS", "MEMO_BYTES", "ArchAdapter", "HessianStream", "LayerCompressor", "LayerInputs", "SharedGram",
     "adapter_for", "capture_layer_inputs", "decoder_layers", "drop_layers", "get_path", "gram", "has_adapter",
-    "loop_variant",    "run_layer", "same_tensor", "sequential", "sequential_reference", "symmetric_from_upper", "teacher_depth",
+    "loop_variant", "run_layer", "same_tensor", "sequential", "sequential_reference", "symmetric_from_upper",
+    "teacher_depth",
 ]
