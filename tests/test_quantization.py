@@ -10,9 +10,10 @@ from slimbench.methods.quantization.grid import GridConfig, pack_bits, quantize_
 
 from slimbench.config import build_config
 from slimbench.errors import SuiteError
-from slimbench.method import size_report
+from slimbench.method import MethodContext, size_report
 from slimbench.modeling import get_weight, iter_linears
 from slimbench.registry import METHODS
+from slimbench.specs import HardwareSpec
 
 _TOKENIZER = {}
 
@@ -60,14 +61,22 @@ def ids(n: int = 24) -> torch.Tensor:
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("name", quantization_methods())
 def test_every_quantization_method_runs(arch, name):
-    lm = tiny(arch)
     method = METHODS.get(name)
+    why = method.unavailable() if method.unavailable is not None else None
+    if why:  # an optional engine not installed here (llama.cpp): its install command
+        pytest.skip(f"{name} cannot run here: {why}")
+    lm = tiny(arch)
     cfg = method.config(**small_params(method))
     x = ids()
     before = lm.model(x).logits
+    weights = sum(get_weight(mod).numel() for _, mod in iter_linears(lm.model))
     if method.check is not None:
-        method.check(lm, cfg)
-    rep = method.apply(lm, cfg, None)
+        try:
+            method.check(lm, cfg)
+        except ValueError as err:  # a refusal must say why (the contract checks every method's refusals)
+            assert str(err)
+            pytest.skip(f"{name} refuses tiny-{arch}: {err}")
+    rep = method.apply(lm, cfg, MethodContext(hardware=HardwareSpec(threads=1)))
     after = lm.model(x).logits
     assert rep.execution in ("native", "simulated")
     assert torch.isfinite(after).all()
@@ -75,7 +84,12 @@ def test_every_quantization_method_runs(arch, name):
     # close to the original (tiny random models: logits are O(0.1); quantization error is small)
     assert (after - before).abs().max() < 0.5 * before.abs().max() + 0.1
     size = size_report(lm.model, rep.storage)  # storage names real parameters; bits are counted
-    assert size["effective_bits"] < 32
+    # a format's shared table (QuIP#'s E8P codebook, 1 MiB) is counted once: on a tiny model it
+    # outweighs the weights, so the per-weight bits are read without it
+    table_bits = 8 * rep.details.get("codebook_bytes", 0) / weights
+    if rep.details.get("a_bits") is not None and not rep.storage:
+        return  # activations (and KV) quantized on dense weights: there are no weight bits to count
+    assert size["effective_bits"] - table_bits < 32
 
 
 # -- GPTQ --------------------------------------------------------------------------------------
