@@ -70,8 +70,10 @@ pre{background:#f4f4f6;padding:6px 8px;overflow-x:auto;font-size:12px;max-height
 .legend span{margin-right:14px}
 """
 
-JS = """
-(function(){
+# Sort a table by a clicked header: numbers by value (data-v), text by text, empty cells last
+# (both pages use it).
+SORT_JS = """
+function slimSortBy(th){
   function key(td){
     if(!td) return [2,''];
     var v=td.getAttribute('data-v');
@@ -79,22 +81,25 @@ JS = """
     var t=td.textContent.trim();
     return (t===''||t==='\\u2013') ? [2,''] : [1,t.toLowerCase()];
   }
-  function sortBy(th){
-    var table=th.closest('table'), idx=Array.prototype.indexOf.call(th.parentNode.children,th);
-    var asc=th.getAttribute('aria-sort')!=='ascending';
-    table.querySelectorAll('th').forEach(function(x){x.removeAttribute('aria-sort');});
-    th.setAttribute('aria-sort',asc?'ascending':'descending');
-    var tb=table.tBodies[0], rows=Array.prototype.slice.call(tb.rows);
-    rows.sort(function(a,b){
-      var ka=key(a.cells[idx]), kb=key(b.cells[idx]);
-      if(ka[0]!==kb[0]) return ka[0]===2?1:(kb[0]===2?-1:ka[0]-kb[0]);
-      var c=ka[1]<kb[1]?-1:(ka[1]>kb[1]?1:0);
-      return asc?c:-c;
-    });
-    rows.forEach(function(r){tb.appendChild(r);});
-  }
+  var table=th.closest('table'), idx=Array.prototype.indexOf.call(th.parentNode.children,th);
+  var asc=th.getAttribute('aria-sort')!=='ascending';
+  table.querySelectorAll('th').forEach(function(x){x.removeAttribute('aria-sort');});
+  th.setAttribute('aria-sort',asc?'ascending':'descending');
+  var tb=table.tBodies[0], rows=Array.prototype.slice.call(tb.rows);
+  rows.sort(function(a,b){
+    var ka=key(a.cells[idx]), kb=key(b.cells[idx]);
+    if(ka[0]!==kb[0]) return ka[0]===2?1:(kb[0]===2?-1:ka[0]-kb[0]);
+    var c=ka[1]<kb[1]?-1:(ka[1]>kb[1]?1:0);
+    return asc?c:-c;
+  });
+  rows.forEach(function(r){tb.appendChild(r);});
+}
+"""
+
+JS = SORT_JS + """
+(function(){
   document.querySelectorAll('table.lb th').forEach(function(th){
-    th.addEventListener('click',function(){sortBy(th);});
+    th.addEventListener('click',function(){slimSortBy(th);});
   });
   function sticky(){
     document.querySelectorAll('table.lb').forEach(function(t){
@@ -152,29 +157,11 @@ JS = """
 """
 
 # compare.html: sort by a clicked header (numbers by value, empty last), filter by text and verdict.
-COMPARE_JS = """
+COMPARE_JS = SORT_JS + """
 (function(){
   var table=document.getElementById('cmp'); if(!table) return;
-  function key(td){
-    var v=td?td.getAttribute('data-v'):null;
-    if(v!==null && v!=='') return [0,parseFloat(v)];
-    var t=td?td.textContent.trim():'';
-    return (t===''||t==='\\u2013') ? [2,''] : [1,t.toLowerCase()];
-  }
-  table.querySelectorAll('th').forEach(function(th,idx){
-    th.addEventListener('click',function(){
-      var asc=th.getAttribute('aria-sort')!=='ascending';
-      table.querySelectorAll('th').forEach(function(x){x.removeAttribute('aria-sort');});
-      th.setAttribute('aria-sort',asc?'ascending':'descending');
-      var tb=table.tBodies[0], rows=Array.prototype.slice.call(tb.rows);
-      rows.sort(function(a,b){
-        var ka=key(a.cells[idx]), kb=key(b.cells[idx]);
-        if(ka[0]!==kb[0]) return ka[0]===2?1:(kb[0]===2?-1:ka[0]-kb[0]);
-        var c=ka[1]<kb[1]?-1:(ka[1]>kb[1]?1:0);
-        return asc?c:-c;
-      });
-      rows.forEach(function(r){tb.appendChild(r);});
-    });
+  table.querySelectorAll('th').forEach(function(th){
+    th.addEventListener('click',function(){slimSortBy(th);});
   });
   var q=document.getElementById('q'), verdict=document.getElementById('verdict');
   function apply(){
