@@ -329,3 +329,27 @@ def test_smoothquant_needs_an_adapter():
     lm.model.config.model_type = "bert"
     with pytest.raises(ValueError, match="no layer-wise adapter for model_type 'bert'"):
         smoothquant.check(lm, smoothquant.SmoothQuantConfig())
+
+
+def test_gguf_tensor_table_reads_as_the_gguf_package_reads_it(tmp_path):
+    """llamacpp-quant lists a GGUF's tensors by stepping over its metadata; the gguf package's
+    reader (which decodes every value) must find the same names, types, shapes and bytes."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from slimbench.methods.quantization.llamacpp_quant import tensor_types
+
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(300)])  # a vocabulary: strings
+    w.add_array("tokenizer.ggml.token_type", list(range(300)))
+    w.add_array("nested", [[1, 2], [3]])
+    w.add_float32("f", 0.5), w.add_bool("b", True), w.add_string("s", "text"), w.add_uint64("u", 7)
+    w.add_tensor("a.weight", np.ones((3, 64), np.float32))
+    w.add_tensor("b.weight", np.ones((5, 32), np.float16))
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    w.add_tensor("c.weight", np.zeros((4, 2 * 34), np.uint8), raw_dtype=q8)  # 2 blocks of 32 a row
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+    w.close()
+    want = [{"tensor": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in reversed(t.shape)],
+             "bytes": int(t.n_bytes)} for t in gguf.GGUFReader(path).tensors]
+    assert tensor_types(path) == want and [t["type"] for t in want] == ["F32", "F16", "Q8_0"]
