@@ -94,10 +94,33 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+# -- fresh tiny models by copy ---------------------------------------------------------------
+# Building a tiny model costs ~0.3 s of CPU (its random init and, mostly, parsing the 50k-word
+# GPT-2 BPE); hundreds of tests build one. Each process builds each architecture once and hands
+# out deep copies of the model (~10 ms): the same weights bit for bit, torch's RNG left where a
+# fresh build leaves it, a model and config of its own. The tokenizer object is shared: nothing
+# in SlimBench or its tests mutates a tokenizer (tests already shared one to reuse encodings).
+_PRISTINE: dict[str, tuple] = {}
+
+
+def _copy_of(arch: str, build):
+    import copy
+    import dataclasses
+
+    import torch
+
+    if arch not in _PRISTINE:
+        lm = build()
+        _PRISTINE[arch] = (dataclasses.replace(lm, model=copy.deepcopy(lm.model)), torch.get_rng_state())
+    lm, rng = _PRISTINE[arch]
+    torch.set_rng_state(rng)
+    return dataclasses.replace(lm, model=copy.deepcopy(lm.model), provenance=dict(lm.provenance))
+
+
 def load_tiny(arch: str):
     if arch == "gemma3":
-        return load_tiny_gemma3()
-    return make_tiny_loader(arch)(ModelSpec(name=f"tiny-{arch}"), HardwareSpec(threads=2))
+        return _copy_of(arch, load_tiny_gemma3)
+    return _copy_of(arch, lambda: make_tiny_loader(arch)(ModelSpec(name=f"tiny-{arch}"), HardwareSpec(threads=2)))
 
 
 def tiny_gemma3(vocab: int = 512):

@@ -150,11 +150,12 @@ def test_short_training_lowers_heldout_kd_loss():
         lm.model.model.norm.weight.mul_(8)
     teacher = copy.deepcopy(lm.model)
     held, _ = sample_calibration(lm, CalibrationConfig(calib_samples=4, calib_seqlen=32, calib_seed=99))
-    params = {"student_layers": 2, "train_steps": 20, "lr": 3e-4, "alpha": 1.0, "temperature": 1.0,
+    # 10 steps at 6e-4 end at ~0.82 of the untrained student's held-out loss (20 at 3e-4: ~0.76)
+    params = {"student_layers": 2, "train_steps": 10, "lr": 6e-4, "alpha": 1.0, "temperature": 1.0,
               "calib_samples": 16, "calib_seqlen": 32, "teacher_topk": 64}
     untrained = drop_layers(copy.deepcopy(teacher), kept_layers(4, None, 2))
     rep = run_method(lm, "distill", params)
-    assert rep.details["steps"] == 20 and rep.details["tokens"] == 20 * 4 * 32
+    assert rep.details["steps"] == 10 and rep.details["tokens"] == 10 * 4 * 32
     assert heldout_kd(lm.model, teacher, held, 1.0) < 0.9 * heldout_kd(untrained, teacher, held, 1.0)
 
 

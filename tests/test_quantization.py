@@ -10,6 +10,7 @@ from slimbench.methods.quantization.grid import GridConfig, pack_bits, quantize_
 
 from slimbench.config import build_config
 from slimbench.errors import SuiteError
+from slimbench.layerwise import drop_layers
 from slimbench.method import MethodContext, size_report
 from slimbench.modeling import get_weight, iter_linears
 from slimbench.registry import METHODS
@@ -50,7 +51,25 @@ def small_params(method) -> dict:
         params["group_size"] = 32
     if "grid" in fields:  # AWQ: a coarser search grid keeps the test fast; the search is tested below
         params["grid"] = 5
+    if "check_windows" in fields:  # methods run by an engine: one short in-process vs engine agreement window
+        params.update(check_windows=1, check_seqlen=32)
     return params
+
+
+# Each nncf-weights case is an ONNX export and OpenVINO conversion (~12 s of CPU). On tiny-llama it
+# is left to tests/test_engines_openvino.py (NNCF int4 of a tiny Llama run in OpenVINO, its bits,
+# constant types and logits checked) and to the contract (tests/test_contract.py, tiny-llama):
+# GPT-2 (Conv1D weights: MatMuls whose weight is not transposed) and OPT (its own exported graph)
+# are the layouts only this test gives NNCF and OpenVINO.
+COVERED_ELSEWHERE = {("nncf-weights", "llama")}
+# Methods that trace and export the whole graph run on the tiny model cut to its first decoder
+# layer: one layer holds every op type of the architecture, and tracing costs per layer (~3 s).
+ONE_LAYER = {"nncf-weights"}
+
+
+def method_arch_cases() -> list:
+    return [pytest.param(name, arch, id=f"{name}-{arch}") for name in quantization_methods() for arch in TINY_ARCHS
+            if (name, arch) not in COVERED_ELSEWHERE]
 
 
 def ids(n: int = 24) -> torch.Tensor:
@@ -58,14 +77,15 @@ def ids(n: int = 24) -> torch.Tensor:
 
 
 # -- every method on every tiny architecture -----------------------------------------------
-@pytest.mark.parametrize("arch", TINY_ARCHS)
-@pytest.mark.parametrize("name", quantization_methods())
-def test_every_quantization_method_runs(arch, name):
+@pytest.mark.parametrize(("name", "arch"), method_arch_cases())
+def test_every_quantization_method_runs(name, arch):
     method = METHODS.get(name)
     why = method.unavailable() if method.unavailable is not None else None
     if why:  # an optional engine not installed here (llama.cpp): its install command
         pytest.skip(f"{name} cannot run here: {why}")
     lm = tiny(arch)
+    if name in ONE_LAYER:
+        drop_layers(lm.model, [0])
     cfg = method.config(**small_params(method))
     x = ids()
     before = lm.model(x).logits
@@ -315,3 +335,27 @@ def test_smoothquant_needs_an_adapter():
     lm.model.config.model_type = "bert"
     with pytest.raises(ValueError, match="no layer-wise adapter for model_type 'bert'"):
         smoothquant.check(lm, smoothquant.SmoothQuantConfig())
+
+
+def test_gguf_tensor_table_reads_as_the_gguf_package_reads_it(tmp_path):
+    """llamacpp-quant lists a GGUF's tensors by stepping over its metadata; the gguf package's
+    reader (which decodes every value) must find the same names, types, shapes and bytes."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from slimbench.methods.quantization.llamacpp_quant import tensor_types
+
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(300)])  # a vocabulary: strings
+    w.add_array("tokenizer.ggml.token_type", list(range(300)))
+    w.add_array("nested", [[1, 2], [3]])
+    w.add_float32("f", 0.5), w.add_bool("b", True), w.add_string("s", "text"), w.add_uint64("u", 7)
+    w.add_tensor("a.weight", np.ones((3, 64), np.float32))
+    w.add_tensor("b.weight", np.ones((5, 32), np.float16))
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    w.add_tensor("c.weight", np.zeros((4, 2 * 34), np.uint8), raw_dtype=q8)  # 2 blocks of 32 a row
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+    w.close()
+    want = [{"tensor": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in reversed(t.shape)],
+             "bytes": int(t.n_bytes)} for t in gguf.GGUFReader(path).tensors]
+    assert tensor_types(path) == want and [t["type"] for t in want] == ["F32", "F16", "Q8_0"]

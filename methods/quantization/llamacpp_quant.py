@@ -21,6 +21,8 @@ matrix, the mean over the calibration tokens of the square of each input column.
 
 from __future__ import annotations
 
+import math
+import struct
 import subprocess
 import tempfile
 import time
@@ -135,12 +137,61 @@ def read_imatrix(path: Path) -> dict:
     return out
 
 
+# Bytes of GGUF's fixed-size metadata value types (uint8 ... float64; 8 = string, 9 = array).
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _skip_gguf_value(buf, pos: int, vtype: int) -> int:
+    if vtype == 8:  # string: uint64 length, bytes
+        return pos + 8 + struct.unpack_from("<Q", buf, pos)[0]
+    if vtype == 9:  # array: item type, uint64 count, items
+        itype, count = struct.unpack_from("<IQ", buf, pos)
+        pos += 12
+        if itype in _GGUF_SIZES:
+            return pos + count * _GGUF_SIZES[itype]
+        for _ in range(count):
+            pos = _skip_gguf_value(buf, pos, itype)
+        return pos
+    return pos + _GGUF_SIZES[vtype]
+
+
 def tensor_types(path: Path) -> list[dict]:
+    """Name, type, shape (outermost first) and bytes of every tensor of a GGUF file.
+
+    Reads the header and the tensor table only, stepping over the metadata: gguf.GGUFReader
+    decodes every metadata value, the vocabulary's tens of thousands of strings one numpy view
+    at a time (seconds per file, for a list of a few dozen tensors). Same answer as
+    ``gguf.GGUFReader(path).tensors`` (tests/test_quantization.py compares them).
+    """
+    import mmap
+
     import gguf
 
-    reader = gguf.GGUFReader(path)
-    return [{"tensor": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in reversed(t.shape)],
-             "bytes": int(t.n_bytes)} for t in reader.tensors]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        magic, version, n_tensors, n_kv = struct.unpack_from("<IIQQ", buf, 0)
+        if magic != gguf.GGUF_MAGIC or version not in (2, 3):  # other byte order or an old layout
+            reader = gguf.GGUFReader(path)
+            return [{"tensor": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in reversed(t.shape)],
+                     "bytes": int(t.n_bytes)} for t in reader.tensors]
+        pos = 24
+        for _ in range(n_kv):
+            pos += 8 + struct.unpack_from("<Q", buf, pos)[0]  # the key
+            (vtype,) = struct.unpack_from("<I", buf, pos)
+            pos = _skip_gguf_value(buf, pos + 4, vtype)
+        out = []
+        for _ in range(n_tensors):
+            (n,) = struct.unpack_from("<Q", buf, pos)
+            name = buf[pos + 8 : pos + 8 + n].decode()
+            (n_dims,) = struct.unpack_from("<I", buf, pos + 8 + n)
+            pos += 12 + n
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos)
+            (raw_type,) = struct.unpack_from("<I", buf, pos + 8 * n_dims)
+            pos += 8 * n_dims + 12  # dims, type, data offset
+            qtype = gguf.GGMLQuantizationType(raw_type)
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            out.append({"tensor": name, "type": qtype.name, "shape": [int(x) for x in reversed(dims)],
+                        "bytes": math.prod(dims) * size // block})
+        return out
 
 
 def apply(lm, cfg: LlamaQuantConfig, ctx) -> MethodReport:
