@@ -272,4 +272,6 @@ class EchoState:
             raise RuntimeError(f"requested failure on rank {self.rank}")
         elif req["op"] == "exit" and self.rank == req["rank"]:
             os._exit(3)
+        elif req["op"] == "env":  # what the worker's environment holds (the group's env included)
+            return {"rank": self.rank, "echo": os.environ.get(req["name"])}
         return {"rank": self.rank, "echo": req.get("value")}
