@@ -24,6 +24,9 @@ os.environ.setdefault("SLIMBENCH_NODE_LOCK", os.path.join(tempfile.gettempdir(),
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("SLIMBENCH_MAX_THREADS", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # torch.compile's C++ builds in the worker itself: its default pool of compile subprocesses
+    # (each importing torch, seconds of CPU) buys nothing when the workers already fill the cores
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 # A timed cell's memory is read in a fresh process (a fork server that imports torch and
 # transformers, then a child that loads the model again): seconds per cell that only the tests of
 # that probe need; they turn it on (tests/test_timing_trust.py). Elsewhere the record says the

@@ -11,14 +11,18 @@ from slimbench.modeling import iter_linears
 from slimbench.registry import METHODS
 from slimbench.specs import HardwareSpec
 from tests.conftest import load_tiny
+from tests.onnx_memo import shared_onnx_exports  # noqa: F401  (a fixture)
 
 HW = HardwareSpec(threads=1)
 SMALL = {"check_prompt_len": 12, "check_new_tokens": 4}
 IDS = torch.tensor([[464, 3797, 3332, 319, 262, 2603, 13, 383], [40, 1842, 345, 11, 290, 314, 588, 340]])
 
 
-# one intra-op thread (conftest.one_torch_thread): the 2 shared cores are faster that way
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# one intra-op thread (conftest.one_torch_thread): the 2 shared cores are faster that way; one
+# ONNX export per distinct tiny model, shared with the method contract's runs in the same worker
+# (tests/onnx_memo.py; the same xdist group)
+pytestmark = [pytest.mark.usefixtures("one_torch_thread", "shared_onnx_exports"),
+              pytest.mark.xdist_group("onnx-exports")]
 
 
 def run_step(lm, name: str, **params):

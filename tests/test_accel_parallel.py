@@ -129,15 +129,20 @@ def test_refuses_a_model_it_cannot_split():
 # -- the worker group's mechanics, on model-free workers ----------------------------------------
 @pytest.fixture
 def echo_group():
-    group = WorkerGroup(EchoState, [None, None], name="echo", timeout_s=30)
+    group = WorkerGroup(EchoState, [None, None], name="echo", timeout_s=30, env={"SLIMBENCH_ECHO_TEST": "set"})
     yield group
     group.close()
     assert gone(group.pids)
 
 
-def test_the_workers_cpu_time_is_the_measurements_own_not_contention(echo_group):
+def test_requests_and_the_environment_reach_every_worker_and_their_cpu_is_the_measurements(echo_group):
     from slimbench.measure import machine
 
+    # one group for both (each group spawns two processes that import torch)
+    assert [r["rank"] for r in echo_group.request({"op": "echo", "value": 7})] == [0, 1]
+    # the group's environment reaches the workers (forked from a server that started earlier)
+    assert [r["echo"] for r in echo_group.request({"op": "env", "name": "SLIMBENCH_ECHO_TEST"})] == ["set", "set"]
+    assert "SLIMBENCH_ECHO_TEST" not in os.environ
     with machine.Contention() as c:
         echo_group.request({"op": "burn", "seconds": 0.3})
     assert c.own_cpu >= 2 * 0.3 - 0.05  # both workers' CPU (less a tick each), whatever the load
@@ -145,10 +150,6 @@ def test_the_workers_cpu_time_is_the_measurements_own_not_contention(echo_group)
     pids = echo_group.pids
     echo_group.close()
     assert not set(pids) & machine._MEASURED_PIDS
-
-
-def test_requests_reach_every_worker(echo_group):
-    assert [r["rank"] for r in echo_group.request({"op": "echo", "value": 7})] == [0, 1]
 
 
 def test_a_killed_worker_becomes_an_error_and_the_group_is_shut_down(echo_group):

@@ -17,11 +17,21 @@ from slimbench.devtools.contract import check_method
 from slimbench.method import Method, MethodReport
 from slimbench.modeling import get_weight, iter_linears, set_weight
 from slimbench.registry import METHODS
+from tests.onnx_memo import shared_onnx_exports  # noqa: F401  (a fixture)
 
 torch.set_num_threads(1)
+# The engine methods export the same tiny models to ONNX again and again (each run, and the run
+# of onnx-runtime that ort-int8 requires): one export per distinct model, shared within a worker
+# (tests/onnx_memo.py), so these methods run in one worker (xdist group).
+pytestmark = pytest.mark.usefixtures("shared_onnx_exports")
+EXPORTING = ("onnx-runtime", "ort-int8", "openvino", "nncf-weights")
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+def _param(name: str):
+    return pytest.param(name, marks=pytest.mark.xdist_group("onnx-exports")) if name in EXPORTING else name
+
+
+@pytest.mark.parametrize("name", [_param(n) for n in METHODS.names()])
 def test_every_registered_method_honours_the_contract(name):
     method = METHODS.get(name)
     reason = method.unavailable() if method.unavailable is not None else None

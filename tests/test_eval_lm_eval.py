@@ -48,11 +48,14 @@ def include(tmp_path_factory):
     return str(folder)
 
 
-def test_unknown_harness_task_fails_at_validation_before_any_model(tmp_path):
+def test_unknown_harness_task_fails_at_validation_before_any_model(tmp_path, include):
     from slimbench.sweep.suite import load_suite
 
+    # with the include folder of the next test: the harness' task index (the default tasks plus
+    # the folder's, seconds to build) is built once for both
     suite = tmp_path / "s.yaml"
-    suite.write_text("models: [tiny-llama]\nmethods: [baseline]\ntasks:\n  - {name: lm-eval, tasks: [hellaswagg]}\n")
+    suite.write_text("models: [tiny-llama]\nmethods: [baseline]\ntasks:\n"
+                     f"  - {{name: lm-eval, tasks: [hellaswagg], include_path: {include}}}\n")
     with pytest.raises(SuiteError, match=r"unknown lm-evaluation-harness task 'hellaswagg'\. Did you mean 'hellaswag'"):
         load_suite(suite)  # validation only: nothing is loaded
 

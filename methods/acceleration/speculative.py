@@ -256,4 +256,6 @@ METHOD = Method(
     apply=apply,
     check=check,
     check_reads_weights=True,  # it runs a prefill to see the cache, and loads a draft model's tokenizer
+    # a short self-check (one A/B pair) still compares speculative with plain greedy token for token
+    test_params={"check_prompt_len": 32, "check_new_tokens": 16, "check_repeats": 1},
 )

@@ -283,5 +283,8 @@ def launch(
     }
     # Loopback only: gloo and NCCL pick the interface to bind from these.
     env = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
-    group = WorkerGroup(setup_rank, [payload] * world, name=f"{mode}-parallel", timeout_s=timeout_s, env=env)
+    # the fork server imports transformers' model machinery and this architecture's once
+    preload = ("slimbench.engines.parallel", "transformers.modeling_utils", type(model).__module__)
+    group = WorkerGroup(setup_rank, [payload] * world, name=f"{mode}-parallel", timeout_s=timeout_s, env=env,
+                        preload=preload)
     return DistributedModel(group, model.config, mode, world, next(model.parameters()).dtype)

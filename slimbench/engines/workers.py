@@ -12,6 +12,13 @@ interpreter exit) asks each worker to stop, waits a few seconds, then kills what
 reaps every process, so no orphan outlives the cell. Workers also exit on their own when their
 pipe closes or their parent process disappears.
 
+Workers are forked from multiprocessing's fork server, a clean process (no threads, no model)
+that imported torch (and what the group's ``preload`` names) once: a spawned worker is a fresh
+interpreter that imports torch and transformers again, about 6 s of CPU each on a 2-core machine,
+for every worker of every group; a fork from the warm server takes milliseconds. Like a spawned
+one, a worker inherits no threads or locks of the coordinator; the coordinator's environment at
+start-up is sent with it and applied first (the server's is that of when it started).
+
 Payloads cross the pipe pickled; tensors inside the one-off setup payload travel through
 torch's shared-memory reductions (no copy per worker), per-request tensors are packed as
 plain bytes (see ``pack``) because creating a shared-memory segment per decode step costs more
@@ -64,16 +71,28 @@ def unpack(packed: tuple[str, tuple[int, ...], bytes]) -> torch.Tensor:
 
 # -- the worker side ---------------------------------------------------------------------------
 def _parent_gone(parent_pid: int) -> bool:
-    return os.getppid() != parent_pid
+    """The coordinator no longer exists (a worker's parent is the fork server, not the coordinator)."""
+    try:
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # a process of another user took the pid: ours is gone
+        return True
+    return False
 
 
-def worker_main(setup: Callable[[int, Any], Any], rank: int, conn, payload: Any, parent_pid: int) -> None:
+def worker_main(setup: Callable[[int, Any], Any], rank: int, conn, payload: Any, parent_pid: int,
+                env: dict[str, str] | None = None) -> None:
     """Build this rank's state with ``setup(rank, payload)``, then serve requests until "stop".
 
-    The state's ``handle(request) -> reply`` answers each request; an exception is sent back as
+    ``env``: the coordinator's environment at start-up (the fork server's may be older). The
+    state's ``handle(request) -> reply`` answers each request; an exception is sent back as
     ("error", traceback) and ends the worker.
     """
     try:
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
         state = setup(rank, payload)
         del payload
         conn.send(("ok", getattr(state, "info", lambda: None)()))
@@ -113,8 +132,24 @@ def _shutdown(procs: list, conns: list, grace_s: float = 5.0) -> None:
         conn.close()
 
 
+def fork_context(preload: tuple[str, ...] = ()):
+    """multiprocessing's fork-server context, asking the server to import ``preload`` (with
+    torch) when it starts. The server is one per process, shared with other users (the memory
+    probe's): their preload is kept, and only what is asked before it starts is imported there;
+    a worker imports anything else it needs itself."""
+    from multiprocessing import forkserver
+
+    import torch.multiprocessing as tmp  # registers the shared-memory tensor reductions
+
+    ctx = tmp.get_context("forkserver")
+    asked = list(getattr(forkserver._forkserver, "_preload_modules", None) or [])
+    ctx.set_forkserver_preload(list(dict.fromkeys([*asked, "torch", *preload])))
+    return ctx
+
+
 class WorkerGroup:
-    """``world`` worker processes (spawned: no inherited threads or locks), one pipe each."""
+    """``world`` worker processes (forked from a clean fork server: no inherited threads or
+    locks), one pipe each."""
 
     def __init__(
         self,
@@ -125,36 +160,28 @@ class WorkerGroup:
         timeout_s: float,
         start_timeout_s: float | None = None,
         env: dict[str, str] | None = None,
+        preload: tuple[str, ...] = (),
     ):
         """``timeout_s`` bounds each request; start-up (importing torch, receiving the model) is
-        bounded by ``start_timeout_s`` (default: the larger of ``timeout_s`` and 600 s)."""
-        import torch.multiprocessing as tmp  # registers the shared-memory tensor reductions
-
-        ctx = tmp.get_context("spawn")
+        bounded by ``start_timeout_s`` (default: the larger of ``timeout_s`` and 600 s). ``env``
+        is added to the workers' environment; ``preload``: modules the fork server imports."""
+        ctx = fork_context(preload)
         self.name, self.timeout_s = name, timeout_s
         self.procs, self.conns = [], []
         self.closed = False
-        saved = {k: os.environ.get(k) for k in (env or {})}
-        os.environ.update(env or {})  # spawned children inherit the environment at start()
-        try:
-            for rank, payload in enumerate(payloads):
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(
-                    target=worker_main,
-                    args=(setup, rank, child, payload, os.getpid()),
-                    name=f"slimbench-{name}-{rank}",
-                    daemon=True,  # multiprocessing terminates daemons when this process exits
-                )
-                proc.start()
-                child.close()
-                self.procs.append(proc)
-                self.conns.append(parent)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        child_env = {**os.environ, **(env or {})}
+        for rank, payload in enumerate(payloads):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=worker_main,
+                args=(setup, rank, child, payload, os.getpid(), child_env),
+                name=f"slimbench-{name}-{rank}",
+                daemon=True,  # multiprocessing terminates daemons when this process exits
+            )
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.conns.append(parent)
         # their CPU time is the measured work's, not contention (efficiency's `noisy` flag)
         machine.add_measured_pids(self.pids)
         self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns)
@@ -245,4 +272,6 @@ class EchoState:
             raise RuntimeError(f"requested failure on rank {self.rank}")
         elif req["op"] == "exit" and self.rank == req["rank"]:
             os._exit(3)
+        elif req["op"] == "env":  # what the worker's environment holds (the group's env included)
+            return {"rank": self.rank, "echo": os.environ.get(req["name"])}
         return {"rank": self.rank, "echo": req.get("value")}
