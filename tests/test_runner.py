@@ -1,14 +1,17 @@
 """The sweep: a record per cell, failures become records, reruns skip finished cells."""
 
 import json
+import os
 import shutil
 
 import pytest
+from scale_helpers import read_log, stamp_tasks_fixture  # noqa: F401 - the stamp_tasks fixture
 
 from slimbench.config import Config
 from slimbench.registry import TASKS
 from slimbench.report.write import write_report
 from slimbench.sweep.driver import run_cells
+from slimbench.sweep.executors import LocalExecutor
 from slimbench.sweep.store import ResultStore
 from slimbench.sweep.suite import load_suite
 from slimbench.task import Task
@@ -22,7 +25,7 @@ methods:
   - {name: magnitude, sparsity: 0.5}
 tasks:
   - {name: perplexity, seqlen: 64, max_windows: 3}
-  - {name: efficiency, prompt_len: 8, new_tokens: 2, repeats: 2, warmup: 0}
+  - {name: efficiency, prompt_len: 8, new_tokens: 2, repeats: 2, warmup: 0, max_repeats: 2, roofline: false}
   - boom
 hardware: {threads: 1}
 """
@@ -166,17 +169,19 @@ def test_report_from_sweep(swept, tmp_path):
     assert noise["baseline"] == "" and all("95% CI" in noise[m] for m in noise.index if m != "baseline")
 
 
+# A test model and task (tests/scale_helpers.py): the fresh process per group is what is tested,
+# and it need not import a transformers model to show it writes the record.
 ISOLATED = """
-models: [tiny-gpt2]
+models: [stamp-a]
 methods: [baseline]
-tasks: [{name: perplexity, seqlen: 32, max_windows: 2}]
-hardware: {threads: 1}
+tasks: [{{name: stamp, log: {log}, sleep: 0, value: 2.5}}]
+hardware: {{threads: 1}}
 """
 
 
-def test_isolated_group_and_timeout(tmp_path):
+def test_isolated_group_and_timeout(tmp_path, stamp_tasks):
     path = tmp_path / "suite.yaml"
-    path.write_text(ISOLATED)
+    path.write_text(ISOLATED.format(log=tmp_path / "log.jsonl"))
     cells = load_suite(path).cells()
     # a timeout far too short for a fresh process even to import torch: a failed record, not a hang
     store = ResultStore(tmp_path / "cut")
@@ -186,6 +191,10 @@ def test_isolated_group_and_timeout(tmp_path):
     assert rec["status"] == "failed" and rec["error"]["type"] == "Timeout"
     # without a timeout the worker process writes the ok record itself
     store = ResultStore(tmp_path / "ok")
-    summary = run_cells(cells, store, show_progress=False, isolate=True, log=lambda s: None)
+    # what isolate=True builds, with the test model and task registered in the worker
+    executor = LocalExecutor(1, isolate=True, preload=("scale_register",))
+    summary = run_cells(cells, store, executor=executor, show_progress=False, log=lambda s: None)
     assert summary.ok == [cells[0].run_id]
-    assert store.records()[0]["metrics"]["perplexity"]["value"] > 1
+    assert store.records()[0]["metrics"]["score"]["value"] == 2.5
+    (line,) = read_log(tmp_path / "log.jsonl")
+    assert line["pid"] != os.getpid()  # computed in the worker process
