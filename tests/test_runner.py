@@ -47,6 +47,11 @@ def boom_task(monkeypatch):
     monkeypatch.setitem(TASKS.entries, "boom", BOOM)
 
 
+# The tests that read the module's sweep stay on one test worker (make test runs pytest-xdist
+# with --dist loadgroup): spread over two, each worker would run the sweep again.
+SHARES_THE_SWEEP = pytest.mark.xdist_group("test_runner-swept")
+
+
 @pytest.fixture(scope="module")
 def swept_once(tmp_path_factory):
     """The sweep, run once for the module (tests get a copy of its results folder)."""
@@ -68,6 +73,7 @@ def swept(swept_once, tmp_path, boom_task):
     return suite, ResultStore(tmp_path / "results"), summary
 
 
+@SHARES_THE_SWEEP
 def test_every_cell_has_a_record(swept):
     suite, store, summary = swept
     cells = suite.cells()
@@ -82,6 +88,7 @@ def test_every_cell_has_a_record(swept):
     assert "does not divide" in failed_compress["error"]["message"]
 
 
+@SHARES_THE_SWEEP
 def test_record_schema(swept):
     _, store, _ = swept
     rec = next(r for r in store.records() if r["method"]["name"] == "rtn" and r["task"]["name"] == "perplexity")
@@ -108,6 +115,7 @@ def test_record_schema(swept):
     assert rec["model"]["provenance"]["weights"] == "random"
 
 
+@SHARES_THE_SWEEP
 def test_rerun_skips_ok_cells_and_keeps_failures(swept, tmp_path):
     suite, store, _ = swept
     before = {p.name: p.read_text() for p in store.runs.glob("*.json")}
@@ -142,6 +150,7 @@ def test_store_never_overwrites(tmp_path):
     assert not [p for p in store.runs.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+@SHARES_THE_SWEEP
 def test_report_from_sweep(swept, tmp_path):
     _, store, _ = swept
     out = write_report(store, tmp_path / "report")

@@ -146,6 +146,11 @@ hardware: {{threads: 1}}
 """  # specs only: the ETA and resource tests read them, nothing of it runs
 
 
+# The tests that read the shared run stay on one test worker (make test runs pytest-xdist with
+# --dist loadgroup): spread over two, each worker would run the sweep again.
+SHARES_THE_RUN = pytest.mark.xdist_group("test_scale-swept")
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     """The suite run in this process (seq/) and by two worker processes (par/): (folder, cells)."""
@@ -162,6 +167,7 @@ def swept(tmp_path_factory):
     return tmp, cells
 
 
+@SHARES_THE_RUN
 def test_worker_processes_give_the_records_of_a_sequential_run(swept):
     tmp, cells = swept
     seq, par = quiet_store(tmp / "seq"), quiet_store(tmp / "par")
@@ -176,6 +182,7 @@ def overlaps(a: dict, b: dict) -> bool:
     return a["start"] < b["end"] and b["start"] < a["end"]
 
 
+@SHARES_THE_RUN
 def test_timed_cells_never_share_the_machine(swept):
     tmp, _ = swept
     log = [e for e in read_log(tmp / "log.jsonl") if e["pid"] != os.getpid()]  # the workers' run
@@ -224,6 +231,7 @@ def test_memory_guard_fails_the_cell_saying_so(tmp_path, stamp_tasks):
         signal.signal(signal.SIGINT, saved)
 
 
+@SHARES_THE_RUN
 def test_rerun_of_a_finished_suite_loads_nothing(swept, tmp_path, stamp_tasks, monkeypatch, capsys):
     folder, _ = swept
     shutil.copytree(folder / "par", tmp_path / "r")  # finished by the workers' run
@@ -417,6 +425,7 @@ def test_status_shows_every_state_with_owner_reason_and_eta(tmp_path, stamp_task
     live.release_all()
 
 
+@SHARES_THE_RUN
 def test_eta_is_built_per_kind_not_from_the_first_cell(tmp_path, swept):
     cells = load_suite(suite_file(tmp_path, QUALITY)).cells()
     by = {(c.model.name, c.method.name): c for c in cells}

@@ -16,6 +16,9 @@ from slimbench.sweep.store import ResultStore
 from slimbench.sweep.suite import load_suite
 
 torch.set_num_threads(1)
+# One test worker for the file (make test runs pytest-xdist with --dist loadgroup): its tests share
+# the module's results folder, which each worker would otherwise compute again.
+pytestmark = pytest.mark.xdist_group("test_verify")
 
 SUITE = """
 models: [tiny-llama]
