@@ -63,7 +63,10 @@ _RECORDED: dict[str, float] = {}
 
 def pytest_runtest_logreport(report):
     if os.environ.get("SLIMBENCH_RECORD_DURATIONS"):  # `make test-durations` (setup + call + teardown)
-        _RECORDED[report.nodeid] = _RECORDED.get(report.nodeid, 0.0) + report.duration
+        nodeid = report.nodeid
+        if nodeid.rfind("@") > nodeid.rfind("]"):  # an xdist_group's suffix (see _XdistGroupIds): not in the sort's ids
+            nodeid = nodeid.rsplit("@", 1)[0]
+        _RECORDED[nodeid] = _RECORDED.get(nodeid, 0.0) + report.duration
 
 
 def pytest_sessionfinish(session, exitstatus):
