@@ -66,7 +66,10 @@ _RECORDED: dict[str, float] = {}
 
 def pytest_runtest_logreport(report):
     if os.environ.get("SLIMBENCH_RECORD_DURATIONS"):  # `make test-durations` (setup + call + teardown)
-        _RECORDED[report.nodeid] = _RECORDED.get(report.nodeid, 0.0) + report.duration
+        nodeid = report.nodeid
+        if nodeid.rfind("@") > nodeid.rfind("]"):  # an xdist_group's suffix (see _XdistGroupIds): not in the sort's ids
+            nodeid = nodeid.rsplit("@", 1)[0]
+        _RECORDED[nodeid] = _RECORDED.get(nodeid, 0.0) + report.duration
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -164,3 +167,30 @@ def smollm2():
     from slimbench.zoo.models import load_smollm2
 
     return load_smollm2(ModelSpec(name="smollm2-135m"), HardwareSpec(threads=2))
+
+
+# -- xdist_group under pytest 9 --------------------------------------------------------------------
+class _XdistGroupIds:
+    """`make test` runs `--dist loadgroup`: tests marked ``xdist_group(name)`` go to one worker
+    (those that share a module's expensive fixture: spread over two workers, each would build it).
+    pytest-xdist 3.8 says a test's group by appending ``@name`` to ``item._nodeid``, which pytest 9
+    no longer reads (its node ids live in ``item._id``), so every test was scheduled on its own.
+    This sets the same suffix where pytest 9 reads it; where xdist's own suffix took, it does
+    nothing. After the duration sort above (trylast), so durations.json's ids still match."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        if not getattr(config.option, "loadgroup", False):  # set on xdist's workers for --dist loadgroup
+            return
+        from _pytest.nodeid import coerce_node_id
+
+        for item in items:
+            names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                            for m in item.iter_markers("xdist_group")})
+            suffix = "@" + "_".join(names)
+            if names and not item.nodeid.endswith(suffix):
+                item._id = coerce_node_id(item.nodeid + suffix)
+
+
+def pytest_sessionstart(session):
+    session.config.pluginmanager.register(_XdistGroupIds(), "slimbench-xdist-group-ids")

@@ -3,6 +3,12 @@
 Tests register them with the ``stamp_tasks`` fixture (removed again after the test, so no
 other test sees them); workers import ``scale_register`` (``preload``), which registers them.
 
+``stamp-a`` and ``stamp-b`` are test models for them: two small linear layers in a plain torch
+module, no tokenizer. A sweep's machinery (claims, workers, kills, locks) is what these tests
+check, and the zoo's tiny transformers models cost every process that loads one seconds of CPU
+(transformers' modelling imports, the 50,257-token GPT-2 tokenizer built on each load); these
+load in a millisecond. ``magnitude`` prunes them like any model: a group still compresses.
+
 ``stamp`` (quality) and ``stamp_timed`` (timed) append one JSON line per evaluation to
 ``log``: which cell, which process, when it started and ended. From that file a test sees
 how often each cell was computed and whether a timed cell overlapped any other cell.
@@ -20,8 +26,10 @@ import torch
 from pydantic import Field
 
 from slimbench.config import Config
-from slimbench.registry import TASKS
+from slimbench.lm import LanguageModel
+from slimbench.registry import MODELS, TASKS
 from slimbench.task import Metric, Task, TaskResult
+from slimbench.zoo.models import ModelEntry
 
 
 class StampConfig(Config):
@@ -58,10 +66,27 @@ def tasks() -> list[Task]:
     ]
 
 
+def load_stamp_model(spec, hw) -> LanguageModel:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)).eval()
+    return LanguageModel(model, None, name=spec.name, provenance={"source": "tests/scale_helpers.py",
+                                                                   "weights": "random"})
+
+
+def models() -> list[ModelEntry]:
+    return [ModelEntry(name, "test: two linear layers, no tokenizer", load_stamp_model) for name in STAMP_MODELS]
+
+
+STAMP_MODELS = ("stamp-a", "stamp-b")
+
+
 def register() -> None:
     for task in tasks():
         if task.name not in TASKS:
             TASKS.register(task)
+    for model in models():
+        if model.name not in MODELS:
+            MODELS.register(model)
 
 
 def read_log(path) -> list[dict]:
@@ -75,9 +100,12 @@ def read_log(path) -> list[dict]:
 
 @pytest.fixture(name="stamp_tasks")
 def stamp_tasks_fixture(monkeypatch):
-    """The `stamp` / `stamp_timed` tasks, registered for one test (import this fixture)."""
+    """The `stamp` / `stamp_timed` tasks and the `stamp-a` / `stamp-b` models, registered for one
+    test (import this fixture)."""
     for task in tasks():
         monkeypatch.setitem(TASKS.entries, task.name, task)
+    for model in models():
+        monkeypatch.setitem(MODELS.entries, model.name, model)
     return sys.modules[__name__]
 
 

@@ -18,6 +18,9 @@ import pytest
 from slimbench.report.write import write_report
 from slimbench.sweep.store import ResultStore
 
+# One test worker for the file (make test runs pytest-xdist with --dist loadgroup): its tests share
+# the module's one subprocess that meets every hostile file, which each worker would run again.
+pytestmark = pytest.mark.xdist_group("test_hostile_input")
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = "models: [tiny-llama]\nmethods: [baseline]\ntasks: [{name: perplexity, seqlen: 32, max_windows: 2}]\n"
 

@@ -37,6 +37,9 @@ import hub_repos  # noqa: E402
 from netns import loopback_namespace_problem  # noqa: E402
 
 MISSING_REVISION = "feedfacefeedfacefeedfacefeedfacefeedface"
+# One test worker for the file (make test runs pytest-xdist with --dist loadgroup): every test reads
+# the one online run of the module's fixture, which each worker would otherwise run again.
+pytestmark = pytest.mark.xdist_group("test_online")
 
 
 def shrink(paper: str, out: Path, claim_model: str, claim_calib: str) -> Path:

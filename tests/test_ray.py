@@ -34,27 +34,31 @@ pytestmark = pytest.mark.skipif(
     NETNS_PROBLEM is not None, reason=f"Ray must not bind to this machine's network address: {NETNS_PROBLEM}"
 )
 
+# One real tiny model, two methods: two groups, two Ray tasks at once on the two CPUs, real
+# perplexities to compare with the local run. The timed cell and the refused request use a test
+# model (tests/scale_helpers.py: two linear layers, no tokenizer), which costs a Ray worker no
+# transformers import and no tokenizer build.
 QUALITY = """
-models: [tiny-llama, tiny-gpt2]
+models: [tiny-llama]
 methods:
   - baseline
   - {{name: magnitude, sparsity: 0.5}}
 tasks:
-  - {{name: perplexity, seqlen: 16, max_windows: 2}}
   - {{name: stamp, log: {log}, tag: q, sleep: 1.0}}
+  - {{name: perplexity, seqlen: 16, max_windows: 2}}
 hardware: {{threads: 1}}
 """
 TIMED = """
-models: [tiny-opt]
+models: [stamp-a]
 methods: [baseline]
 tasks:
   - {{name: stamp_timed, log: {log}, tag: t, sleep: 0.5}}
 hardware: {{threads: 1}}
 """
 TOO_BIG = """
-models: [tiny-opt]
+models: [stamp-a]
 methods: [baseline]
-tasks: [{{name: perplexity, seqlen: 16, max_windows: 1}}]
+tasks: [{{name: stamp, log: {log}}}]
 hardware: {{threads: 64}}
 """
 
@@ -68,7 +72,8 @@ from slimbench.sweep.runner import group_cells
 from slimbench.sweep.store import ResultStore
 from slimbench.sweep.suite import load_suite
 
-cells = load_suite({quality!r}).cells() + load_suite({timed!r}).cells()
+# validated by the test's local run already; unchecked here, the driver imports no transformers model
+cells = load_suite({quality!r}, check_models=False).cells() + load_suite({timed!r}).cells()
 ex = RayExecutor(preload=("scale_register",))
 ex.start()
 try:
@@ -79,6 +84,10 @@ except SuiteError as err:
 summary = sweep(cells, ResultStore({results!r}), ex, show_progress=False)
 print("SUMMARY", json.dumps({{**summary.__dict__, "startup_s": ex.startup_seconds}}))
 """
+
+
+def overlaps(a: dict, b: dict) -> bool:
+    return a["start"] < b["end"] and b["start"] < a["end"]
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:
@@ -92,7 +101,7 @@ def test_ray_records_equal_local_ones_and_timed_cells_run_alone(tmp_path, stamp_
     too_big = write(tmp_path, "big.yaml", TOO_BIG)
     cells = load_suite(quality).cells() + load_suite(timed).cells()
     local = ResultStore(tmp_path / "local")
-    assert len(run_cells(cells, local, show_progress=False, log=lambda s: None).ok) == len(cells) == 9
+    assert len(run_cells(cells, local, show_progress=False, log=lambda s: None).ok) == len(cells) == 5
     local_lines = len(read_log(tmp_path / "log.jsonl"))
 
     code = DRIVER.format(quality=quality, timed=timed, too_big=too_big, results=str(tmp_path / "ray"))
@@ -105,7 +114,7 @@ def test_ray_records_equal_local_ones_and_timed_cells_run_alone(tmp_path, stamp_
     assert out.returncode == 0, out.stderr[-3000:]
     assert "REFUSED" in out.stdout and "asks for 64 CPU(s)" in out.stdout, out.stdout
     summary = json.loads(out.stdout.split("SUMMARY ", 1)[1])
-    assert len(summary["ok"]) == 9 and not summary["failed"], out.stderr[-3000:]
+    assert len(summary["ok"]) == 5 and not summary["failed"], out.stderr[-3000:]
 
     ray_store = ResultStore(tmp_path / "ray")
     a = {r["run_id"]: comparable_record(r) for r in local.records()}
@@ -115,7 +124,7 @@ def test_ray_records_equal_local_ones_and_timed_cells_run_alone(tmp_path, stamp_
     log = read_log(tmp_path / "log.jsonl")[local_lines:]
     timed_runs = [e for e in log if '"t"]' in e["cell"]]
     others = [e for e in log if e not in timed_runs]
-    assert len(timed_runs) == 1 and len(others) == 4
+    assert len(timed_runs) == 1 and len(others) == 2
     t = timed_runs[0]
-    assert not any(o["start"] < t["end"] and t["start"] < o["end"] for o in others)
-    assert len({e["pid"] for e in others}) >= 2  # quality groups ran as separate Ray tasks
+    assert not any(overlaps(t, o) for o in others)
+    assert len({e["pid"] for e in others}) == 2  # the two quality groups ran as separate Ray tasks

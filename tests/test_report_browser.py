@@ -22,6 +22,10 @@ import pytest
 from slimbench.report.write import write_report
 from slimbench.sweep.store import ResultStore
 
+# One test worker for the file (make test runs pytest-xdist with --dist loadgroup): its tests share
+# the module's report and its one Chromium, which each worker would otherwise build again.
+pytestmark = pytest.mark.xdist_group("test_report_browser")
+
 # Flags for a root, offline machine: no sandbox (root), no background connections that a
 # closed network would refuse, a fresh profile.
 CHROMIUM_ARGS = [

@@ -1,14 +1,17 @@
 """The sweep: a record per cell, failures become records, reruns skip finished cells."""
 
 import json
+import os
 import shutil
 
 import pytest
+from scale_helpers import read_log, stamp_tasks_fixture  # noqa: F401 - the stamp_tasks fixture
 
 from slimbench.config import Config
 from slimbench.registry import TASKS
 from slimbench.report.write import write_report
 from slimbench.sweep.driver import run_cells
+from slimbench.sweep.executors import LocalExecutor
 from slimbench.sweep.store import ResultStore
 from slimbench.sweep.suite import load_suite
 from slimbench.task import Task
@@ -22,7 +25,7 @@ methods:
   - {name: magnitude, sparsity: 0.5}
 tasks:
   - {name: perplexity, seqlen: 64, max_windows: 3}
-  - {name: efficiency, prompt_len: 8, new_tokens: 2, repeats: 2, warmup: 0}
+  - {name: efficiency, prompt_len: 8, new_tokens: 2, repeats: 2, warmup: 0, max_repeats: 2, roofline: false}
   - boom
 hardware: {threads: 1}
 """
@@ -42,6 +45,11 @@ BOOM = Task("boom", "1", "always fails", BoomConfig, boom)
 @pytest.fixture
 def boom_task(monkeypatch):
     monkeypatch.setitem(TASKS.entries, "boom", BOOM)
+
+
+# The tests that read the module's sweep stay on one test worker (make test runs pytest-xdist
+# with --dist loadgroup): spread over two, each worker would run the sweep again.
+SHARES_THE_SWEEP = pytest.mark.xdist_group("test_runner-swept")
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +73,7 @@ def swept(swept_once, tmp_path, boom_task):
     return suite, ResultStore(tmp_path / "results"), summary
 
 
+@SHARES_THE_SWEEP
 def test_every_cell_has_a_record(swept):
     suite, store, summary = swept
     cells = suite.cells()
@@ -79,6 +88,7 @@ def test_every_cell_has_a_record(swept):
     assert "does not divide" in failed_compress["error"]["message"]
 
 
+@SHARES_THE_SWEEP
 def test_record_schema(swept):
     _, store, _ = swept
     rec = next(r for r in store.records() if r["method"]["name"] == "rtn" and r["task"]["name"] == "perplexity")
@@ -105,6 +115,7 @@ def test_record_schema(swept):
     assert rec["model"]["provenance"]["weights"] == "random"
 
 
+@SHARES_THE_SWEEP
 def test_rerun_skips_ok_cells_and_keeps_failures(swept, tmp_path):
     suite, store, _ = swept
     before = {p.name: p.read_text() for p in store.runs.glob("*.json")}
@@ -139,6 +150,7 @@ def test_store_never_overwrites(tmp_path):
     assert not [p for p in store.runs.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+@SHARES_THE_SWEEP
 def test_report_from_sweep(swept, tmp_path):
     _, store, _ = swept
     out = write_report(store, tmp_path / "report")
@@ -166,17 +178,19 @@ def test_report_from_sweep(swept, tmp_path):
     assert noise["baseline"] == "" and all("95% CI" in noise[m] for m in noise.index if m != "baseline")
 
 
+# A test model and task (tests/scale_helpers.py): the fresh process per group is what is tested,
+# and it need not import a transformers model to show it writes the record.
 ISOLATED = """
-models: [tiny-gpt2]
+models: [stamp-a]
 methods: [baseline]
-tasks: [{name: perplexity, seqlen: 32, max_windows: 2}]
-hardware: {threads: 1}
+tasks: [{{name: stamp, log: {log}, sleep: 0, value: 2.5}}]
+hardware: {{threads: 1}}
 """
 
 
-def test_isolated_group_and_timeout(tmp_path):
+def test_isolated_group_and_timeout(tmp_path, stamp_tasks):
     path = tmp_path / "suite.yaml"
-    path.write_text(ISOLATED)
+    path.write_text(ISOLATED.format(log=tmp_path / "log.jsonl"))
     cells = load_suite(path).cells()
     # a timeout far too short for a fresh process even to import torch: a failed record, not a hang
     store = ResultStore(tmp_path / "cut")
@@ -186,6 +200,10 @@ def test_isolated_group_and_timeout(tmp_path):
     assert rec["status"] == "failed" and rec["error"]["type"] == "Timeout"
     # without a timeout the worker process writes the ok record itself
     store = ResultStore(tmp_path / "ok")
-    summary = run_cells(cells, store, show_progress=False, isolate=True, log=lambda s: None)
+    # what isolate=True builds, with the test model and task registered in the worker
+    executor = LocalExecutor(1, isolate=True, preload=("scale_register",))
+    summary = run_cells(cells, store, executor=executor, show_progress=False, log=lambda s: None)
     assert summary.ok == [cells[0].run_id]
-    assert store.records()[0]["metrics"]["perplexity"]["value"] > 1
+    assert store.records()[0]["metrics"]["score"]["value"] == 2.5
+    (line,) = read_log(tmp_path / "log.jsonl")
+    assert line["pid"] != os.getpid()  # computed in the worker process

@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 from scale_helpers import read_log, stamp_tasks_fixture  # noqa: F401 - the stamp_tasks fixture
+from scale_helpers import tasks as scale_tasks
 from test_runner import fake_record
 
 from slimbench.cli import main
+from slimbench.registry import TASKS
 from slimbench.sweep.cell_claims import ClaimBook
 from slimbench.sweep.driver import run_cells
 from slimbench.sweep.executors import LocalExecutor
@@ -113,6 +117,24 @@ def test_heartbeat_keeps_a_claim_alive(tmp_path):
 
 
 # -- executors -------------------------------------------------------------------------------------
+# One suite, run once for the module in this process and again in two worker processes: the
+# records of the two runs are compared, the workers' log shows whether a timed cell ever shared
+# the machine, a rerun of the finished folder must load nothing, and the ETA learns from its
+# records. (Each worker process is a cold start that imports torch and transformers: one pool
+# serves these four checks.) Two models over two workers: each worker runs a unit of two groups,
+# so a worker is reused for a second group; perplexity gives real numbers to compare, the stamp
+# tasks (first in each group: the two workers reach them together) a log of when and where each cell ran.
+SWEPT = """
+models: [tiny-llama, tiny-gpt2]
+methods:
+  - baseline
+  - {{name: magnitude, sparsity: 0.5}}
+tasks:
+  - {{name: stamp, log: {log}, tag: q, sleep: 1.5}}
+  - {{name: perplexity, seqlen: 16, max_windows: 2}}
+  - {{name: stamp_timed, log: {log}, tag: t, sleep: 0.3}}
+hardware: {{threads: 1}}
+"""
 QUALITY = """
 models: [tiny-llama, tiny-gpt2, tiny-opt]
 methods:
@@ -121,48 +143,53 @@ methods:
 tasks:
   - {{name: perplexity, seqlen: 16, max_windows: 2}}
 hardware: {{threads: 1}}
-"""
+"""  # specs only: the ETA and resource tests read them, nothing of it runs
 
 
-def test_worker_processes_give_the_records_of_a_sequential_run(tmp_path):
-    cells = load_suite(suite_file(tmp_path, QUALITY)).cells()
-    seq, par = quiet_store(tmp_path / "seq"), quiet_store(tmp_path / "par")
-    s1 = run_cells(cells, seq, show_progress=False, log=lambda s: None)
-    s2 = run_cells(cells, par, executor=LocalExecutor(2), show_progress=False, log=lambda s: None)
-    assert len(s1.ok) == len(s2.ok) == 6
+# The tests that read the shared run stay on one test worker (make test runs pytest-xdist with
+# --dist loadgroup): spread over two, each worker would run the sweep again.
+SHARES_THE_RUN = pytest.mark.xdist_group("test_scale-swept")
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """The suite run in this process (seq/) and by two worker processes (par/): (folder, cells)."""
+    tmp = tmp_path_factory.mktemp("swept")
+    with pytest.MonkeyPatch.context() as mp:
+        for task in scale_tasks():
+            mp.setitem(TASKS.entries, task.name, task)
+        cells = load_suite(suite_file(tmp, SWEPT)).cells()
+        seq, par = quiet_store(tmp / "seq"), quiet_store(tmp / "par")
+        s1 = run_cells(cells, seq, show_progress=False, log=lambda s: None)
+        s2 = run_cells(cells, par, executor=LocalExecutor(2, preload=PRELOAD), show_progress=False,
+                       log=lambda s: None)
+    assert len(s1.ok) == len(s2.ok) == len(cells) == 12
+    return tmp, cells
+
+
+@SHARES_THE_RUN
+def test_worker_processes_give_the_records_of_a_sequential_run(swept):
+    tmp, cells = swept
+    seq, par = quiet_store(tmp / "seq"), quiet_store(tmp / "par")
     a = {r["run_id"]: comparable_record(r) for r in seq.records()}
     b = {r["run_id"]: comparable_record(r) for r in par.records()}
-    assert a == b
+    assert len(a) == 12 and a == b
+    assert {r["metrics"]["perplexity"]["value"] for r in seq.records() if r["task"]["name"] == "perplexity"} != {1.0}
     assert_one_ok_record_per_cell(par, cells)
-
-
-TIMED = """
-models: [tiny-llama, tiny-gpt2]
-methods: [baseline]
-tasks:
-  - {{name: stamp, log: {log}, tag: q1, sleep: 1.5}}
-  - {{name: stamp_timed, log: {log}, tag: t, sleep: 0.5}}
-  - {{name: stamp, log: {log}, tag: q2, sleep: 1.5}}
-hardware: {{threads: 1}}
-"""
 
 
 def overlaps(a: dict, b: dict) -> bool:
     return a["start"] < b["end"] and b["start"] < a["end"]
 
 
-def test_timed_cells_never_share_the_machine(tmp_path, stamp_tasks):
-    cells = load_suite(suite_file(tmp_path, TIMED)).cells()
-    store = quiet_store(tmp_path / "r")
-    summary = run_cells(
-        cells, store, executor=LocalExecutor(2, preload=PRELOAD), show_progress=False, log=lambda s: None
-    )
-    assert len(summary.ok) == 6
-    log = read_log(tmp_path / "log.jsonl")
+@SHARES_THE_RUN
+def test_timed_cells_never_share_the_machine(swept):
+    tmp, _ = swept
+    log = [e for e in read_log(tmp / "log.jsonl") if e["pid"] != os.getpid()]  # the workers' run
     assert len({e["pid"] for e in log}) == 2  # both workers ran cells
     quality = [e for e in log if '"t"]' not in e["cell"]]
     timed = [e for e in log if '"t"]' in e["cell"]]
-    assert len(timed) == 2 and len(quality) == 4
+    assert len(timed) == 4 and len(quality) == 4
     assert any(overlaps(a, b) for a in quality for b in quality if a["pid"] != b["pid"])  # quality cells do share
     for t in timed:
         assert not any(overlaps(t, o) for o in log if o is not t), "a timed cell ran beside another cell"
@@ -170,7 +197,7 @@ def test_timed_cells_never_share_the_machine(tmp_path, stamp_tasks):
 
 def test_memory_guard_fails_the_cell_saying_so(tmp_path, stamp_tasks):
     suite = """
-    models: [tiny-gpt2]
+    models: [stamp-a]
     methods: [baseline]
     tasks:
       - {{name: stamp, log: {log}, tag: hog, sleep: 0, allocate_mb: 3000}}
@@ -204,10 +231,11 @@ def test_memory_guard_fails_the_cell_saying_so(tmp_path, stamp_tasks):
         signal.signal(signal.SIGINT, saved)
 
 
-def test_rerun_of_a_finished_suite_loads_nothing(tmp_path, monkeypatch, capsys):
-    path = suite_file(tmp_path, QUALITY)
-    args = ["run", str(path), "--results", str(tmp_path / "r"), "--no-progress"]
-    assert main(args) == 0
+@SHARES_THE_RUN
+def test_rerun_of_a_finished_suite_loads_nothing(swept, tmp_path, stamp_tasks, monkeypatch, capsys):
+    folder, _ = swept
+    shutil.copytree(folder / "par", tmp_path / "r")  # finished by the workers' run
+    args = ["run", str(folder / "suite.yaml"), "--results", str(tmp_path / "r"), "--no-progress", "--workers", "2"]
     import slimbench.sweep.runner
 
     def no_loading(*a, **k):
@@ -216,7 +244,9 @@ def test_rerun_of_a_finished_suite_loads_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(slimbench.sweep.runner, "load_model", no_loading)
     monkeypatch.setattr("slimbench.sweep.executors.local.WorkerPoolExecutor.submit", no_loading)
     capsys.readouterr()
-    assert main([*args, "--workers", "2"]) == 0
+    assert main(args) == 0  # writes the report the workers' run did not
+    assert "nothing to run" in capsys.readouterr().out
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "nothing to run" in out and "is up to date" in out
 
@@ -247,8 +277,12 @@ def summary_of(out: str) -> dict:
     return json.loads(line[len("SUMMARY ") :])
 
 
+# Two models x two methods: four groups, enough for a driver to be killed mid-sweep with groups
+# done, one running and more queued. The test models (tests/scale_helpers.py) load in a
+# millisecond and import no transformers model: every driver and worker process here is a cold
+# start, and what these tests check is the sweep's machinery, not a model.
 MANY = """
-models: [tiny-llama, tiny-gpt2, tiny-opt]
+models: [{models}]
 methods:
   - baseline
   - {{name: magnitude, sparsity: 0.5}}
@@ -257,22 +291,30 @@ tasks:
   - {{name: stamp, log: {log}, tag: b, sleep: 1.5}}
 hardware: {{threads: 1}}
 """
+TWO_MODELS = "stamp-a, stamp-b"
 
 
 def test_two_drivers_on_one_folder_compute_each_cell_once(tmp_path, stamp_tasks):
-    suite = suite_file(tmp_path, MANY)
+    suite = suite_file(tmp_path, MANY, models=TWO_MODELS)
     cells = load_suite(suite).cells()
     results = tmp_path / "shared"
-    drivers = [start_driver(tmp_path, suite, results), start_driver(tmp_path, suite, results, workers=1)]
-    outs = [d.communicate(timeout=600) for d in drivers]
-    assert [d.returncode for d in drivers] == [0, 0], [o[1][-2000:] for o in outs]
-    a, b = (summary_of(o[0]) for o in outs)
+    # one driver in another process (with a worker process of its own), one in this process
+    other = start_driver(tmp_path, suite, results, workers=1)
+    here = run_cells(cells, ResultStore(results), show_progress=False, log=lambda s: None)
+    out, err = other.communicate(timeout=600)
+    assert other.returncode == 0, err[-2000:]
+    a, b = here.__dict__, summary_of(out)
     assert not a["failed"] and not b["failed"]
     assert not set(a["ok"]) & set(b["ok"])  # no cell written by both
     assert set(a["ok"]) | set(b["ok"]) == {c.run_id for c in cells}
     log = read_log(tmp_path / "log.jsonl")
     assert len(log) == len(cells) == len({e["cell"] for e in log})  # each cell evaluated exactly once
     assert_one_ok_record_per_cell(quiet_store(results), cells)
+
+
+def rerun_here(cells, results: Path):
+    """The rerun after a kill, by a driver in this process: it finds what the killed run left."""
+    return run_cells(cells, ResultStore(results), show_progress=False, log=lambda s: None)
 
 
 def wait_for(predicate, timeout: float = 300.0, what: str = "") -> None:
@@ -294,9 +336,9 @@ def gone(pids) -> bool:
     return True
 
 
-@pytest.mark.parametrize("workers", [None, 2])
+@pytest.mark.parametrize("workers", [None, 2])  # cells in the driver itself / in worker processes that die with it
 def test_sigkill_of_the_driver_then_rerun(tmp_path, stamp_tasks, workers):
-    suite = suite_file(tmp_path, MANY)
+    suite = suite_file(tmp_path, MANY, models=TWO_MODELS)
     cells = load_suite(suite).cells()
     results = tmp_path / "r"
     driver = start_driver(tmp_path, suite, results, workers=workers)
@@ -311,33 +353,40 @@ def test_sigkill_of_the_driver_then_rerun(tmp_path, stamp_tasks, workers):
     assert driver.wait() == -signal.SIGKILL, driver.communicate()[1][-2000:]  # it was still running
     worker_pids = {e["pid"] for e in read_log(log)} - {driver.pid}
     wait_for(lambda: gone(worker_pids), 30, "the workers to die with their driver")
+    assert len(read_log(log)) < len(cells)  # killed mid-sweep: the rerun has cells to compute
     store = quiet_store(results)
-    rerun = start_driver(tmp_path, suite, results, workers=workers)
-    out, err = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0, err[-2000:]
-    s = summary_of(out)
+    s = rerun_here(cells, results).__dict__
     assert not s["failed"] and len(s["ok"]) + len(s["skipped"]) == len(cells)
     assert_one_ok_record_per_cell(store, cells)
     assert not list(store.runs.glob("*.failed.*"))  # nothing was lost or half-written
 
 
 def test_sigkill_of_a_worker_fails_its_cells_and_a_rerun_completes(tmp_path, stamp_tasks):
-    suite = suite_file(tmp_path, MANY)
+    # one model, two groups: the killed worker's group fails, a replacement worker runs the other.
+    # The driver is this process (a thread kills its worker): the worker's death is the point.
+    suite = suite_file(tmp_path, MANY, models="stamp-a")
     cells = load_suite(suite).cells()
     results = tmp_path / "r"
-    driver = start_driver(tmp_path, suite, results, workers=1)
     log = tmp_path / "log.jsonl"
-    wait_for(lambda: read_log(log) or driver.poll() is not None, what="a first evaluated cell")
-    os.kill(read_log(log)[0]["pid"], signal.SIGKILL)
-    out, err = driver.communicate(timeout=600)
-    s = summary_of(out)
-    assert s["failed"] and driver.returncode == 0, err[-2000:]
+    killed_pid = []
+
+    def kill_the_first_worker():
+        wait_for(lambda: read_log(log), what="a first evaluated cell")
+        killed_pid.append(read_log(log)[0]["pid"])
+        os.kill(killed_pid[0], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_first_worker, daemon=True)
+    killer.start()
+    s = run_cells(cells, ResultStore(results), executor=LocalExecutor(1, preload=PRELOAD), show_progress=False,
+                  log=lambda s: None)
+    killer.join(5)
+    assert killed_pid and killed_pid[0] != os.getpid()
+    assert s.failed and s.ok
     store = quiet_store(results)
     killed = [r for r in store.records(include_failed=True) if r["status"] == "failed"]
     assert all("killed by SIGKILL" in r["error"]["message"] for r in killed)
-    rerun = start_driver(tmp_path, suite, results, workers=1)
-    out, err = rerun.communicate(timeout=600)
-    assert summary_of(out)["ok"] and not summary_of(out)["failed"], err[-2000:]
+    again = rerun_here(cells, results)
+    assert again.ok and not again.failed
     assert_one_ok_record_per_cell(store, cells)
 
 
@@ -346,7 +395,7 @@ def test_status_shows_every_state_with_owner_reason_and_eta(tmp_path, stamp_task
     suite = suite_file(
         tmp_path,
         """
-        models: [tiny-gpt2]
+        models: [stamp-a]
         methods: [baseline]
         tasks:
           - {{name: stamp, log: {log}, tag: a, sleep: 0}}
@@ -376,7 +425,8 @@ def test_status_shows_every_state_with_owner_reason_and_eta(tmp_path, stamp_task
     live.release_all()
 
 
-def test_eta_is_built_per_kind_not_from_the_first_cell(tmp_path):
+@SHARES_THE_RUN
+def test_eta_is_built_per_kind_not_from_the_first_cell(tmp_path, swept):
     cells = load_suite(suite_file(tmp_path, QUALITY)).cells()
     by = {(c.model.name, c.method.name): c for c in cells}
     cm = CostModel()
@@ -403,9 +453,8 @@ def test_eta_is_built_per_kind_not_from_the_first_cell(tmp_path):
     eta = remaining_seconds(cells, rows, fresh)
     assert eta.unseen_methods == ["magnitude"]
     assert "no finished cell has run magnitude yet" in format_status(rows, eta)
-    # from stored records alone (what `status` has)
-    store = quiet_store(tmp_path / "r")
-    run_cells(cells[:2], store, show_progress=False, log=lambda s: None)
+    # from stored records alone (what `status` has): the module's finished run
+    store = quiet_store(swept[0] / "seq")
     learned = CostModel.from_records(store.history())
     assert learned.estimate("evaluate", cells[5]) > 0 and learned.seen["load"]
 

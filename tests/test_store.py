@@ -29,8 +29,10 @@ def strict_load(text: str):
     return json.loads(text, parse_constant=bad)
 
 
+# the stamp task on a test model (tests/scale_helpers.py): what is tested is the record and the
+# store, whatever model wrote it
 STAMP = """
-models: [tiny-llama]
+models: [stamp-a]
 methods: [baseline]
 tasks:
   - {{name: stamp, log: {log}, sleep: 0, value: {value}}}

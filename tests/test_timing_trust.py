@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from scale_helpers import stamp_tasks_fixture  # noqa: F401 - the stamp_tasks fixture
 
 from slimbench.cli import main
 from slimbench.sweep.driver import run_cells
@@ -24,12 +25,15 @@ from slimbench.sweep.suite import load_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The other run's process: it loads node_lock.py by its path (stdlib and psutil only), not
+# through its package, whose executors import torch: seconds of CPU per holder for nothing.
 HOLDER = """
-import sys, time
-sys.path.insert(0, {root!r})
+import importlib.util, sys, time
 from pathlib import Path
-from slimbench.sweep.executors.node_lock import NodeLock
-lock = NodeLock(Path({path!r}))
+spec = importlib.util.spec_from_file_location("node_lock", {module!r})
+node_lock = sys.modules["node_lock"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(node_lock)
+lock = node_lock.NodeLock(Path({path!r}))
 lock.acquire(exclusive=True, who={{"suite": "other.yaml", "cell": "smollm2-135m | rtn(4-bit) | efficiency@3",
                                    "run_ids": ["x"]}})
 print("held", flush=True)
@@ -47,7 +51,8 @@ def lock_path(tmp_path, monkeypatch):
 @pytest.fixture
 def held_lock(lock_path):
     """Another process holds the machine lock exclusively (a timed cell of another run)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT), path=str(lock_path))],
+    module = ROOT / "slimbench" / "sweep" / "executors" / "node_lock.py"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(module=str(module), path=str(lock_path))],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     yield proc
@@ -151,10 +156,21 @@ def test_a_timed_cells_cost_is_never_borrowed_from_quality_cells(tmp_path):
     assert cm.estimate("evaluate", eff[1], timed=True) == 40.0
 
 
-def test_status_and_the_bar_say_a_cell_waits_for_the_lock_and_on_whom(held_lock, lock_path, tmp_path):
-    suite = suite_file(tmp_path, TWO_METHODS)
+# A run of one cell of a test model and task (tests/scale_helpers.py): what waits for the lock is
+# the run, whatever its cells; the run is another process, as a user's second run would be.
+WAITING = """
+models: [stamp-a]
+methods: [baseline]
+tasks: [{name: stamp, log: %s, sleep: 0}]
+hardware: {threads: 1}
+"""
+
+
+def test_status_and_the_bar_say_a_cell_waits_for_the_lock_and_on_whom(held_lock, lock_path, tmp_path, stamp_tasks):
+    suite = suite_file(tmp_path, WAITING % (tmp_path / "log.jsonl"))
     results = tmp_path / "r"
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from slimbench.cli import main; "
+    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; import scale_register; "
+            f"from slimbench.cli import main; "
             f"sys.exit(main(['run', {str(suite)!r}, '--results', {str(results)!r}, '--no-report']))")
     env = {**os.environ, "SLIMBENCH_NODE_LOCK": str(lock_path)}
     driver = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -178,14 +194,20 @@ def test_status_and_the_bar_say_a_cell_waits_for_the_lock_and_on_whom(held_lock,
     assert f"waiting for the machine lock held by PID {held_lock.pid}" in err  # on the progress bar
 
 
-def test_quality_only_runs_untimed_cells_without_waiting(held_lock, tmp_path, capsys):
-    suite = suite_file(tmp_path, TWO_METHODS)
+def test_quality_only_runs_untimed_cells_without_waiting(held_lock, tmp_path, capsys, stamp_tasks):
+    log = tmp_path / "log.jsonl"
+    suite = suite_file(tmp_path, f"""
+    models: [stamp-a]
+    methods: [baseline, {{name: magnitude, sparsity: 0.5}}]
+    tasks: [{{name: stamp, log: {log}, sleep: 0}}, {{name: stamp_timed, log: {log}}}]
+    hardware: {{threads: 1}}
+    """)
     t0 = time.monotonic()
     assert main(["run", str(suite), "--results", str(tmp_path / "r"), "--quality-only", "--no-report",
                  "--no-progress", "--lock-timeout", "600"]) == 0
     assert time.monotonic() - t0 < 300  # the other run's lock (held for 600 s) was never waited for
     assert "2 timed cell(s) left out" in capsys.readouterr().out
-    assert {r["task"]["name"] for r in quiet(tmp_path / "r").records()} == {"perplexity"}
+    assert {r["task"]["name"] for r in quiet(tmp_path / "r").records()} == {"stamp"}
 
 
 # -- interleaving ------------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ from slimbench.sweep.store import ResultStore
 from slimbench.sweep.suite import load_suite
 
 torch.set_num_threads(1)
+# One test worker for the file (make test runs pytest-xdist with --dist loadgroup): its tests share
+# the module's results folder, which each worker would otherwise compute again.
+pytestmark = pytest.mark.xdist_group("test_verify")
 
 SUITE = """
 models: [tiny-llama]
@@ -59,11 +62,11 @@ def errors(results) -> list[str]:
 def test_a_clean_folder_verifies_and_its_reruns_agree(results, capsys):
     v = verify_folder(results)
     assert v.errors == [] and len(v.records) == 2
-    rerun(v, 2, log=lambda s: None)
-    assert [r["status"] for r in v.reruns] == ["agree", "agree"]
-    assert benchmark.main(["verify", str(results), "--rerun", "1"]) == 0
+    # both cells re-run, through the command (rerun() behind it): each agrees
+    assert benchmark.main(["verify", str(results), "--rerun", "2"]) == 0
     out = capsys.readouterr().out
-    assert "1 agree, 0 disagree" in out
+    assert "2 agree, 0 disagree" in out
+    assert len([x for x in out.splitlines() if x.startswith("rerun agree")]) == 2
     line = next(x for x in out.splitlines() if x.startswith("rerun agree"))
     # the cell by model, method label and task, not by file
     assert "tiny-llama | " in line and "@concat-windows/1" in line and ".json" not in line
@@ -199,26 +202,26 @@ def test_nothing_in_the_folder_is_executed(results, tmp_path):
     model_dir.mkdir()
     (model_dir / "config.json").write_text('{"auto_map": {"AutoModelForCausalLM": "modeling.M"}}')
     (model_dir / "modeling.py").write_text(payload)
-    first = files(results)[0]
 
     def point_at_the_folder(r):
         r["model"].update(name=str(model_dir), trust_remote_code=True)
 
-    edit(first, point_at_the_folder)
+    for path in files(results):  # both cells: the re-run sample finds only such cells
+        edit(path, point_at_the_folder)
     v = verify_folder(results)
     rerun(v, 2, log=lambda s: None)
     assert not marker.exists()
     skipped = [r for r in v.reruns if r["status"] == "skipped"]
-    assert skipped and "trust_remote_code" in skipped[0]["reason"]
+    assert len(skipped) == 2 and all("trust_remote_code" in r["reason"] for r in skipped)
     assert any("not a record file (ignored, never opened)" in str(f) for f in v.findings)
 
 
 def test_a_local_model_path_is_not_rerun(results):
-    first = files(results)[0]
-    edit(first, lambda r: r["model"].update(name="/home/someone/model"))
+    for path in files(results):  # both cells: nothing else to re-run
+        edit(path, lambda r: r["model"].update(name="/home/someone/model"))
     v = verify_folder(results)
     rerun(v, 2, log=lambda s: None)
-    assert any(r["status"] == "skipped" and "local path" in r["reason"] for r in v.reruns)
+    assert len(v.reruns) == 2 and all(r["status"] == "skipped" and "local path" in r["reason"] for r in v.reruns)
 
 
 def test_cli_exit_status_and_missing_folder(results, tmp_path, capsys):

@@ -91,7 +91,13 @@ def _worker_main(conn, preload: tuple[str, ...], parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the memory guard interrupts like Ctrl-C
     for module in preload:  # plugins registered by import (tests, notebooks)
         importlib.import_module(module)
+    from slimbench.measure.clocks import freeze_imports
+    from slimbench.registry import REGISTRIES
     from slimbench.sweep.runner import iter_group
+
+    for registry in REGISTRIES:
+        _ = registry.entries  # discovery imports every method and task module: now, before the freeze
+    freeze_imports()  # this process's own imports: later collections skip them
 
     while True:
         try:

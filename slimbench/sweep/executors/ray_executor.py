@@ -33,6 +33,7 @@ except ImportError:  # the extra is not installed: RayExecutor says how to get i
 NODE_RESOURCE = "slimbench_node"
 SHARE = 0.001  # what a group without a timed task takes of its node's unit (Ray's resolution is 1e-4)
 REPO = Path(__file__).resolve().parents[2]
+_FROZEN = False  # set in a Ray worker once its imports are frozen (slimbench.measure.clocks.freeze_imports)
 
 
 def _group_task(cells_json: list[str], suite_source: str, limit: int | None, cpus: float, preload: tuple,
@@ -48,6 +49,16 @@ def _group_task(cells_json: list[str], suite_source: str, limit: int | None, cpu
     for module in preload:  # plugins registered by import
         importlib.import_module(module)
     from slimbench.sweep.runner import iter_group
+
+    global _FROZEN
+    if not _FROZEN:  # a Ray worker runs task after task: its imports are frozen before its first model
+        from slimbench.measure.clocks import freeze_imports
+        from slimbench.registry import REGISTRIES
+
+        for registry in REGISTRIES:
+            _ = registry.entries
+        freeze_imports()
+        _FROZEN = True
 
     cells = [CellSpec.model_validate_json(j) for j in cells_json]
     if limit is None:  # this task's share of 90% of its node's memory
