@@ -169,7 +169,7 @@ def gguf_read_once():
     transformers reads a GGUF afresh for the config, for the tokenizer and for the weights, and
     each ``GGUFReader`` builds a Python object per vocabulary entry (787k for Gemma 3's 262k
     words): three times that was most of a conversion's time. Its weight-name mapping then
-    builds the same ``TensorNameMap`` once per submodule of the model (~400 times, ~10 s for
+    builds the same ``TensorNameMap`` once per submodule of the model (~400 times, ~6 CPU s for
     SmolLM2). transformers imports both from the ``gguf`` module at call time, so replacing them
     there for the block is enough. Both are only read: the reader is a read-only memory map of a
     file that does not change during a conversion.
