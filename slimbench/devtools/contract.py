@@ -369,11 +369,22 @@ def same_tensor(a: Any, b: Any) -> bool:
 
 
 # -- everything, for `check-method` -------------------------------------------------------------
+# What the user built or installed once into the cache (engines, their environments, wheels):
+# seen through links from the throw-away cache, or an engine method would refuse as if unbuilt.
+SHARED_CACHE_FOLDERS = ("engines", "envs", "wheels")
+
+
 @contextlib.contextmanager
 def private_cache() -> Iterator[None]:
     """Methods that cache (teacher outputs, checkpoints) write into a throw-away cache folder."""
+    from slimbench.zoo.models import cache_dir
+
     old = os.environ.get("SLIMBENCH_CACHE")
+    user_cache = cache_dir()
     with tempfile.TemporaryDirectory(prefix="slimbench-contract-") as tmp:
+        for name in SHARED_CACHE_FOLDERS:
+            if (user_cache / name).is_dir():
+                (Path(tmp) / name).symlink_to(user_cache / name, target_is_directory=True)
         os.environ["SLIMBENCH_CACHE"] = tmp
         try:
             yield
