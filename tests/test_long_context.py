@@ -43,6 +43,7 @@ def test_a_fixed_seed_gives_the_recorded_example():
 @pytest.mark.parametrize("depth", [0, 25, 50, 100])
 def test_the_needle_sits_at_its_depth(depth, monkeypatch):
     sentences = tuple(f"S{i}." for i in range(100))  # a countable haystack
+    gen.corpus_words()  # the key's words from the real corpus (cached), not from the haystack below
     monkeypatch.setattr(gen, "corpus_sentences", lambda: sentences)
     p = gen.needle_task("s", 40, depth)
     needle = gen.NEEDLE.format(kind="numbers", key=p.meta["keys"][0], value=p.answers[0])
