@@ -307,4 +307,6 @@ METHOD = Method(
     check=check,
     calibration_need="activation-statistics",
     version="2",
+    # the contract's budget: two candidates and one short probe still run the whole search
+    test_params={"search_ratios": [0.5, 0.9], "probe_samples": 1, "probe_seqlen": 16},
 )
