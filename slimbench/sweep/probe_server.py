@@ -9,9 +9,8 @@ import transformers.modeling_utils
 import transformers.models.llama.modeling_llama  # noqa: F401 - Llama-shaped models are the commonest here
 
 from slimbench.measure.clocks import freeze_imports
-from slimbench.registry import METHODS, TASKS
 from slimbench.sweep import cellrun  # noqa: F401 - loaders, the method API, the artifact cache
 
-for _registry in (METHODS, TASKS):
-    _ = _registry.entries  # discovery imports every method and task module
-freeze_imports()  # the children inherit it: their collections skip the server's imports
+# The registries' discovery imports every method and task module; then all is frozen, and the
+# children inherit it: their collections skip the server's imports.
+freeze_imports()

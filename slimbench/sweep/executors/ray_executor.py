@@ -53,10 +53,7 @@ def _group_task(cells_json: list[str], suite_source: str, limit: int | None, cpu
     global _FROZEN
     if not _FROZEN:  # a Ray worker runs task after task: its imports are frozen before its first model
         from slimbench.measure.clocks import freeze_imports
-        from slimbench.registry import REGISTRIES
 
-        for registry in REGISTRIES:
-            _ = registry.entries
         freeze_imports()
         _FROZEN = True
 
