@@ -56,6 +56,11 @@ def check(lm, cfg: VllmConfig) -> None:
     if lm.cache_factory is not None or lm.generator is not None:
         raise ValueError("vllm: vLLM keeps its own paged KV cache and decoding loop; it cannot follow a kv-cache "
                          "or speculative step")
+    config = lm.model.config
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head not in vllm.CPU_HEAD_SIZES:
+        sizes = ", ".join(map(str, vllm.CPU_HEAD_SIZES))
+        raise ValueError(f"vllm: head size {head}; vLLM's CPU attention takes {sizes}")
     if cfg.check_seqlen > cfg.max_model_len:
         raise ValueError(f"vllm: check_seqlen {cfg.check_seqlen} exceeds max_model_len {cfg.max_model_len}")
 
@@ -115,5 +120,6 @@ METHOD = Method(
     check=check,
     check_reads_weights=True,  # its check inspects the loaded model (an engine already, hooks)
     unavailable=vllm.unavailable,
+    runs_on_tiny=False,  # the tiny models' head size (16) is below vLLM's CPU attention's smallest (32)
     test_params={"check_windows": 1, "check_seqlen": 32, "max_model_len": 256, "sequences": 2},
 )

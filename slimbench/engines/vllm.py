@@ -33,6 +33,8 @@ from slimbench.engines import vllm_env
 from slimbench.engines.engine_process import EngineProcess
 
 ENGINE = "vLLM"
+# Head sizes vLLM 0.32's CPU attention backend takes (CPUAttentionBackend.get_supported_head_sizes)
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 def unavailable() -> str | None:
