@@ -225,8 +225,11 @@ def _engine_of(lm) -> str:
 def _format_of(report: dict[str, Any]) -> str | None:
     for step in report["steps"]:
         d = step["details"]
-        if "export" in d:
-            return f"gguf {d['export']['file_type']}"
+        export = d.get("export") or {}
+        if export.get("format") == "compressed-tensors":  # vLLM's folder
+            return f"compressed-tensors {export['quantization_format']} {export['dtype']}"
+        if "file_type" in export:
+            return f"gguf {export['file_type']}"
         if "type" in d and "tensor_types" in d:
             return f"gguf {d['type']}"
         if d.get("engine") == "openvino":
