@@ -97,6 +97,9 @@ class LanguageModel:
 
     @torch.inference_mode()
     def token_nll(self, ids: torch.Tensor) -> torch.Tensor:
+        engine_nll = getattr(self.model, "token_nll", None)
+        if engine_nll is not None:  # an engine that hands out log-probabilities, not logits (vLLM)
+            return engine_nll(ids).float().to(self.device)
         ids = ids.to(self.device)
         logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1]
         # float32 log-softmax whatever the model dtype: a bf16 softmax over 50k words

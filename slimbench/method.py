@@ -147,6 +147,10 @@ class Method:
     requires: tuple[str, ...] = ()
     # True: refuses to run without a CUDA device (validation rejects a CPU suite).
     requires_gpu: bool = False
+    # False: no registered tiny model has a shape the method can run (vLLM's CPU attention takes
+    # head sizes of 32 and more; the tiny models' are 16): the contract then accepts refusals on
+    # all of them, and the method's own tests run it on a model it takes.
+    runs_on_tiny: bool = True
     # For calibration-based methods (config inherits CalibrationConfig): what the budget must
     # cover, as a name in slimbench.calibration.NEEDS ("hessian", "activation-statistics",
     # "training"), a CalibrationNeed, or a function of the config returning either (None: no

@@ -31,15 +31,16 @@ def small_bpe_tokenizer(vocab: int = 320):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-def tiny_bpe_llama(seed: int = 0, layers: int = 2):
-    """A random Llama (hidden 64, 4 heads, 2 KV heads, MLP 128) over the small BPE vocabulary."""
+def tiny_bpe_llama(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2):
+    """A random Llama (by default hidden 64, 4 heads, 2 KV heads, MLP 2 x hidden) over the small BPE
+    vocabulary."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from slimbench.zoo.models import wrap
 
     tok = small_bpe_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
                       rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id)
     torch.manual_seed(seed)

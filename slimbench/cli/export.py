@@ -5,7 +5,9 @@ suite and one of its (model, method) groups (``--suite S --group N``; without ``
 groups are listed), or a model and a method given inline (``--model M --method YAML``). The
 model is loaded and compressed (the method's own stored forms, so a quantizer's integer grid
 is written as itself where the format can hold it), then written with a manifest beside it
-(``<out>.manifest.json``: per tensor, exact or how far it moved).
+(``<out>.manifest.json``: per tensor, exact or how far it moved). A model the compressed-model
+cache holds (``run`` put it there, or an earlier export) is read from it with its stored forms
+instead of being compressed again; a model compressed here is kept there for the next run.
 
 Examples::
 
@@ -64,18 +66,23 @@ def cell_from_args(args):
 def export_cell(cell, fmt: str, out: Path, args) -> dict:
     from tqdm import tqdm
 
-    from slimbench.method import apply_method
     from slimbench.methods.quantization.export_grids import linear_grids
-    from slimbench.sweep.runner import load_model
+    from slimbench.sweep.artifacts import cache as artifacts
+    from slimbench.sweep.cellrun import load_and_compress
 
-    lm = load_model(cell)
+    artifacts.configure(args.artifacts, disabled=args.no_artifact_cache)
     storage: dict = {}
-    report = apply_method(lm, cell.method, cell.hardware, tqdm, storage)
+    lm, report = load_and_compress(cell, tqdm, storage=storage)
+    art = report.get("artifact") or {}
+    if art.get("reused"):
+        print(f"export: the compressed model of artifact-cache entry {art['key']} (not compressed again)")
+    elif art.get("saved"):
+        print(f"export: compressed now; kept in the artifact cache as {art['key']}")
     if getattr(lm.model, "engine", None) or lm.generator is not None or lm.cache_factory is not None:
         raise SystemExit("export: the method chain ends in an execution step (an engine, a KV cache or a "
                          "generator); export the compression steps alone")
     prov = {"model": cell.model.to_dict(), "method": cell.method.to_record(), "provenance": lm.provenance,
-            "execution": report.get("execution")}
+            "execution": report.get("execution"), "artifact": art.get("key") if art.get("reused") else None}
     grids = linear_grids(lm.model, storage)
     if fmt == "gguf":
         from slimbench.engines.export import gguf_export
@@ -131,4 +138,6 @@ def register(sub) -> None:
     s.add_argument("--embeddings", default="auto", help="GGUF type of the embedding / output projection")
     s.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="compressed-tensors: dtype of dense tensors and scales")
+    s.add_argument("--artifacts", help="the compressed-model cache to reuse and fill (default: as `run`)")
+    s.add_argument("--no-artifact-cache", action="store_true", help="compress again; keep nothing")
     s.set_defaults(fn=cmd_export)

@@ -49,7 +49,10 @@ PATHS: dict[str, list[Any]] = {
     "ov-fp32": [{"name": "openvino"}],
     "ov-int8": [{"name": "nncf-weights", "mode": "int8_asym"}],
     "ov-int4": [{"name": "nncf-weights", "mode": "int4_asym", "group_size": 64}],
+    "vllm-fp32": [{"name": "vllm"}],
+    "vllm-bf16": [{"name": "vllm", "dtype": "bfloat16"}],
 }
+NATIVE_LOOP = ("llama.cpp", "vLLM")  # engines that also time decoding inside their own process
 DEFAULT = "torch-fp32,torch-bf16,llama-f16,llama-auto,llama-q8_0,llama-q4_k_m,llama-q4_0,ov-fp32,ov-int8"
 
 
@@ -57,7 +60,7 @@ def with_agreement(steps: list[Any], windows: int, seqlen: int) -> list[Any]:
     """Engine steps score the bench's own windows (their agreement check is the quality figure)."""
     out = []
     for s in steps:
-        if isinstance(s, dict) and s["name"] in ("llama-cpp", "llamacpp-quant", "openvino", "nncf-weights"):
+        if isinstance(s, dict) and s["name"] in ("llama-cpp", "llamacpp-quant", "openvino", "nncf-weights", "vllm"):
             s = {**s, "check_windows": windows, "check_seqlen": seqlen}
         out.append(s)
     return out
@@ -66,6 +69,8 @@ def with_agreement(steps: list[Any], windows: int, seqlen: int) -> list[Any]:
 def bytes_per_decode_step(lm) -> int:
     """What one decode step reads: each weight matrix once (see the module docstring)."""
     model = lm.model
+    if hasattr(model, "decode_bytes"):  # vLLM: its safetensors' real bytes
+        return model.decode_bytes()
     tensors = getattr(model, "manifest", {}).get("tensors")
     if tensors:  # a GGUF: its tensors' real bytes
         from slimbench.engines.export.gguf_export import type_bits
@@ -103,7 +108,7 @@ def sample(lm, ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
     lm.generate(ids, new_tokens, lambda k: stamps.append(time.perf_counter()))
     out = {"prefill_tokens_per_s": ids.shape[1] / prefill_s,
            "decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
-    if getattr(lm.model, "engine", None) == "llama.cpp":
+    if getattr(lm.model, "engine", None) in NATIVE_LOOP:
         native = lm.model.generate_native(ids, new_tokens)
         s = native["stamps_ns"]
         out["native_decode_tokens_per_s"] = (len(s) - 1) / ((s[-1] - s[0]) / 1e9)
@@ -113,7 +118,7 @@ def sample(lm, ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
 
 def memory(lm) -> dict[str, Any]:
     model = lm.model
-    if getattr(model, "engine", None) == "llama.cpp":
+    if getattr(model, "engine", None) in NATIVE_LOOP:
         # the engine's resident memory once loaded (model, KV cache, buffers) is the deployment figure;
         # its later peak includes the agreement scoring's full-vocabulary logits
         return {"engine_peak_rss_mb": model.info["peak_rss_bytes"] / 2**20, "where": "engine process, loaded",
@@ -220,8 +225,11 @@ def _engine_of(lm) -> str:
 def _format_of(report: dict[str, Any]) -> str | None:
     for step in report["steps"]:
         d = step["details"]
-        if "export" in d:
-            return f"gguf {d['export']['file_type']}"
+        export = d.get("export") or {}
+        if export.get("format") == "compressed-tensors":  # vLLM's folder
+            return f"compressed-tensors {export['quantization_format']} {export['dtype']}"
+        if "file_type" in export:
+            return f"gguf {export['file_type']}"
         if "type" in d and "tensor_types" in d:
             return f"gguf {d['type']}"
         if d.get("engine") == "openvino":

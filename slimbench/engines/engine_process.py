@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 POLL_S = 0.05
@@ -48,6 +52,15 @@ def _shutdown(proc: subprocess.Popen, conn: Connection, grace_s: float = 3.0) ->
         conn.close()
 
 
+@functools.cache
+def code_only_path() -> str:
+    """A folder holding only a link to the slimbench package (its parent may be a site-packages)."""
+    folder = Path(tempfile.mkdtemp(prefix="slimbench-code-"))
+    (folder / "slimbench").symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
+    atexit.register(shutil.rmtree, folder, True)
+    return str(folder)
+
+
 class EngineProcess:
     """Start ``target`` ("module:function", called as ``function(payload)`` -> state with
     ``handle(request)``, optional ``info()`` and ``close()``) in a new Python process."""
@@ -57,7 +70,9 @@ class EngineProcess:
         self.name, self.timeout_s = name, timeout_s
         parent, child = socket.socketpair()
         code = "import sys; from slimbench.engines.engine_process import serve; serve(int(sys.argv[1]), sys.argv[2])"
-        full_env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        # another environment's interpreter (vLLM's) sees SlimBench's code only, none of its packages
+        path = sys.path if python is None else [code_only_path()]
+        full_env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(p for p in path if p)}
         self.proc = subprocess.Popen(
             [python or sys.executable, "-c", code, str(child.fileno()), target],
             pass_fds=(child.fileno(),), env=full_env, stdin=subprocess.DEVNULL,

@@ -1,7 +1,7 @@
 """llama.cpp built once from source, in the user cache: the library and its tools.
 
-``llama-cpp-python==0.3.36`` is an sdist that compiles llama.cpp (about an hour on 2 busy
-cores). Its own build gives the Python bindings' library but not llama.cpp's tools
+``llama-cpp-python==0.3.36`` is an sdist that compiles llama.cpp (minutes on 2 idle
+cores, an hour on busy ones). Its own build gives the Python bindings' library but not llama.cpp's tools
 (``llama-quantize``, ``llama-imatrix``, ``llama-server``, ``llama-bench``). One CMake build of
 the llama.cpp commit that release vendors gives both; then the Python package installs in
 seconds without compiling (``-DLLAMA_BUILD=OFF``) and loads the library from the build
@@ -36,7 +36,7 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF",
 )
 INSTALL_HINT = (
-    "build llama.cpp once (about an hour on 2 cores; cached): `python benchmark.py engines build llama.cpp`, "
+    "build llama.cpp once (minutes on idle cores; cached): `python benchmark.py engines build llama.cpp`, "
     f"then `CMAKE_ARGS=\"-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF\" pip install {PY_PACKAGE}` (seconds); "
     f"or `pip install {PY_PACKAGE}` alone for the Python side (compiles its own copy)"
 )

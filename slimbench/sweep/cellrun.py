@@ -144,18 +144,21 @@ def evaluate_cell(lm: LanguageModel, cell: CellSpec, method_report: dict, progre
 
 
 def load_and_compress(head: CellSpec, progress=None, stage: dict | None = None,
-                      log=lambda s: print(s, flush=True)) -> tuple[LanguageModel, dict]:
+                      log=lambda s: print(s, flush=True), storage: dict | None = None) -> tuple[LanguageModel, dict]:
     """The load + compress stage of a group: the model, compressed, and the method report.
 
     One function, so that a cache of compressed models can wrap it. ``stage["name"]`` says
-    which step is running (for the failure record); ``stage["load_seconds"]`` is filled in.
+    which step is running (for the failure record); ``stage["load_seconds"]`` is filled in;
+    ``storage`` (optional) receives the stored forms, compressed now or read from the cache.
     """
     stage = {} if stage is None else stage
     stage["name"] = "load"
     t0 = time.perf_counter()
     cached = artifacts.lookup(head, log=log)  # compress once, across runs
     loaded = cached.load() if cached.hit else None
+    storage = {} if storage is None else storage
     if loaded is not None:
+        storage.update(cached.stored_forms())
         stage["load_seconds"] = time.perf_counter() - t0
         note_runtime(loaded[0])
         return loaded
@@ -163,7 +166,6 @@ def load_and_compress(head: CellSpec, progress=None, stage: dict | None = None,
     stage["load_seconds"] = time.perf_counter() - t0
     note_runtime(lm)
     stage["name"] = "compress"
-    storage: dict = {}
     method_report = apply_method(lm, head.method, head.hardware, progress, storage)
     cached.save(lm, method_report, storage)  # never raises: a problem becomes a reason in the report
     return lm, method_report

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from slimbench.engines.own_env import move_into_place
 from slimbench.zoo.models import cache_dir
 
 GUIDELLM_VERSION = "0.8.1"
@@ -96,15 +97,7 @@ def ensure_env(log: Callable[[str], None] = print) -> Path:
                        check=True)
         subprocess.run([str(tmp / "bin" / "guidellm"), "--version"], check=True, capture_output=True)
         (tmp / MARKER).write_text(json.dumps({"pins": list(PINS), "base": _base_site_packages()}))
-        # venv scripts name their interpreter by absolute path: rebuild them for the final folder
-        shutil.rmtree(root, ignore_errors=True)
-        tmp.rename(root)
-        for script in (root / "bin").iterdir():
-            if script.is_file() and not script.is_symlink():
-                with contextlib.suppress(UnicodeDecodeError, OSError):
-                    text = script.read_text()
-                    if str(tmp) in text:
-                        script.write_text(text.replace(str(tmp), str(root)))
+        move_into_place(tmp, root)
         return executable()
 
 

@@ -8,8 +8,8 @@
   exported (``lm.model.gguf``), else the cell's model exported here by
   slimbench.engines.export.gguf_export (``gguf_weights``; the manifest's summary, what was exact
   and what was approximated, goes into the record).
-- ``vllm``: vLLM's OpenAI server on a folder, from vLLM's own environment
-  (``SLIMBENCH_VLLM_PYTHON``); vLLM needs a GPU here (its CPU build cannot share SlimBench's pins).
+- ``vllm``: vLLM's OpenAI server on the vLLM step's exported folder, from vLLM's own environment
+  (the CPU build SlimBench builds, slimbench.engines.vllm_env; or ``SLIMBENCH_VLLM_PYTHON``).
 
 ``auto``: the engine the model already runs in (``lm.model.engine``), else ``transformers``.
 """
@@ -64,14 +64,20 @@ def llama_flavour(wanted: str) -> str:
 
 
 def vllm_python() -> str | None:
+    """vLLM's interpreter: ``SLIMBENCH_VLLM_PYTHON`` (a GPU machine's own vLLM), else the environment
+    SlimBench builds for vLLM's CPU wheel (slimbench.engines.vllm_env), if built."""
+    from slimbench.engines import vllm_env
+
     exe = os.environ.get("SLIMBENCH_VLLM_PYTHON")
-    return exe if exe and Path(exe).exists() else None
+    if exe:
+        return exe if Path(exe).exists() else None
+    return str(vllm_env.python()) if vllm_env.unavailable() is None else None
 
 
 def choose(lm: Any, cfg: Any) -> str:
     """The server for this cell, or ``ValueError`` saying why it cannot be served as asked."""
     engine = engine_of(lm)
-    name = cfg.server if cfg.server != "auto" else (engine or "transformers")
+    name = cfg.server if cfg.server != "auto" else {"vLLM": "vllm"}.get(engine, engine or "transformers")
     if name not in SERVERS:
         raise ValueError(f"the model runs in {engine}, which has no OpenAI-compatible server in SlimBench; "
                          f"servers: {', '.join(SERVERS)}")
@@ -85,9 +91,11 @@ def choose(lm: Any, cfg: Any) -> str:
         llama_flavour(cfg.llama_server)
     elif name == "vllm":
         if vllm_python() is None:
-            raise ValueError("serving with vLLM needs vLLM's own environment: set SLIMBENCH_VLLM_PYTHON to its Python "
-                             "(on a GPU machine; vLLM's CPU build cannot share SlimBench's pins); docs/serving.md")
-        if engine != "vllm":
+            from slimbench.engines import vllm_env
+
+            raise ValueError(f"serving with vLLM: {vllm_env.unavailable()} (or set SLIMBENCH_VLLM_PYTHON to a vLLM "
+                             "environment's Python); docs/serving.md")
+        if engine != "vLLM":
             raise ValueError("vLLM serves a saved model folder: add a vLLM engine step to the method chain")
     return name
 
@@ -116,6 +124,10 @@ def describe(name: str, flavour: str | None) -> dict[str, Any]:
         out["version"] = version(dist)
     except PackageNotFoundError:
         out["version"] = None
+    if name == "vllm" and not os.environ.get("SLIMBENCH_VLLM_PYTHON"):
+        from slimbench.engines import vllm_env
+
+        out["version"], out["environment"] = vllm_env.VLLM_VERSION, str(vllm_env.env_dir())
     if name == "llama.cpp":
         from slimbench.engines import llamacpp_build
 
@@ -179,11 +191,24 @@ def build(name: str, lm: Any, cfg: Any, ctx: Any, work: Path) -> Any:
                                                cpus=cfg.server_cpus)
     if name == "llama.cpp":
         return _llama_cpp(lm, cfg, work, port, int(threads), llama_flavour(cfg.llama_server))
-    model_dir = Path(lm.model.slimbench_files()[0])
+    return _vllm(lm, cfg, work, port, int(threads))
+
+
+def _vllm(lm: Any, cfg: Any, work: Path, port: int, threads: int) -> ServerProcess:
+    from slimbench.engines.vllm import bind_cpus
+
+    model_dir = lm.model.folder  # the vLLM step's export (compressed-tensors, tokenizer included)
     cmd = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--served-model-name", "slimbench", "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", lm.model.compute_dtype, "--max-num-seqs", str(lm.model.max_num_seqs),
            "--max-model-len", str(cfg.max_prompt_tokens + cfg.max_output_tokens + 16)]
-    server = ServerProcess("vLLM", cmd, port, work / "server.log", env=_child_env(int(threads)), ready_path="/health",
+    env = _child_env(threads)
+    env.pop("PYTHONPATH", None)  # vLLM's environment must not see SlimBench's packages
+    cpus = ",".join(str(c) for c in cfg.server_cpus) if cfg.server_cpus else bind_cpus(threads)
+    env.update(VLLM_CPU_OMP_THREADS_BIND=cpus, VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    if not os.environ.get("SLIMBENCH_VLLM_PYTHON"):
+        cmd.append("--enforce-eager")  # the CPU build: no torch.compile of the model at start-up
+    server = ServerProcess("vLLM", cmd, port, work / "server.log", env=env, ready_path="/health",
                            cpus=cfg.server_cpus)
     server.settings = {"model_dir": str(model_dir)}
     return server

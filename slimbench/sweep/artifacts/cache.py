@@ -286,6 +286,10 @@ class Entry:
         report["artifact"] = {**self.summary(), "reused": True, "load_seconds": seconds}
         return lm, report
 
+    def stored_forms(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The stored forms the entry kept (packed codes and scales, sparse values, ...) by weight name."""
+        return artifact_format.stored_forms(self.folder, self.manifest["layout"]) if self.hit else {}
+
     def _discard(self, why: str) -> None:
         self.log(f"warning: artifact {self.key} {why}; compressing again")
         self.replaced, self.manifest = why, None

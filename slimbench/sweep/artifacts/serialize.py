@@ -345,6 +345,13 @@ def read_tensors(folder: Path, layout: dict[str, Any]) -> dict[str, torch.Tensor
     return out
 
 
+def stored_forms(folder: Path, layout: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """{weight name: its stored form's parts} as the method reported them, read back from the files
+    (what an export needs to write a method's own grid exactly)."""
+    with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+        return {name: {p: _get(f, f"{name}.{p}") for p in form["parts"]} for name, form in layout["forms"].items()}
+
+
 def load(folder: Path, layout: dict[str, Any]) -> nn.Module:
     """Rebuild the model an entry holds (on the CPU), every tensor set from the files."""
     model = build(layout, _dtype(layout["build_dtype"]))
