@@ -111,9 +111,38 @@ def test_closing_the_engine_removes_its_process_and_export(served):
 
 
 def test_packed_weights_are_refused_before_vllm_starts_on_a_cpu_without_its_kernels(monkeypatch):
-    manifest = {"quantization_format": "pack-quantized"}
+    int4 = {"quantization_format": "pack-quantized", "dtype": "bfloat16",
+            "tensors": [{"from": "grid", "type": "int4 group"}, {"from": "dense", "type": "bfloat16"}]}
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert "AVX-512" in vllm.unsupported_format(manifest)
+    assert "AVX-512" in vllm.unsupported_format(int4)
     assert vllm.unsupported_format({"quantization_format": "dense"}) is None
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert vllm.unsupported_format(manifest) is None
+    assert vllm.unsupported_format(int4) is None
+    assert "dtype: bfloat16" in vllm.unsupported_format({**int4, "dtype": "float32"})
+    int8 = {**int4, "tensors": [{"from": "grid", "type": "int8 channel"}]}
+    assert "4-bit codes only" in vllm.unsupported_format(int8)
+
+
+@needs_vllm
+@pytest.mark.skipif("AVX512" not in torch.backends.cpu.get_cpu_capability(),
+                    reason="vLLM's W4A16 CPU kernel needs AVX-512")
+def test_packed_int4_weights_run_in_vllm_as_the_simulated_model(one_torch_thread):
+    """RTN 4-bit groups of 32 written as compressed-tensors W4A16 and run by vLLM's own kernel (bf16
+    activations) score and decode as the in-process fake-quantized fp32 model."""
+    def spec(*extra):
+        return MethodSpec(steps=(StepSpec(name="rtn", params={"bits": 4, "group_size": 32}), *extra))
+
+    ref = tiny_bpe_llama(hidden=128, heads=2, kv_heads=1)
+    ids = shakespeare_ids(ref, 40)
+    apply_method(ref, spec(), HW)
+    lm = tiny_bpe_llama(hidden=128, heads=2, kv_heads=1)
+    report = apply_method(lm, spec(StepSpec(name="vllm", params={**STEP, "dtype": "bfloat16"})), HW)
+    try:
+        details = report["steps"][-1]["details"]
+        assert report["execution"] == "native" and details["export"]["quantization_format"] == "pack-quantized"
+        assert details["executes_stored_forms"] and abs(details["agreement"]["delta_nll"]) < 5e-3
+        assert float((lm.token_nll(ids) - ref.token_nll(ids)).abs().max()) < 3e-2  # bf16 activations
+        assert torch.equal(lm.generate(ids, 8), ref.generate(ids, 8))
+        assert 4 < lm.model.slimbench_size()["effective_bits"] < 5  # codes with their bf16 scales and zero-points
+    finally:
+        lm.model.close()

@@ -51,6 +51,10 @@ PATHS: dict[str, list[Any]] = {
     "ov-int4": [{"name": "nncf-weights", "mode": "int4_asym", "group_size": 64}],
     "vllm-fp32": [{"name": "vllm"}],
     "vllm-bf16": [{"name": "vllm", "dtype": "bfloat16"}],
+    # packed 4-bit weights in vLLM (compressed-tensors W4A16, bf16 activations: its AVX-512 CPU kernel).
+    # Asymmetric groups of 32 like SmolLM2's Q4_1, but with integer zero-points (Q4_1 keeps a float
+    # minimum), so RTN does not find the published grid again as llama-auto does
+    "rtn4g32-vllm": [{"name": "rtn", "bits": 4, "group_size": 32}, {"name": "vllm", "dtype": "bfloat16"}],
 }
 NATIVE_LOOP = ("llama.cpp", "vLLM")  # engines that also time decoding inside their own process
 DEFAULT = "torch-fp32,torch-bf16,llama-f16,llama-auto,llama-q8_0,llama-q4_k_m,llama-q4_0,ov-fp32,ov-int8"

@@ -111,7 +111,9 @@ def build(*, jobs: int = 1, nice: int = 15, log=print) -> Path:
     src = top / "src"
     if not (src / "CMakeLists.txt").exists():
         with tempfile.TemporaryDirectory(prefix="llama-sdist-") as tmp:
-            _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+            # pip reads the sdist's metadata through its build backend (scikit-build-core), which it
+            # fetches into an isolated build environment: nothing is compiled and SlimBench's stays as it is
+            _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                   "-d", tmp, PY_PACKAGE], Path(tmp), log)
             sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
             with tarfile.open(sdist) as tar:

@@ -44,15 +44,23 @@ def unavailable() -> str | None:
 def unsupported_format(manifest: dict) -> str | None:
     """Why vLLM's CPU build cannot run this export, found before vLLM starts (or None).
 
-    vLLM 0.32 runs packed integer weights on CPU only through ``cpu_gemm_wna16``, which its AVX-512
-    kernel build carries and its AVX2 build does not (measured: W4A16 fails in the first forward
-    on an AVX2-only CPU; W8A16 finds no kernel at load)."""
+    vLLM 0.32 runs packed integer weights on CPU only through ``cpu_gemm_wna16`` (measured on tiny
+    Llamas): its AVX-512 kernel build carries it and its AVX2 build does not (W4A16 fails in the
+    first forward); it takes 4-bit codes only (8-bit packed weights find no kernel at load) and
+    bf16/fp16 activations only (fp32 fails in the first forward: "not implemented for 'Float'")."""
     if manifest.get("quantization_format") != "pack-quantized":
         return None
     capability = torch.backends.cpu.get_cpu_capability()
     if "AVX512" not in capability:
-        return (f"vLLM's CPU kernels for packed integer weights (W4A16/W8A16) need its AVX-512 build; this CPU "
+        return (f"vLLM's CPU kernels for packed integer weights (W4A16) need its AVX-512 build; this CPU "
                 f"reports {capability}: run the quantized model through llama.cpp or OpenVINO, or dense through vLLM")
+    bits = sorted({r["type"].split()[0] for r in manifest.get("tensors", []) if r.get("from") == "grid"})
+    if any(b != "int4" for b in bits):
+        return (f"vLLM's CPU kernel for packed weights takes 4-bit codes only; this export packs {', '.join(bits)} "
+                "(quantize to 4 bits, or run it through llama.cpp/OpenVINO)")
+    if manifest.get("dtype") not in ("bfloat16", "float16"):
+        return (f"vLLM's CPU kernel for packed 4-bit weights runs bf16/fp16 activations, not {manifest.get('dtype')}: "
+                "give the vllm step dtype: bfloat16")
     return None
 
 

