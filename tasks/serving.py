@@ -1,6 +1,6 @@
-"""`serving` (version 1): the cell's model behind an OpenAI-compatible server, under load from GuideLLM.
+"""`serving` (version 2): the cell's model behind an OpenAI-compatible server, under load from GuideLLM.
 
-Protocol ``guidellm-openai-completions``, version 1:
+Protocol ``guidellm-openai-completions``, version 2 (version 1 left the servers' prompt caches on):
 
 1. **Server**: ``transformers`` (``transformers serve``'s app and handlers hosting the cell's
    compressed model in this process: any model SlimBench can load and compress),
@@ -8,7 +8,11 @@ Protocol ``guidellm-openai-completions``, version 1:
    or ``vllm`` (vLLM's OpenAI server on the cell's exported folder, in its own environment);
    ``auto`` takes the cell's engine (slimbench.engines.serving.servers). It listens on
    127.0.0.1 at a free port, is warmed with ``warm_requests`` unmeasured requests, and is
-   stopped after the cell whatever happens (slimbench.engines.serving.session).
+   stopped after the cell whatever happens (slimbench.engines.serving.session). Every server
+   runs with its cross-request prompt cache off (transformers' block sharing, llama-server's
+   prompt cache and cache RAM, vLLM's prefix caching): each load point sends the workload's
+   first requests again, and a cache would serve the later points' prefills from the earlier
+   points' work.
 2. **Workload**: ``dataset_requests`` requests cut from real text (``corpus``/``split``) with a
    seed: prompts of ``prompt_blocks`` consecutive text blocks (at most ``max_prompt_tokens``),
    each asking for exactly the length of the block that follows, clipped to
@@ -48,7 +52,7 @@ from slimbench.engines.serving.workload import WorkloadSpec, build_rows, write_r
 from slimbench.measure import machine
 from slimbench.task import Metric, Task, TaskResult
 
-VERSION = "1"
+VERSION = "2"
 PROTOCOL = "guidellm-openai-completions"
 # A load point's p90 from fewer requests is its slowest request: below this many measured requests
 # in any load point, the cell's timings are under-sampled (slimbench.measure.trust).

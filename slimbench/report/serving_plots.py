@@ -80,6 +80,8 @@ def render(recs: list[dict[str, Any]], title: str, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=DPI)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(recs) > len(colours):  # a colour of its own for each curve: the default cycle repeats after ten
+        colours = [plt.get_cmap("tab20")(k) for k in range(20)]
     for i, r in enumerate(sorted(recs, key=lambda x: (labels.method_label(x), server_name(x)))):
         c = curve(r)
         simulated = (r.get("method_report") or {}).get("execution") == "simulated"
@@ -102,13 +104,16 @@ def render(recs: list[dict[str, Any]], title: str, path: Path) -> None:
         ax.set_xlabel("measured request throughput (requests/s)")
         ax.set_ylabel(f"{words} at the SLO percentile (ms)")
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle(title + "\nfilled: the load point met the whole SLO; hollow: it did not", fontsize=10)
+    # the legend below both panels, where it hides no point
+    handles, names = axes[0].get_legend_handles_labels()
+    legend = fig.legend(handles, names, fontsize=7, loc="upper center", ncol=2, bbox_to_anchor=(0.5, 0.0),
+                        frameon=False)
+    heading = fig.suptitle(title + "\nfilled: the load point met the whole SLO; hollow: it did not", fontsize=10)
     for t in fig.findobj(matplotlib.text.Text):  # names come from suites: never markup
         t.set_usetex(False)
         t.set_parse_math(False)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_extra_artists=[legend, heading], bbox_inches="tight")
     plt.close(fig)
 
 

@@ -179,6 +179,12 @@ class HostedTransformersServer:
         self.settings = {"continuous_batching": self.continuous_batching, **cb}
         self.serve = Hosted(host="127.0.0.1", port=self.port, non_blocking=True, log_level="error",
                             continuous_batching=self.continuous_batching, device=str(self.lm.device), **cb)
+        cb_config = self.serve._generation_state._cb_config
+        if cb_config is not None:
+            # no prefix (block) sharing across requests: each load point repeats the workload's
+            # first prompts, which a shared block would serve without their prefill
+            cb_config.allow_block_sharing = False
+            self.settings["prefix_sharing"] = False
         self._capture_logs(levels)  # after uvicorn configured its loggers (that resets their handlers)
         manager = self.serve._model_manager
         key = manager.process_model_name(MODEL_NAME)

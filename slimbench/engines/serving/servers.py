@@ -160,18 +160,21 @@ def _llama_cpp(lm: Any, cfg: Any, work: Path, port: int, threads: int, flavour: 
         slots = cfg.slots
         cmd = [str(llama_server_path()), "--model", str(gguf), "--alias", "slimbench", "--host", "127.0.0.1",
                "--port", str(port), "--threads", str(threads), "--threads-batch", str(threads),
-               "--ctx-size", str(per_seq * slots), "--parallel", str(slots), "--no-webui"]
+               "--ctx-size", str(per_seq * slots), "--parallel", str(slots), "--no-webui",
+               # no prompt cache across requests (the serving protocol's load points repeat prompts)
+               "--no-cache-prompt", "--cache-ram", "0"]
         ready = "/health"
     else:
         slots = 1
         cmd = [llamacpp_python(), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "slimbench",
                "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
                "--n_threads_batch", str(threads), "--n_ctx", str(per_seq), "--logits_all", "False",
-               "--interrupt_requests", "False"]
+               "--interrupt_requests", "False", "--cache", "False"]
         ready = "/v1/models"
     server = ServerProcess(f"llama.cpp ({flavour})", cmd, port, work / "server.log", env=env, ready_path=ready,
                            cpus=cfg.server_cpus)
-    server.settings = {"flavour": flavour, "gguf": what, "threads": threads, "slots": slots, "ctx_per_slot": per_seq}
+    server.settings = {"flavour": flavour, "gguf": what, "threads": threads, "slots": slots, "ctx_per_slot": per_seq,
+                       "prompt_cache": False}
     return server
 
 
@@ -201,7 +204,8 @@ def _vllm(lm: Any, cfg: Any, work: Path, port: int, threads: int) -> ServerProce
     cmd = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--served-model-name", "slimbench", "--host", "127.0.0.1", "--port", str(port),
            "--dtype", lm.model.compute_dtype, "--max-num-seqs", str(lm.model.max_num_seqs),
-           "--max-model-len", str(cfg.max_prompt_tokens + cfg.max_output_tokens + 16)]
+           "--max-model-len", str(cfg.max_prompt_tokens + cfg.max_output_tokens + 16),
+           "--no-enable-prefix-caching"]  # the serving protocol's load points repeat prompts
     env = _child_env(threads)
     env.pop("PYTHONPATH", None)  # vLLM's environment must not see SlimBench's packages
     cpus = ",".join(str(c) for c in cfg.server_cpus) if cfg.server_cpus else bind_cpus(threads)
@@ -210,7 +214,7 @@ def _vllm(lm: Any, cfg: Any, work: Path, port: int, threads: int) -> ServerProce
         cmd.append("--enforce-eager")  # the CPU build: no torch.compile of the model at start-up
     server = ServerProcess("vLLM", cmd, port, work / "server.log", env=env, ready_path="/health",
                            cpus=cfg.server_cpus)
-    server.settings = {"model_dir": str(model_dir)}
+    server.settings = {"model_dir": str(model_dir), "prefix_caching": False}
     return server
 
 
