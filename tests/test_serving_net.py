@@ -414,3 +414,47 @@ def test_serving_through_vllm_on_its_exported_folder(tmp_path):
     assert min(point["samples"]["output_tokens"]) >= 5, point["samples"]["output_tokens"]
     assert m["server_cpu_s"].value > 0
     assert not psutil.Process().children(recursive=True)
+
+
+@inside("servers")
+def test_llama_server_prefills_a_repeated_prompt_again(tmp_path):
+    """Prompt caches are off (the serving protocol's load points repeat prompts): llama-server
+    evaluates every token of a prompt it has just served again, by its own count; the same server
+    started with its default (cache on) evaluates almost none of it the second time."""
+    from slimbench.engines.serving import servers
+
+    why = llama_cpp_unavailable()
+    if why or servers.llama_flavour("auto") != "native":
+        pytest.skip(why or "llama-server is not built (llama-cpp-python's server keeps no prompt cache)")
+    from export_helpers import tiny_bpe_llama
+    from slimbench.tasks.serving import ServingConfig
+
+    from slimbench.engines.serving.process import http_json
+    from slimbench.specs import HardwareSpec
+    from slimbench.task import TaskContext
+
+    lm = tiny_bpe_llama()
+    cfg = ServingConfig(server="llama.cpp", gguf_weights="F32", max_prompt_tokens=48, min_output_tokens=6,
+                        max_output_tokens=6)
+    ctx = TaskContext(hardware=HardwareSpec(threads=1))
+    body = {"prompt": "To be, or not to be, that is the question: whether 'tis nobler in the mind", "n_predict": 2}
+
+    def prompt_tokens_evaluated(server) -> list[int]:
+        server.start(120)
+        try:
+            return [http_json(server.url + "/completion", body, timeout=60)[1]["timings"]["prompt_n"]
+                    for _ in range(2)]
+        finally:
+            server.stop()
+
+    (tmp_path / "off").mkdir()
+    (tmp_path / "default").mkdir()
+    off = servers.build("llama.cpp", lm, cfg, ctx, tmp_path / "off")
+    assert off.settings["prompt_cache"] is False
+    first, again = prompt_tokens_evaluated(off)
+    assert again == first > 5
+    default = servers.build("llama.cpp", lm, cfg, ctx, tmp_path / "default")
+    at = default.cmd.index("--cache-ram")
+    default.cmd = [a for i, a in enumerate(default.cmd) if i not in (at, at + 1) and a != "--no-cache-prompt"]
+    first, again = prompt_tokens_evaluated(default)
+    assert first > 5 and again <= 1
