@@ -26,6 +26,31 @@ class AgreementConfig(Config):
     split: str = Field("test", description="split of the agreement windows")
 
 
+def refuse_unless_engine_can_take(lm, step: str, engine: str, unavailable: str | None) -> None:
+    """What every engine step checks first: the engine is installed, the model is not already in an
+    engine, and no kv-cache or speculative step came before (the engine keeps its own cache and loop)."""
+    if unavailable:
+        raise ValueError(f"{step}: {unavailable}")
+    if getattr(lm.model, "engine", None):
+        raise ValueError(f"{step}: the model already runs in {lm.model.engine}")
+    if lm.cache_factory is not None or lm.generator is not None:
+        raise ValueError(f"{step}: {engine} keeps its own KV cache and decoding loop; it cannot follow a kv-cache "
+                         "or speculative step")
+
+
+def switch_to_engine(lm, model, generator, ref_nll: list[float], win: torch.Tensor, cfg: AgreementConfig) -> dict:
+    """Score the agreement windows in the engine, then make it the model every task runs through
+    (the engine is closed if scoring fails)."""
+    try:
+        agree = agreement(ref_nll, model.window_nll(win), cfg)
+    except BaseException:
+        model.close()
+        raise
+    lm.model = model
+    lm.generator = generator
+    return agree
+
+
 def agreement_windows(lm, cfg: AgreementConfig) -> torch.Tensor:
     from slimbench.tasks.perplexity import JOIN, windows
 

@@ -22,10 +22,11 @@ import torch
 from pydantic import Field
 from slimbench.methods.acceleration.engine_check import (
     AgreementConfig,
-    agreement,
     agreement_note,
     agreement_windows,
     in_process_nll,
+    refuse_unless_engine_can_take,
+    switch_to_engine,
 )
 from slimbench.methods.quantization.export_grids import linear_grids
 
@@ -55,14 +56,7 @@ class LlamaCppConfig(EngineOptions):
 
 
 def check(lm, cfg: LlamaCppConfig) -> None:
-    reason = llamacpp.unavailable()
-    if reason:
-        raise ValueError(f"llama-cpp: {reason}")
-    if getattr(lm.model, "engine", None):
-        raise ValueError(f"llama-cpp: the model already runs in {lm.model.engine}")
-    if lm.cache_factory is not None or lm.generator is not None:
-        raise ValueError("llama-cpp: llama.cpp keeps its own KV cache and decoding loop; it cannot follow a "
-                         "kv-cache or speculative step")
+    refuse_unless_engine_can_take(lm, "llama-cpp", "llama.cpp", llamacpp.unavailable())
     try:
         gguf_arch(lm.model.config)
     except ExportRefused as exc:
@@ -78,15 +72,8 @@ def open_engine(lm, gguf: Path, manifest: dict, cfg, *, owned_dir: Path | None, 
 
 
 def switch(lm, model, ref_nll: list[float], win: torch.Tensor, cfg) -> dict:
-    """Score the agreement windows in the engine, then make it the model every task runs through."""
-    try:
-        agree = agreement(ref_nll, model.window_nll(win), cfg)
-    except BaseException:
-        model.close()
-        raise
-    lm.model = model
-    lm.generator = llamacpp.LlamaCppGenerator()
-    return agree
+    """Score the agreement windows in llama.cpp, then make it the model every task runs through."""
+    return switch_to_engine(lm, model, llamacpp.LlamaCppGenerator(), ref_nll, win, cfg)
 
 
 def apply(lm, cfg: LlamaCppConfig, ctx) -> MethodReport:

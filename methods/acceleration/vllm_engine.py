@@ -24,10 +24,11 @@ import torch
 from pydantic import Field
 from slimbench.methods.acceleration.engine_check import (
     AgreementConfig,
-    agreement,
     agreement_note,
     agreement_windows,
     in_process_nll,
+    refuse_unless_engine_can_take,
+    switch_to_engine,
 )
 from slimbench.methods.quantization.export_grids import linear_grids
 
@@ -48,14 +49,7 @@ class VllmConfig(AgreementConfig):
 
 
 def check(lm, cfg: VllmConfig) -> None:
-    reason = vllm.unavailable()
-    if reason:
-        raise ValueError(f"vllm: {reason}")
-    if getattr(lm.model, "engine", None):
-        raise ValueError(f"vllm: the model already runs in {lm.model.engine}")
-    if lm.cache_factory is not None or lm.generator is not None:
-        raise ValueError("vllm: vLLM keeps its own paged KV cache and decoding loop; it cannot follow a kv-cache "
-                         "or speculative step")
+    refuse_unless_engine_can_take(lm, "vllm", "vLLM", vllm.unavailable())
     config = lm.model.config
     head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if head not in vllm.CPU_HEAD_SIZES:
@@ -86,13 +80,7 @@ def apply(lm, cfg: VllmConfig, ctx) -> MethodReport:
 
         shutil.rmtree(owned, ignore_errors=True)
         raise
-    try:
-        agree = agreement(ref, model.window_nll(win), cfg)
-    except BaseException:
-        model.close()
-        raise
-    lm.model = model
-    lm.generator = vllm.VllmGenerator()
+    agree = switch_to_engine(lm, model, vllm.VllmGenerator(), ref, win, cfg)
     summary = manifest["summary"]
     stored = {k for k in ctx.stored_forms if k.endswith(".weight")}
     from_grid = {r["tensor"] for r in manifest["tensors"] if r["from"] == "grid"}
