@@ -32,6 +32,21 @@ def test_request_reply_and_close():
         proc.request({"op": "echo"})
 
 
+def test_the_engines_cpu_is_the_measurements_own_not_contention():
+    """A cell's engine process does its measured work: the efficiency task must not read its CPU as
+    another process on the cores (which would mark every engine cell noisy)."""
+    from slimbench.measure import machine
+
+    proc = EngineProcess(TARGET, None, name="echo", timeout_s=30)
+    try:
+        with machine.Contention() as c:
+            proc.request({"op": "burn", "seconds": 0.3})
+        assert c.own_cpu >= 0.3 - 0.02  # the engine's CPU (less a tick), whatever the machine's load
+    finally:
+        proc.close()
+    assert proc.pid not in machine._MEASURED_PIDS
+
+
 @pytest.mark.parametrize(("op", "message"), [("raise", "requested failure"), ("die", "exit code 3")])
 def test_engine_failure_becomes_an_error_and_the_process_is_gone(op, message):
     proc = EngineProcess(TARGET, None, name="echo", timeout_s=30)

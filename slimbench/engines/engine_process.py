@@ -78,6 +78,11 @@ class EngineProcess:
             pass_fds=(child.fileno(),), env=full_env, stdin=subprocess.DEVNULL,
         )
         child.close()
+        # the engine does the cell's measured work: its CPU is the measurement's own, not contention
+        # (imported here: the engine side of this module runs in interpreters without torch)
+        from slimbench.measure import machine
+
+        machine.add_measured_pids([self.proc.pid])
         self.conn = Connection(os.dup(parent.fileno()))
         parent.close()
         self.closed = False
@@ -130,6 +135,9 @@ class EngineProcess:
             self.closed = True
             self._finalizer()
             atexit.unregister(self._finalizer)
+            from slimbench.measure import machine
+
+            machine.remove_measured_pids([self.proc.pid])
 
 
 # -- the engine side ----------------------------------------------------------------------------
@@ -179,7 +187,7 @@ def peak_rss_bytes(pid: int | None = None) -> dict[str, int]:
 
 
 class EchoEngine:
-    """A trivial engine for tests of the process mechanics: echo, sleep, raise, die."""
+    """A trivial engine for tests of the process mechanics: echo, sleep, burn (CPU), raise, die."""
 
     def __init__(self, payload: Any):
         self.payload = payload
@@ -190,6 +198,10 @@ class EchoEngine:
     def handle(self, req: dict[str, Any]) -> Any:
         if req["op"] == "sleep":
             time.sleep(req["seconds"])
+        elif req["op"] == "burn":
+            end = time.process_time() + req["seconds"]
+            while time.process_time() < end:
+                pass
         elif req["op"] == "raise":
             raise RuntimeError("requested failure")
         elif req["op"] == "die":

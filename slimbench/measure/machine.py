@@ -64,8 +64,9 @@ class Contention:
     ``other_cores``: busy time of the affinity cores (from /proc/stat via psutil) minus the
     measurement's own CPU time, over the wall time: 0 on an idle machine, 1.0 when another
     process kept one whole core busy. Own time is this process' and that of the worker processes
-    that do the measured work with it (registered with :func:`add_measured_pids`). Compiler
-    workers this process started count as other processes: they compete for the same cores.
+    that do the measured work with it (registered with :func:`add_measured_pids`: parallel
+    workers, engine processes), their own child processes included. Compiler workers this process
+    started count as other processes: they compete for the same cores.
     Resolution is the kernel's tick (10 ms).
     """
 
@@ -86,13 +87,22 @@ class Contention:
 
     @staticmethod
     def _own(pids: list[int]) -> dict[int | None, float]:
-        out: dict[int | None, float] = {}
+        procs: list[tuple[int | None, psutil.Process]] = []
         for pid in [None, *pids]:
             try:
-                t = psutil.Process(pid).cpu_times()
+                proc = psutil.Process(pid)
+                procs.append((pid, proc))
+                if pid is not None:  # a measured worker's own processes (an engine's core) do its work
+                    procs.extend((c.pid, c) for c in proc.children(recursive=True))
             except psutil.Error:  # gone: it contributes nothing to measure
                 continue
-            out[pid] = t.user + t.system
+        out: dict[int | None, float] = {}
+        for key, proc in procs:
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            out[key] = t.user + t.system
         return out
 
     def __enter__(self) -> Contention:
