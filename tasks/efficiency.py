@@ -1,4 +1,4 @@
-"""`efficiency` (version 3): latency, throughput and memory of inference in one deployment regime,
+"""`efficiency` (version 4): latency, throughput and memory of inference in one deployment regime,
 against the machine's own limits.
 
 The regime is three parameters a suite can grid over: ``prompt_len``, ``new_tokens``,
@@ -31,7 +31,12 @@ Memory, in one more untimed generation (a sampler thread would steal cycles from
 ``memory_weights_mb`` (the model's tensors), ``memory_kv_mb`` (the KV cache's tensors at the
 end: prompt + new tokens) and ``memory_other_mb`` (the rest: activations, allocator). The
 harness measures it in a fresh process that holds only this model where it can
-(slimbench.measure.memory says how, ``details.memory_protocol`` says where).
+(slimbench.measure.memory says how, ``details.memory_protocol`` says where). A model an engine
+runs in a process of its own (llama.cpp, vLLM) is read in that process (new in version 4; version
+3 read the cell's own process, which holds neither the engine's weights nor its cache): its
+resident set's peak during the generation (Linux's peak reset before it), weights as the engine
+holds them (the method report's bytes); no runtime or KV split. Version 4 also reads the
+runtime of a sweep's process before its first model load (slimbench.measure.memory).
 ``kv_cache_bytes_logical`` / ``kv_cache_bytes_physical``: what the cache stands for (every
 position, in its float dtype) vs what it really holds (slimbench.measure.roofline.kv_cache_bytes).
 
@@ -74,7 +79,7 @@ from slimbench.modeling import memory_bytes
 from slimbench.registry import CORPORA
 from slimbench.task import Metric, Task, TaskResult
 
-VERSION = "3"
+VERSION = "4"
 # The protocol's minimum before a timing may be read as a result (version 3).
 MIN_REPEATS = 5
 MIN_SECONDS = 1.0
@@ -239,16 +244,37 @@ class EfficiencyRun:
 
     # -- results -------------------------------------------------------------------------------
     def memory(self) -> dict[str, Any]:
-        """Peak memory and KV cache bytes of one untimed generation, read in this process."""
+        """Peak memory and KV cache bytes of one untimed generation, read in this process (or in the
+        engine's, for a model an engine runs in a process of its own)."""
+        proc = getattr(self.lm.model, "proc", None)
+        if getattr(proc, "pid", None):
+            return self._engine_memory(proc.pid)
         with CacheCapture(self.lm) as cap, PeakMemory(self.lm.device) as mem:
             self.lm.generate(self.ids, self.cfg.new_tokens)
         kv = roofline.kv_cache_bytes(cap.cache) if cap.cache is not None else None
         try:
             weights = memory_bytes(self.lm.model)
         except (AttributeError, RuntimeError, TypeError):  # a model that is not a torch module (an engine)
-            weights = self.ctx.method_report.get("memory_bytes")
+            weights = 0
+        # an engine in this process (OpenVINO, ONNX Runtime) holds its weights outside torch tensors
+        weights = weights or self.ctx.method_report.get("memory_bytes")
         return {"peak": mem.peak_bytes, "start": mem.start_bytes, "kind": mem.kind, "weights": weights, "kv": kv,
                 "runtime": memory.runtime_rss(), "isolation": "same process", "loaded": None}
+
+    def _engine_memory(self, pid: int) -> dict[str, Any]:
+        """The engine process' resident set around one untimed generation: this process holds
+        neither its weights nor its cache (llama.cpp, vLLM)."""
+        from slimbench.engines.engine_process import peak_rss_bytes, reset_peak_rss
+
+        reset = reset_peak_rss(pid)
+        covers = "this generation" if reset else "the engine process' lifetime (its peak could not be reset)"
+        start = peak_rss_bytes(pid)["rss_bytes"]
+        self.lm.generate(self.ids, self.cfg.new_tokens)
+        peak = peak_rss_bytes(pid)["peak_rss_bytes"]
+        return {"peak": peak, "start": start, "kind": "engine_process_rss",
+                "weights": self.ctx.method_report.get("memory_bytes"), "kv": None, "runtime": None,
+                "isolation": "engine process", "loaded": None,
+                "peak_covers": covers}
 
     def noise(self, limits: dict[str, Any] | None) -> list[str]:
         reasons = []

@@ -203,7 +203,7 @@ def run_task(lm, monkeypatch, fake_limits=FAKE_LIMITS, **params):
 def test_efficiency_reports_every_regime_metric(monkeypatch):
     lm = load_tiny("llama")
     res = run_task(lm, monkeypatch, prompt_len=12, new_tokens=5, batch_size=2, repeats=2, warmup=1)
-    assert TASKS.get("efficiency").version == "3"
+    assert TASKS.get("efficiency").version == "4"
     assert set(res.metrics) >= V2_METRICS
     d = res.details
     assert d["regime"] == {"prompt_len": 12, "new_tokens": 5, "batch_size": 2}

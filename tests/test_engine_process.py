@@ -47,6 +47,33 @@ def test_the_engines_cpu_is_the_measurements_own_not_contention():
     assert proc.pid not in machine._MEASURED_PIDS
 
 
+def test_an_engine_cells_memory_is_read_in_the_engine_process():
+    """The efficiency task reads an engine cell's memory in the engine's process: the peak of one
+    generation there (the engine's lifetime peak reset first), not the cell's own process."""
+    from types import SimpleNamespace
+
+    from slimbench.tasks.efficiency import EfficiencyRun
+
+    from slimbench.measure import memory
+
+    proc = EngineProcess(TARGET, None, name="echo", timeout_s=30)
+    try:
+        proc.request({"op": "touch", "bytes": 400 * 2**20})  # a lifetime peak the reading must not see
+        size = 96 * 2**20
+        lm = SimpleNamespace(model=SimpleNamespace(proc=proc),
+                             generate=lambda ids, n: proc.request({"op": "touch", "bytes": size}))
+        run = SimpleNamespace(lm=lm, ids=None, cfg=SimpleNamespace(new_tokens=4),
+                              ctx=SimpleNamespace(method_report={"memory_bytes": 10 * 2**20}))
+        reading = EfficiencyRun._engine_memory(run, proc.pid)
+        assert reading["isolation"] == "engine process" and reading["weights"] == 10 * 2**20
+        assert reading["peak_covers"] == "this generation"
+        assert 0.9 * size < reading["peak"] - reading["start"] < size + 32 * 2**20 < 400 * 2**20
+        parts, proto = memory.split(reading)
+        assert parts["peak"] == reading["peak"] and "runtime" not in parts and "engine" in proto["note"]
+    finally:
+        proc.close()
+
+
 @pytest.mark.parametrize(("op", "message"), [("raise", "requested failure"), ("die", "exit code 3")])
 def test_engine_failure_becomes_an_error_and_the_process_is_gone(op, message):
     proc = EngineProcess(TARGET, None, name="echo", timeout_s=30)

@@ -121,6 +121,11 @@ def test_packed_weights_are_refused_before_vllm_starts_on_a_cpu_without_its_kern
     assert "dtype: bfloat16" in vllm.unsupported_format({**int4, "dtype": "float32"})
     int8 = {**int4, "tensors": [{"from": "grid", "type": "int8 channel"}]}
     assert "4-bit codes only" in vllm.unsupported_format(int8)
+    w8a8 = {"quantization_format": "int-quantized", "dtype": "float32",
+            "tensors": [{"from": "int8", "type": "int8 channel", "activations": "token"}]}
+    assert vllm.unsupported_format(w8a8) is None
+    w8a8["tensors"][0]["activations"] = "tensor"
+    assert "per token" in vllm.unsupported_format(w8a8)
 
 
 @needs_vllm
@@ -144,5 +149,29 @@ def test_packed_int4_weights_run_in_vllm_as_the_simulated_model(one_torch_thread
         assert float((lm.token_nll(ids) - ref.token_nll(ids)).abs().max()) < 3e-2  # bf16 activations
         assert torch.equal(lm.generate(ids, 8), ref.generate(ids, 8))
         assert 4 < lm.model.slimbench_size()["effective_bits"] < 5  # codes with their bf16 scales and zero-points
+    finally:
+        lm.model.close()
+
+
+@needs_vllm
+def test_smoothquant_w8a8_runs_in_vllm_int8_kernels_as_the_model(one_torch_thread):
+    """SmoothQuant's int8 weights with per-token dynamic int8 activations, written int-quantized,
+    run through vLLM's own int8 GEMM and score and decode as SlimBench's torch._int_mm model."""
+    def spec(*extra):
+        calib = {"calib_samples": 4, "calib_seqlen": 32}
+        return MethodSpec(steps=(StepSpec(name="smoothquant", params=calib), *extra))
+
+    ref = tiny_bpe_llama(hidden=128, heads=2, kv_heads=1)
+    ids = shakespeare_ids(ref, 40)
+    apply_method(ref, spec(), HW)
+    lm = tiny_bpe_llama(hidden=128, heads=2, kv_heads=1)
+    report = apply_method(lm, spec(StepSpec(name="vllm", params=STEP)), HW)
+    try:
+        details = report["steps"][-1]["details"]
+        assert details["export"]["quantization_format"] == "int-quantized"
+        assert abs(details["agreement"]["delta_nll"]) < 5e-3
+        assert float((lm.token_nll(ids) - ref.token_nll(ids)).abs().max()) < 3e-2
+        assert torch.equal(lm.generate(ids, 8), ref.generate(ids, 8))
+        assert 8 < lm.model.slimbench_size()["effective_bits"] < 9  # int8 codes and their per-row scales
     finally:
         lm.model.close()

@@ -2,7 +2,8 @@
 
 After any compression steps (``steps: [{name: rtn, bits: 4, group_size: 32}, vllm]``), the model is
 written in the compressed-tensors format (slimbench.engines.export.compressed_tensors: a method's
-own integer grid as packed int4/int8 with its groups where it fits, else dense), vLLM opens that
+own integer grid as packed int4/int8 with its groups where it fits, W8A8 layers as int8 with
+their dynamic activation scheme, else dense), vLLM opens that
 folder in its own environment and process (slimbench.engines.vllm) and ``lm.model`` becomes the
 engine; ``lm.generator`` decodes greedily in vLLM's scheduler loop. Perplexity comes from vLLM's
 own prompt log-probabilities, latency and throughput from its kernels. Tasks that need every
@@ -30,7 +31,7 @@ from slimbench.methods.acceleration.engine_check import (
     refuse_unless_engine_can_take,
     switch_to_engine,
 )
-from slimbench.methods.quantization.export_grids import linear_grids
+from slimbench.methods.quantization.export_grids import int8_layers, linear_grids
 
 from slimbench.engines import vllm
 from slimbench.engines.export import compressed_tensors
@@ -65,7 +66,8 @@ def apply(lm, cfg: VllmConfig, ctx) -> MethodReport:
     grids = linear_grids(lm.model, ctx.stored_forms)
     owned = Path(tempfile.mkdtemp(prefix="slimbench-vllm-"))
     try:
-        manifest = compressed_tensors.export(lm, owned / "model", dtype=cfg.dtype, grids=grids)
+        manifest = compressed_tensors.export(lm, owned / "model", dtype=cfg.dtype, grids=grids,
+                                              int8=int8_layers(lm.model))
         refused = vllm.unsupported_format(manifest)
         if refused:
             raise ValueError(f"vllm: {refused}")

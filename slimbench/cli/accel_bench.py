@@ -5,7 +5,7 @@ state: each variant is built (its method steps applied), warmed up (compiled), t
 repeats of all variants alternate, in reverse order every other round (A B C, C B A, ...), so
 slow drift and bursts of load hit every variant alike; rounds go on until every variant has the
 efficiency protocol's minimum (``--repeats``, then its minimum timed duration). Each repeat is
-the efficiency task's (tasks/efficiency.py, protocol version 3); the table gives decode
+the efficiency task's (tasks/efficiency.py, protocol version 4); the table gives decode
 tokens/s, the speed-up over the first variant, inter-token latency, prefill, time to first
 token and both roofline fractions, each with its denominator: the bandwidth measured at that
 variant's decode working set, the FLOP/s of the dtype its linear layers compute in. A fraction

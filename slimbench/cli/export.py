@@ -66,7 +66,7 @@ def cell_from_args(args):
 def export_cell(cell, fmt: str, out: Path, args) -> dict:
     from tqdm import tqdm
 
-    from slimbench.methods.quantization.export_grids import linear_grids
+    from slimbench.methods.quantization.export_grids import int8_layers, linear_grids
     from slimbench.sweep.artifacts import cache as artifacts
     from slimbench.sweep.cellrun import load_and_compress
 
@@ -92,7 +92,8 @@ def export_cell(cell, fmt: str, out: Path, args) -> dict:
     if fmt == "compressed-tensors":
         from slimbench.engines.export import compressed_tensors
 
-        return compressed_tensors.export(lm, out, dtype=args.dtype, grids=grids, provenance=prov)
+        return compressed_tensors.export(lm, out, dtype=args.dtype, grids=grids, int8=int8_layers(lm.model),
+                                          provenance=prov)
     from slimbench.engines.export import manifest as mf
     from slimbench.engines.openvino import export_ir, ir_files, ir_weights, unavailable
 

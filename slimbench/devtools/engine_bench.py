@@ -55,6 +55,11 @@ PATHS: dict[str, list[Any]] = {
     # Asymmetric groups of 32 like SmolLM2's Q4_1, but with integer zero-points (Q4_1 keeps a float
     # minimum), so RTN does not find the published grid again as llama-auto does
     "rtn4g32-vllm": [{"name": "rtn", "bits": 4, "group_size": 32}, {"name": "vllm", "dtype": "bfloat16"}],
+    # SmoothQuant W8A8 (int8 weights, per-token dynamic int8 activations): in process through
+    # torch._int_mm, and written int-quantized into vLLM's own int8 GEMM (oneDNN)
+    "sq-w8a8-torch": [{"name": "smoothquant", "calib_samples": 16}],
+    "sq-w8a8-vllm": [{"name": "smoothquant", "calib_samples": 16}, {"name": "vllm"}],
+    "sq-w8a8-vllm-bf16": [{"name": "smoothquant", "calib_samples": 16}, {"name": "vllm", "dtype": "bfloat16"}],
 }
 NATIVE_LOOP = ("llama.cpp", "vLLM")  # engines that also time decoding inside their own process
 DEFAULT = "torch-fp32,torch-bf16,llama-f16,llama-auto,llama-q8_0,llama-q4_k_m,llama-q4_0,ov-fp32,ov-int8"

@@ -175,6 +175,17 @@ def serve(fd: int, target: str) -> None:
         os._exit(1)
 
 
+def reset_peak_rss(pid: int) -> bool:
+    """Reset a process' peak resident set (VmHWM) to its current one (Linux: ``clear_refs`` 5);
+    False where the kernel or the permissions do not allow it (the peak then covers its lifetime)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes(pid: int | None = None) -> dict[str, int]:
     """Peak and current resident set of a process (Linux /proc), in bytes."""
     out = {}
@@ -187,7 +198,8 @@ def peak_rss_bytes(pid: int | None = None) -> dict[str, int]:
 
 
 class EchoEngine:
-    """A trivial engine for tests of the process mechanics: echo, sleep, burn (CPU), raise, die."""
+    """A trivial engine for tests of the process mechanics: echo, sleep, burn (CPU), touch (memory
+    held for the call only), raise, die."""
 
     def __init__(self, payload: Any):
         self.payload = payload
@@ -202,6 +214,9 @@ class EchoEngine:
             end = time.process_time() + req["seconds"]
             while time.process_time() < end:
                 pass
+        elif req["op"] == "touch":
+            block = bytearray(req["bytes"])  # zero-filled: every page written, so resident
+            del block
         elif req["op"] == "raise":
             raise RuntimeError("requested failure")
         elif req["op"] == "die":

@@ -47,14 +47,21 @@ def unsupported_format(manifest: dict) -> str | None:
     vLLM 0.32 runs packed integer weights on CPU only through ``cpu_gemm_wna16`` (measured on tiny
     Llamas): its AVX-512 kernel build carries it and its AVX2 build does not (W4A16 fails in the
     first forward); it takes 4-bit codes only (8-bit packed weights find no kernel at load) and
-    bf16/fp16 activations only (fp32 fails in the first forward: "not implemented for 'Float'")."""
-    if manifest.get("quantization_format") != "pack-quantized":
+    bf16/fp16 activations only (fp32 fails in the first forward: "not implemented for 'Float'").
+    Its int8 W8A8 kernels (oneDNN) take activations quantized dynamically per token or statically
+    per tensor; a dynamic per-tensor scheme matches none of its schemes and fails at load."""
+    rows = manifest.get("tensors", [])
+    if any(r.get("from") == "int8" and r.get("activations") != "token" for r in rows):
+        return ("vLLM's int8 W8A8 kernels take activations quantized dynamically per token; this export "
+                "quantizes them per tensor (naive w8a8, dynamic-int8): use smoothquant or w8a8 with "
+                "act_granularity: per_token")
+    bits = sorted({r["type"].split()[0] for r in rows if r.get("from") == "grid"})
+    if not bits:
         return None
     capability = torch.backends.cpu.get_cpu_capability()
     if "AVX512" not in capability:
         return (f"vLLM's CPU kernels for packed integer weights (W4A16) need its AVX-512 build; this CPU "
                 f"reports {capability}: run the quantized model through llama.cpp or OpenVINO, or dense through vLLM")
-    bits = sorted({r["type"].split()[0] for r in manifest.get("tensors", []) if r.get("from") == "grid"})
     if any(b != "int4" for b in bits):
         return (f"vLLM's CPU kernel for packed weights takes 4-bit codes only; this export packs {', '.join(bits)} "
                 "(quantize to 4 bits, or run it through llama.cpp/OpenVINO)")

@@ -9,10 +9,13 @@ depends on what else the process held, so every reading says where it was taken:
   handed back), so everything it holds besides the model's tensors is its runtime: ``runtime``
   = ``start - weights`` (Python, torch, transformers, SlimBench, the tokenizer, the libraries
   loading imported); ``leftover`` is 0 by construction.
+- ``engine process``: a model an engine runs in a process of its own (llama.cpp, vLLM): that
+  process' resident set, all of it the engine's (runtime, weights, cache); no runtime split.
 - ``same process``: beside whatever else the process holds (other models of an interleaved
-  comparison, what compression left behind). ``runtime`` is what this process held beside its
-  first model right after loading it (:func:`note_runtime`), the nearest it has to a process
-  holding only a model.
+  comparison, what compression left behind). ``runtime`` is what this process held just before
+  it loaded its first model (:func:`note_runtime`), the nearest it has to a process holding only
+  a model. (Until efficiency version 4 it was read after that load, minus the model's bytes; a
+  model mapped from safetensors is not all resident then, which put the runtime at zero.)
 
 The split (bytes; MiB in the metrics):
 
@@ -60,8 +63,9 @@ def tolerance(runtime: int, weights: int) -> int:
 def split(reading: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
     """(bytes per part, the protocol to record) from a reading.
 
-    ``reading``: ``peak``, ``start``, ``kind`` (process_rss | cuda_max_allocated), ``weights`` (or
-    None), ``kv`` (``roofline.kv_cache_bytes``, or None), ``runtime`` (or None), ``isolation``, ``loaded``.
+    ``reading``: ``peak``, ``start``, ``kind`` (process_rss | cuda_max_allocated | engine_process_rss),
+    ``weights`` (or None), ``kv`` (``roofline.kv_cache_bytes``, or None), ``runtime`` (or None),
+    ``isolation`` (fresh process | same process | engine process), ``loaded``.
     """
     peak, start = int(reading["peak"]), int(reading["start"])
     weights = int(reading["weights"] or 0)
@@ -72,6 +76,11 @@ def split(reading: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
     if isolation == "fresh process" and not cuda:
         runtime = max(0, start - weights)  # all it holds beside the model
     proto: dict[str, Any] = {"isolation": isolation, "loaded": reading.get("loaded")}
+    if isolation == "engine process":  # another process: its whole resident set is the engine's
+        proto.update(clean=True, runtime_mb=None, leftover_mb=None, tolerance_mb=None,
+                     note=f"the engine's own process: its resident set's peak over {reading.get('peak_covers')}")
+        return {"peak": float(peak), "weights": float(weights), "kv": float(kv),
+                "other": float(peak - weights - kv)}, proto
     if runtime is None:  # nothing known of the process before the model: no split beyond weights and KV
         proto.update(clean=False, runtime_mb=None, leftover_mb=None, tolerance_mb=None,
                      note="this process' memory before its first model is unknown: the peak includes whatever "

@@ -60,6 +60,38 @@ class LinearGrid:
         return self.codes.view(out_f, -1, size), self.scale[:, gi], self.zero[:, gi]
 
 
+@dataclass
+class Int8Layer:
+    """A weight held as int8 codes with one scale per output row, executed on int8 activations
+    quantized at run time (W8A8): ``activations`` is ``token`` (one scale per token) or ``tensor``."""
+
+    qweight: torch.Tensor  # [out, in] int8
+    scale: torch.Tensor  # [out] float32
+    activations: str
+    act_symmetric: bool
+    note: str = ""
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+
+def sparsity(w: torch.Tensor) -> dict[str, float | str]:
+    """The zeros a pruned weight holds (fraction of exact zeros) and the N:M pattern it keeps along
+    its input dimension (2:4, 4:8 or none), for 2-D weights with any zeros; {} otherwise."""
+    if w.dim() != 2:
+        return {}
+    zero = w == 0
+    frac = float(zero.float().mean())
+    if frac < 0.01:  # a dense weight's stray exact zeros say nothing about pruning
+        return {}
+    out: dict[str, float | str] = {"sparsity": frac}
+    for n, m in ((2, 4), (4, 8)):
+        if w.shape[1] % m == 0 and bool(((~zero).view(w.shape[0], -1, m).sum(-1) <= n).all()):
+            out["pattern"] = f"{n}:{m}"
+            break
+    return out
+
+
 def change(original: torch.Tensor, exported: torch.Tensor) -> dict[str, float | bool]:
     """How far the exported weight moved: max |Δ|, RMS(Δ) / RMS(w), and bit-exactness."""
     a, b = original.detach().float().reshape(-1), exported.detach().float().reshape(-1)

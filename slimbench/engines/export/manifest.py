@@ -4,7 +4,10 @@ One JSON file per exported model (``<file or folder>.manifest.json``): the forma
 library versions, the files with their sizes and SHA-256, one row per tensor (target type,
 where the values came from, ``exact``, ``max_abs_change``, ``rel_rms_change`` against the
 weight SlimBench's model holds) and a summary a reader checks first: how many tensors are
-bit-exact, which were approximated (a cast, a re-quantization) and the largest change.
+bit-exact, which were approximated (a cast, a re-quantization) and the largest change. A pruned
+weight's row also gives its measured sparsity and N:M pattern: neither format stores sparsity
+(GGUF has no sparse type; compressed-tensors 0.20 and vLLM 0.32 removed the sparse-bitmask and
+2:4 formats), so those zeros are written dense and the summary counts them.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ def files_entry(paths: list[Path], root: Path) -> list[dict[str, Any]]:
 def summarize(tensors: list[dict[str, Any]]) -> dict[str, Any]:
     approx = [t for t in tensors if not t.get("exact")]
     worst = max(approx, key=lambda t: t.get("rel_rms_change", 0.0), default=None)
+    sparse = [t for t in tensors if "sparsity" in t]
+    extra = {"sparse": {
+        "tensors": len(sparse), "patterns": sorted({t.get("pattern", "unstructured") for t in sparse}),
+        "mean_sparsity": sum(t["sparsity"] for t in sparse) / len(sparse),
+    }} if sparse else {}
     return {
         "tensors": len(tensors),
         "exact": len(tensors) - len(approx),
@@ -40,6 +48,7 @@ def summarize(tensors: list[dict[str, Any]]) -> dict[str, Any]:
         "largest_rel_rms_change": None if worst is None else {
             "tensor": worst["tensor"], "value": worst["rel_rms_change"]},
         "max_abs_change": max((t.get("max_abs_change", 0.0) for t in tensors), default=0.0),
+        **extra,
     }
 
 
