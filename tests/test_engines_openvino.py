@@ -58,6 +58,47 @@ def test_openvino_ir_matches_eager_logits_and_greedy(one_torch_thread):
         lm.model.close()
 
 
+@pytest.mark.parametrize(("params", "kind", "bits"), [
+    ({"bits": 4, "group_size": 32}, "u4", lambda n: 4 + 20 / 32),  # u4 codes; u4 zero-point, fp16 scale per 32
+    ({"bits": 8, "symmetric": True}, "u8", lambda n: 8 + 24 / n),  # per channel: u8 zero-point, fp16 scale per row
+])
+def test_a_methods_grid_runs_in_openvinos_compressed_kernels(one_torch_thread, params, kind, bits):
+    """RTN's own codes go into the IR bit-exact and OpenVINO's CPU plugin runs them in its
+    compressed FullyConnected kernel: the chain is native, and scores and decodes as the in-process
+    fake-quantized model."""
+    from slimbench.method import apply_method
+    from slimbench.modeling import iter_linears
+    from slimbench.specs import MethodSpec, StepSpec
+
+    ref = tiny_bpe_llama()
+    ids = shakespeare_ids(ref, 48)
+    steps = (StepSpec(name="rtn", params=params),)
+    apply_method(ref, MethodSpec(steps=steps), HardwareSpec(threads=1))
+    ref_logits, ref_tokens = ref.logits(ids).float(), ref.generate(ids, 6)
+    lm = tiny_bpe_llama()
+    # weight-only: OpenVINO's CPU default also quantizes these layers' activations (int8, groups of 32)
+    step = StepSpec(name="openvino", params={**METHODS.get("openvino").test_params, "dynamic_quantization": 0})
+    report = apply_method(lm, MethodSpec(steps=(*steps, step)), HardwareSpec(threads=1))
+    try:
+        details = report["steps"][-1]["details"]
+        assert report["execution"] == "native" and details["executes_stored_forms"]
+        assert details["grids_written"] == 14 and lm.model.stored_format.endswith(f"{kind} method grids")
+        assert details["dynamic_quantization_group_size"] == 0
+        assert (lm.logits(ids) - ref_logits).abs().max() < 1e-4 * max(1.0, float(ref_logits.abs().max()))
+        assert torch.equal(lm.generate(ids, 6), ref_tokens)
+        shapes = [m.weight.shape for _, m in iter_linears(ref.model)]  # the grids; the output projection fp32
+        head = ref.model.get_output_embeddings().weight.numel()
+        grid_bits = sum(o * i * bits(i) for o, i in shapes)
+        want = (grid_bits + 32 * head) / (sum(o * i for o, i in shapes) + head)
+        assert lm.model.slimbench_size()["effective_bits"] == pytest.approx(want, rel=1e-4)  # + rope's inv_freq
+        fused = [n for n in lm.model.compiled.get_runtime_model().get_ordered_ops()
+                 if n.get_rt_info()["layerType"].astype(str) == "FullyConnected"
+                 and n.get_rt_info()["runtimePrecision"].astype(str) == kind]
+        assert len(fused) == 14  # every grid in the compressed-weight kernel, the output projection dense
+    finally:
+        lm.model.close()
+
+
 # int4 groups of 32 (4.5 bits with fp16 scales); NNCF keeps the output projection at int8 (its default)
 @pytest.mark.parametrize(("mode", "group", "bits"), [("int4_sym", 32, (4.4, 6.0))])
 def test_nncf_weights_compresses_and_runs(one_torch_thread, mode, group, bits, tmp_path, monkeypatch):

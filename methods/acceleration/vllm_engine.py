@@ -110,6 +110,8 @@ METHOD = Method(
     check=check,
     check_reads_weights=True,  # its check inspects the loaded model (an engine already, hooks)
     unavailable=vllm.unavailable,
+    # 2: W8A8 layers are written int-quantized and run in vLLM's int8 kernels (were: dense)
+    version="2",
     runs_on_tiny=False,  # the tiny models' head size (16) is below vLLM's CPU attention's smallest (32)
     test_params={"check_windows": 1, "check_seqlen": 32, "max_model_len": 256, "sequences": 2},
 )

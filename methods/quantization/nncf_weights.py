@@ -73,7 +73,8 @@ def apply(lm, cfg: NNCFConfig, ctx) -> MethodReport:
         p.unlink()
     fmt = f"openvino ir, nncf {cfg.mode}" + (f" g{cfg.group_size}" if cfg.mode.startswith("int4") else "")
     model = ovx.OVModel(out, lm.model.config, facts["kv_shapes"], threads=threads, precision=cfg.precision,
-                        parameters=params, stored_format=fmt, workdir=workdir)
+                        parameters=params, stored_format=fmt, workdir=workdir,
+                        dynamic_quantization=cfg.dynamic_quantization)
     agree = finish(lm, model, ref, win, cfg)
     import nncf
 

@@ -99,12 +99,14 @@ def export_cell(cell, fmt: str, out: Path, args) -> dict:
 
     if unavailable():
         raise SystemExit(f"export: {unavailable()}")
-    facts = export_ir(lm.model, out)
+    facts = export_ir(lm.model, out, grids)
     weights = ir_weights(out / "model.xml")
-    manifest = {"format": "openvino-ir", "model": lm.name, "provenance": prov, "weights": "fp32 (dense values)",
-                "note": "the IR holds the dense weights the model computes with; a method's grid is not kept",
+    manifest = {"format": "openvino-ir", "model": lm.name, "provenance": prov,
+                "weights": f"{len(facts['grids'])} linear weights as the method's grid (u4/u8 codes, zero-points, "
+                           "fp16 scales), the rest fp32 dense values",
                 "export_seconds": facts["export_seconds"] + facts["convert_seconds"], "ir": weights,
-                "files": mf.files_entry(ir_files(out / "model.xml"), out)}
+                "files": mf.files_entry(ir_files(out / "model.xml"), out),
+                "summary": mf.summarize(facts["grids"]), "tensors": facts["grids"]}
     mf.write(out, manifest)
     return manifest
 

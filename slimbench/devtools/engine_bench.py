@@ -49,6 +49,12 @@ PATHS: dict[str, list[Any]] = {
     "ov-fp32": [{"name": "openvino"}],
     "ov-int8": [{"name": "nncf-weights", "mode": "int8_asym"}],
     "ov-int4": [{"name": "nncf-weights", "mode": "int4_asym", "group_size": 64}],
+    "ov-int4-g32": [{"name": "nncf-weights", "mode": "int4_asym", "group_size": 32}],
+    # SlimBench's own grids in OpenVINO's compressed-weight kernels (u4 codes, zero-points, fp16
+    # scales; OpenVINO's default int8 dynamic quantization of their activations, or off: -wo)
+    "rtn4g32-ov": [{"name": "rtn", "bits": 4, "group_size": 32}, {"name": "openvino"}],
+    "rtn4g32-ov-wo": [{"name": "rtn", "bits": 4, "group_size": 32}, {"name": "openvino", "dynamic_quantization": 0}],
+    "gptq4g32-ov": [{"name": "gptq", "bits": 4, "group_size": 32, "calib_samples": 32}, {"name": "openvino"}],
     "vllm-fp32": [{"name": "vllm"}],
     "vllm-bf16": [{"name": "vllm", "dtype": "bfloat16"}],
     # packed 4-bit weights in vLLM (compressed-tensors W4A16, bf16 activations: its AVX-512 CPU kernel).

@@ -11,6 +11,10 @@ Runtime: OpenVINO is a library with its own thread pool, not a server. Inference
 fp32 unless asked (``precision: bf16`` lets OpenVINO use bf16 kernels on CPUs that have them).
 The past keys/values travel as arrays each call (``OVCache``), as in the ORT backend.
 
+A method's integer grid (RTN, GPTQ, AWQ's codes: ``methods/quantization/export_grids``) is kept
+in the IR as compressed weights (``embed_grids``): its own codes, zero-points and fp16 scales in
+the decompression pattern the CPU plugin runs with its int4/int8 weight kernels, bit-exact.
+
 ``compress_weights`` applies NNCF's weight compression to an IR (int8, int4 symmetric or
 asymmetric, group sizes, and NNCF's data-aware AWQ / scale estimation / GPTQ with a dataset).
 """
@@ -28,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from slimbench.engines.export.grid import LinearGrid, change
 
 ENGINE = "openvino"
 INSTALL = "pip install openvino==2026.4.1 nncf==3.4.0"
@@ -51,17 +57,60 @@ def nncf_unavailable() -> str | None:
     return None
 
 
-def export_ir(model: nn.Module, folder: Path) -> dict[str, Any]:
-    """Write ``model`` as OpenVINO IR in ``folder`` (via its ONNX graph); returns facts."""
+def embed_grids(ov_model, weights: dict[str, torch.Tensor], grids: dict[str, LinearGrid]) -> list[dict[str, Any]]:
+    """Put each grid into the IR in place of its dense weight: per MatMul whose weight constant
+    equals a grid's weight bit for bit, the constant becomes the grid's own codes (u4 for up to 4
+    bits, else u8) and zero-points ``[out, groups, group]`` / ``[out, groups, 1]`` with fp16 scales,
+    decoded ``(code - zero) * scale`` in f32 and reshaped to ``[out, in]``: the weight-decompression
+    pattern OpenVINO's CPU plugin fuses into its compressed FullyConnected kernel, and exact (an fp16
+    scale times a small integer is exact in f32). Returns one manifest row per weight written."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    by_value: dict[bytes, str] = {}
+    for name, grid in grids.items():
+        if grid.contiguous_group() is not None:  # act-order's scattered groups stay dense
+            by_value.setdefault(weights[name].numpy().tobytes(), name)
+    rows = []
+    for op in ov_model.get_ordered_ops():
+        const = op.input_value(1).get_node() if op.get_type_name() == "MatMul" else None
+        if const is None or const.get_type_name() != "Constant" or not op.get_attributes().get("transpose_b"):
+            continue
+        name = by_value.get(np.ascontiguousarray(const.get_data(), dtype=np.float32).tobytes())
+        if name is None or const.get_output_element_type(0) != ov.Type.f32:
+            continue
+        grid = grids[name]
+        (out_f, in_f), size = grid.shape, grid.contiguous_group()
+        groups, kind = in_f // size, ov.Type.u4 if grid.bits <= 4 else ov.Type.u8
+        codes = grid.codes.numpy().astype(np.uint8).reshape(out_f, groups, size)
+        zero = grid.zero.numpy().astype(np.uint8).reshape(out_f, groups, 1)
+        scale = grid.scale.numpy().astype(np.float16).reshape(out_f, groups, 1)
+        f32 = ov.Type.f32
+        w = ops.multiply(ops.subtract(ops.convert(ops.constant(codes, dtype=kind), f32),
+                                      ops.convert(ops.constant(zero, dtype=kind), f32)),
+                         ops.convert(ops.constant(scale, dtype=ov.Type.f16), f32))
+        w = ops.reshape(w, ops.constant(np.array([out_f, in_f], dtype=np.int64)), special_zero=False)
+        op.input(1).replace_source_output(w.output(0))
+        decoded = torch.from_numpy((scale.astype(np.float32) * (codes.astype(np.float32) - zero)).reshape(out_f, in_f))
+        rows.append({"tensor": name, "type": f"{kind.get_type_name()} {'channel' if groups == 1 else f'g{size}'}",
+                     "bits": grid.bits, "from": "grid", "shape": [out_f, in_f], **change(weights[name], decoded)})
+    return rows
+
+
+def export_ir(model: nn.Module, folder: Path, grids: dict[str, LinearGrid] | None = None) -> dict[str, Any]:
+    """Write ``model`` as OpenVINO IR in ``folder`` (via its ONNX graph), with ``grids`` (a
+    method's integer grids) kept as compressed weights (:func:`embed_grids`); returns facts."""
     import openvino as ov
 
     from slimbench.engines import onnxruntime as ortx
+    from slimbench.engines.export.gguf_export import hf_tensors
 
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path = folder / "model.onnx"
     facts = ortx.export(model, onnx_path)
     t0 = time.perf_counter()
     ov_model = ov.convert_model(str(onnx_path))
+    facts["grids"] = embed_grids(ov_model, hf_tensors(model), grids) if grids else []
     ov.save_model(ov_model, str(folder / "model.xml"), compress_to_fp16=False)
     for p in ortx.model_files(onnx_path):
         p.unlink()
@@ -133,13 +182,16 @@ class OVModel(nn.Module):
     engine = ENGINE
 
     def __init__(self, xml: Path, config, shapes, *, threads: int, precision: str = "f32",
-                 parameters: int, stored_format: str, workdir: Path | None = None):
+                 parameters: int, stored_format: str, workdir: Path | None = None,
+                 dynamic_quantization: int | None = None):
         super().__init__()
         import openvino as ov
 
         self.core = ov.Core()
         props = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision,
                  "PERFORMANCE_HINT": "LATENCY"}
+        if dynamic_quantization is not None:
+            props["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = dynamic_quantization
         self.compiled = self.core.compile_model(str(xml), "CPU", props)
         self.request = self.compiled.create_infer_request()
         self.xml, self.config, self.shapes = Path(xml), config, shapes
@@ -193,7 +245,10 @@ def engine_facts(model: OVModel) -> dict[str, Any]:
     core = model.core
     return {"engine": ENGINE, "openvino": ov.get_version(), "device": core.get_property("CPU", "FULL_DEVICE_NAME"),
             "capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
-            "threads": model.threads, "inference_precision": model.precision, "format": model.stored_format}
+            "threads": model.threads, "inference_precision": model.precision, "format": model.stored_format,
+            # the CPU plugin quantizes the activations of compressed-weight layers to int8 in groups of
+            # this many channels (0: off); what it compiled with, its default included
+            "dynamic_quantization_group_size": int(model.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE"))}
 
 
 def compress_weights(xml: Path, out: Path, *, mode: str, group_size: int | None, ratio: float,
@@ -215,12 +270,16 @@ def compress_weights(xml: Path, out: Path, *, mode: str, group_size: int | None,
     return time.perf_counter() - t0
 
 
-def build(lm, *, threads: int, precision: str = "f32", workdir: Path | None = None) -> tuple[OVModel, dict]:
-    """Export ``lm.model`` to IR and open it in OpenVINO."""
+def build(lm, *, threads: int, precision: str = "f32", workdir: Path | None = None,
+          grids: dict[str, LinearGrid] | None = None, dynamic_quantization: int | None = None) -> tuple[OVModel, dict]:
+    """Export ``lm.model`` to IR (``grids`` kept as compressed weights) and open it in OpenVINO."""
     from slimbench.modeling import count_parameters
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="slimbench-ov-"))
-    facts = export_ir(lm.model, workdir)
+    facts = export_ir(lm.model, workdir, grids)
+    kinds = sorted({r["type"].split()[0] for r in facts["grids"]})
+    fmt = "openvino ir f32" + (f" + {'/'.join(kinds)} method grids" if kinds else "")
     model = OVModel(workdir / "model.xml", lm.model.config, facts["kv_shapes"], threads=threads, precision=precision,
-                    parameters=count_parameters(lm.model), stored_format="openvino ir f32", workdir=workdir)
+                    parameters=count_parameters(lm.model), stored_format=fmt, workdir=workdir,
+                    dynamic_quantization=dynamic_quantization)
     return model, facts
