@@ -120,3 +120,17 @@ def test_nncf_weights_compresses_and_runs(one_torch_thread, mode, group, bits, t
         assert rep.details["nncf"] and ("u4" in types or "i4" in types), types
     finally:
         lm.model.close()
+
+
+def test_cli_export_keeps_the_methods_grid_in_the_ir(tmp_path, one_torch_thread):
+    import json
+
+    from slimbench.cli import main
+
+    out = tmp_path / "ir"
+    assert main(["export", "--model", "tiny-llama", "--method", "{name: rtn, bits: 4, group_size: 32}",
+                 "--format", "openvino", "--out", str(out), "--no-artifact-cache"]) == 0
+    manifest = json.loads((tmp_path / "ir.manifest.json").read_text())
+    grids = manifest["tensors"]
+    assert len(grids) == 14 and all(r["exact"] and r["type"] == "u4 g32" for r in grids)
+    assert manifest["ir"]["constant_types"].get("u4", 0) == 28  # codes and zero-points of every grid
