@@ -54,6 +54,14 @@ def test_f32_export_round_trips_bit_exactly(tmp_path, one_torch_thread):
             assert torch.equal(state[name], t), name
 
 
+def test_pruned_weights_are_written_dense_with_their_measured_pattern(tmp_path, one_torch_thread):
+    lm, _ = quantized({"name": "magnitude", "pattern": "2:4"})
+    manifest = gguf_export.export(lm, tmp_path / "m.gguf", weights="F32", embeddings="F32")
+    pruned = [r for r in manifest["tensors"] if "sparsity" in r]
+    assert len(pruned) == 14 and all(r["exact"] and r["pattern"] == "2:4" for r in pruned)
+    assert manifest["summary"]["sparse"]["patterns"] == ["2:4"]
+
+
 def test_transformers_loads_the_gguf_with_the_same_logits(tmp_path, one_torch_thread):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

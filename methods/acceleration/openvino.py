@@ -59,10 +59,6 @@ def finish(lm, model, ref, win, cfg) -> dict:
         raise
 
 
-def details_group(model) -> int:
-    return ovx.engine_facts(model)["dynamic_quantization_group_size"]
-
-
 def apply(lm, cfg: OpenVINOConfig, ctx) -> MethodReport:
     win = agreement_windows(lm, cfg)
     ref = in_process_nll(lm, win)
@@ -73,17 +69,18 @@ def apply(lm, cfg: OpenVINOConfig, ctx) -> MethodReport:
     # every stored form written as its own grid: OpenVINO executes what the earlier steps stored
     stored = {k for k in ctx.stored_forms if k.endswith(".weight")}
     written = {r["tensor"] for r in facts["grids"] if r["exact"]}
+    engine = ovx.engine_facts(model)
+    group = engine["dynamic_quantization_group_size"]
     return MethodReport(
         execution="native",
-        details={**ovx.engine_facts(model), "export_seconds": facts["export_seconds"],
+        details={**engine, "export_seconds": facts["export_seconds"],
                  "convert_seconds": facts["convert_seconds"], "ir": ovx.ir_weights(model.xml), "agreement": agree,
                  "grids_from_method": len(grids), "grids_written": len(written),
                  "executes_stored_forms": bool(stored) and stored <= written},
         notes=[f"OpenVINO IR from the ONNX graph: {len(written)} linear weights as the method's own grid "
                "(compressed-weight kernels), the rest fp32", agreement_note(agree)]
-        + ([f"OpenVINO quantizes the activations of those layers to int8 in groups of "
-            f"{details_group(model)} (its CPU default; dynamic_quantization: 0 for weight-only)"]
-           if written and details_group(model) else []),
+        + ([f"OpenVINO quantizes the activations of those layers to int8 in groups of {group} (its CPU "
+            "default; dynamic_quantization: 0 for weight-only)"] if written and group else []),
     )
 
 

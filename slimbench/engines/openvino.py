@@ -21,6 +21,7 @@ asymmetric, group sizes, and NNCF's data-aware AWQ / scale estimation / GPTQ wit
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import time
@@ -67,17 +68,22 @@ def embed_grids(ov_model, weights: dict[str, torch.Tensor], grids: dict[str, Lin
     import openvino as ov
     import openvino.opset13 as ops
 
-    by_value: dict[bytes, str] = {}
+    def key(values: np.ndarray) -> tuple:  # a digest, not the bytes: no second copy of every weight
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        return values.shape, hashlib.sha256(values.data).digest()
+
+    by_value: dict[tuple, str] = {}
     for name, grid in grids.items():
         if grid.contiguous_group() is not None:  # act-order's scattered groups stay dense
-            by_value.setdefault(weights[name].numpy().tobytes(), name)
+            by_value.setdefault(key(weights[name].numpy()), name)
     rows = []
     for op in ov_model.get_ordered_ops():
         const = op.input_value(1).get_node() if op.get_type_name() == "MatMul" else None
-        if const is None or const.get_type_name() != "Constant" or not op.get_attributes().get("transpose_b"):
+        if (const is None or const.get_type_name() != "Constant" or const.get_output_element_type(0) != ov.Type.f32
+                or not op.get_attributes().get("transpose_b")):
             continue
-        name = by_value.get(np.ascontiguousarray(const.get_data(), dtype=np.float32).tobytes())
-        if name is None or const.get_output_element_type(0) != ov.Type.f32:
+        name = by_value.get(key(const.get_data()))
+        if name is None or not np.array_equal(const.get_data(), weights[name].numpy()):
             continue
         grid = grids[name]
         (out_f, in_f), size = grid.shape, grid.contiguous_group()

@@ -38,7 +38,7 @@ import torch
 
 from slimbench.engines.export import manifest as mf
 from slimbench.engines.export.gguf_meta import ExportRefused, gguf_arch, write_metadata
-from slimbench.engines.export.grid import LinearGrid, change
+from slimbench.engines.export.grid import LinearGrid, change, sparsity
 from slimbench.modeling import get_weight, iter_linears
 
 WRITABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -234,7 +234,8 @@ def export(
         else:
             qtype, data, row = choose(w, grid, embeddings if gname in emb_names else weights)
         measured = change(w, decode(data, qtype, tuple(w.shape)))
-        rows.append({"tensor": gname, "source": hf_name, "type": qtype, "shape": list(w.shape), **row, **measured})
+        rows.append({"tensor": gname, "source": hf_name, "type": qtype, "shape": list(w.shape), **row, **measured,
+                     **sparsity(w)})  # GGUF has no sparse type: a pruned weight's zeros are written dense
         written.append((gname, data, qtype))
         if bar is not None:
             bar.update(1)
