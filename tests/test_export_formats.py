@@ -157,3 +157,15 @@ def test_export_reads_a_cached_model_with_its_stored_forms(tmp_path, monkeypatch
     assert len(grid) == 14 and all(r["exact"] and r["from"] == "grid" for r in grid)
     assert [(r["tensor"], r["type"], r["exact"]) for r in first["tensors"]] == \
         [(r["tensor"], r["type"], r["exact"]) for r in second["tensors"]]
+
+
+def test_cli_export_refuses_bad_input_before_any_work(tmp_path, capsys):
+    from slimbench.cli import main
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SystemExit, match="exists; choose a new path"):
+        main(["export", "--model", "tiny-llama", "--format", "gguf", "--out", str(tmp_path / "taken")])
+    rc = main(["export", "--model", "tiny-llama", "--method", "{name: rtn, bits: 99}", "--format", "gguf",
+               "--out", str(tmp_path / "m.gguf")])
+    assert rc == 2 and "the command line (--model / --method): methods[0] (rtn): bits" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 FORMATS = ("gguf", "compressed-tensors", "openvino")
@@ -32,7 +31,7 @@ def cell_from_args(args):
     import yaml
 
     from slimbench.errors import SuiteError
-    from slimbench.sweep.suite import load_suite
+    from slimbench.sweep.suite import load_suite, suite_from_mapping
 
     if args.record:
         rec = json.loads(Path(args.record).read_text())
@@ -55,12 +54,8 @@ def cell_from_args(args):
         method = yaml.safe_load(args.method) if args.method else "baseline"
         doc = {"models": [args.model], "methods": [method], "tasks": ["perplexity"],
                "hardware": {"threads": args.threads}}
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="export-", delete=False) as f:
-        yaml.safe_dump(doc, f)
-    try:
-        return load_suite(f.name, check_models=False).cells()[0]
-    finally:
-        Path(f.name).unlink()
+    source = args.record or "the command line (--model / --method)"
+    return suite_from_mapping(doc, source, "export", check_models=False).cells()[0]
 
 
 def export_cell(cell, fmt: str, out: Path, args) -> dict:
@@ -114,9 +109,16 @@ def export_cell(cell, fmt: str, out: Path, args) -> dict:
 def cmd_export(args: argparse.Namespace) -> int:
     if not (args.record or args.suite or args.model):
         raise SystemExit("export: name the model with --record, --suite or --model")
-    cell = cell_from_args(args)
     out = Path(args.out)
-    manifest = export_cell(cell, args.format, out, args)
+    if out.exists():  # before any model is loaded or compressed
+        raise SystemExit(f"export: --out {out} exists; choose a new path")
+    cell = cell_from_args(args)
+    from slimbench.engines.export.gguf_meta import ExportRefused
+
+    try:
+        manifest = export_cell(cell, args.format, out, args)
+    except ExportRefused as exc:
+        raise SystemExit(f"export: {exc}") from None
     summary = manifest.get("summary", {})
     print(f"wrote {out} ({args.format}); manifest {out.name}.manifest.json")
     if summary:
