@@ -4,6 +4,7 @@ manifest. Skipped where compressed-tensors is not installed."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -169,3 +170,26 @@ def test_cli_export_refuses_bad_input_before_any_work(tmp_path, capsys):
                "--out", str(tmp_path / "m.gguf")])
     assert rc == 2 and "the command line (--model / --method): methods[0] (rtn): bits" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_cli_export_refuses_an_execution_step_before_compressing(tmp_path, monkeypatch):
+    """A chain with an engine step is refused from the chain alone: the compression before it
+    never runs, and the error gives the chain to export instead, which the CLI accepts."""
+    import slimbench.sweep.cellrun as cellrun
+    from slimbench.cli import export as export_cli
+    from slimbench.cli import main
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded or compressed before the refusal")
+
+    monkeypatch.setattr(cellrun, "load_and_compress", never)
+    method = "[{name: rtn, bits: 4, group_size: 32}, {name: llama-cpp}]"
+    with pytest.raises(SystemExit, match=r"execution steps \(llama-cpp\)") as exc:
+        main(["export", "--model", "tiny-llama", "--method", method, "--format", "gguf",
+              "--out", str(tmp_path / "m.gguf")])
+    assert list(tmp_path.iterdir()) == []
+    alone = str(exc.value).split("--method '")[1].rstrip("'")
+    args = argparse.Namespace(record=None, suite=None, model="tiny-llama", method=alone, threads=1)
+    cell = export_cli.cell_from_args(args)
+    assert [(s.name, s.params["bits"], s.params["group_size"]) for s in cell.method.steps] == [("rtn", 4, 32)]
+    export_cli.refuse_execution_steps(cell)  # nothing left to refuse

@@ -58,6 +58,23 @@ def cell_from_args(args):
     return suite_from_mapping(doc, source, "export", check_models=False).cells()[0]
 
 
+def refuse_execution_steps(cell) -> None:
+    """Export writes weights; an acceleration step (an engine, a compiled graph, a KV cache, a
+    generator) changes how the model runs, and an engine step may re-encode the weights in the
+    engine's own format. Refused from the chain alone, before the model is loaded or compressed."""
+    from slimbench.registry import METHODS
+
+    steps = cell.method.steps
+    executing = [s.name for s in steps if s.name in METHODS and METHODS.get(s.name).family == "acceleration"]
+    if not executing:
+        return
+    kept = [{"name": s.name, **s.params} for s in steps if s.name not in executing]
+    chain = json.dumps(kept[0] if len(kept) == 1 else kept)  # JSON is YAML: --method takes it as is
+    hint = f"; export the compression steps alone: --model {cell.model.name} --method '{chain}'" if kept else ""
+    raise SystemExit(f"export: the method chain {cell.method.label()} has execution steps ({', '.join(executing)}), "
+                     f"which change how the model runs, not its weights{hint}")
+
+
 def export_cell(cell, fmt: str, out: Path, args) -> dict:
     from tqdm import tqdm
 
@@ -113,6 +130,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists():  # before any model is loaded or compressed
         raise SystemExit(f"export: --out {out} exists; choose a new path")
     cell = cell_from_args(args)
+    refuse_execution_steps(cell)
     from slimbench.engines.export.gguf_meta import ExportRefused
 
     try:
