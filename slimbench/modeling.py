@@ -24,16 +24,25 @@ class Rebuildable:
     import path and refuses any class that is not a Rebuildable, so nothing else is ever
     constructed from a cache entry. Bump ``artifact_version`` when the layout changes: entries
     of another version are rebuilt instead of loaded.
+
+    A module that wraps or re-types the one it replaces (a rotation around an embedding, a
+    linear whose inputs are fake-quantized) sets ``wraps``: ``from_artifact_spec`` then also
+    receives the module the rebuilt model holds at its place. ``on_attach`` runs once the module
+    is set on its parent, for state that lives on the parent (an attention's implementation).
     """
 
     artifact_version: ClassVar[str] = "1"
+    wraps: ClassVar[bool] = False
 
     def artifact_spec(self) -> dict[str, Any]:
         raise NotImplementedError(f"{type(self).__name__} does not describe itself for the artifact cache")
 
     @classmethod
-    def from_artifact_spec(cls, spec: dict[str, Any]) -> nn.Module:
+    def from_artifact_spec(cls, spec: dict[str, Any], existing: nn.Module | None = None) -> nn.Module:
         raise NotImplementedError(f"{cls.__name__} cannot be rebuilt by the artifact cache")
+
+    def on_attach(self, parent: nn.Module) -> None:
+        """Called by the rebuild after the module is set on ``parent``; nothing by default."""
 
 
 class CompressedLinear(nn.Module, Rebuildable):

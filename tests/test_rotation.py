@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from slimbench.methods.quantization.gptq import GPTQConfig, gptq_quantize
 from slimbench.methods.quantization.grid import GridConfig, quantize_matrix, stored_form
 from slimbench.methods.quantization.hqq import HQQConfig
 from slimbench.methods.quantization.hqq import quantize_weight as hqq_weight
-from slimbench.methods.quantization.rotation import Rotation, fake_quantize_tokens, rotate_model
+from slimbench.methods.quantization.rotation import ATTENTION, Rotation, fake_quantize_tokens, rotate_model
 from slimbench.methods.quantization.spinquant import cayley_step
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -119,6 +120,34 @@ def test_quarot_keeps_gemma3_logits_with_sandwich_norms():
     rotate_model(online, Rotation.hadamard(80, 0), seed=0, residual="online")
     assert online.model.layers[0].input_layernorm.inner.weight.abs().max() > 0  # scales kept
     assert torch.allclose(_logits(online, ids), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("residual,wrapped", [("online", "input_layernorm"), ("fused", "post_feedforward_layernorm")])
+def test_rotated_gemma3_is_rebuilt_exactly_by_the_artifact_format(tmp_path, residual, wrapped):
+    """Gemma 3's rotations wrap norms (the pre-norms online, the post-norms fused) and route attention
+    through the rotations and a 4-bit KV cache; the artifact format rebuilds all of it, rotations
+    shared as before."""
+    from types import SimpleNamespace
+
+    from slimbench.methods.quantization.act_quant import quantize_kv
+
+    from slimbench.sweep.artifacts import serialize
+
+    cfg = Gemma3TextConfig(vocab_size=300, hidden_size=80, intermediate_size=192, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    rotate_model(model, Rotation.hadamard(80, 0), seed=0, residual=residual)
+    quantize_kv(model, 4, 0.95)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    layout = serialize.save(SimpleNamespace(model=model, cache_factory=None, generator=None), {}, tmp_path)
+    rebuilt = serialize.load(tmp_path, json.loads(json.dumps(layout)))
+    layers = rebuilt.model.layers
+    assert layers[0].self_attn.route.kv_bits == 4 and layers[1].self_attn.config._attn_implementation == ATTENTION
+    assert layers[0].mlp.down_rotation is layers[1].mlp.down_rotation  # one rotation, as QuaRot made it
+    assert type(getattr(layers[0], wrapped)).__name__ == "RotateOutput"
+    assert torch.equal(_logits(rebuilt, ids), _logits(model, ids))
 
 
 def test_auto_int_kernel_only_for_8bit_activations():

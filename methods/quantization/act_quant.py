@@ -35,7 +35,7 @@ from transformers.pytorch_utils import Conv1D
 from slimbench.config import Config
 from slimbench.layerwise import decoder_layers, has_adapter
 from slimbench.method import Method, MethodReport
-from slimbench.modeling import CompressedLinear, get_weight, iter_linears
+from slimbench.modeling import CompressedLinear, Rebuildable, get_weight, iter_linears
 
 
 class ActQuantConfig(Config):
@@ -77,18 +77,22 @@ class IntActLinear(CompressedLinear):
             t = parts[name].clone() if parts is not None else torch.zeros(shape, dtype=getattr(torch, dtype))
             self.register_buffer(name, t)
         self.register_buffer("bias", torch.zeros(self.out_features) if spec["bias"] else None)
-        self._unpack()
+        # rebuilt from a spec (placeholder or meta tensors until loaded): the group bounds it recorded
+        self._unpack(spec.get("bounds") if parts is None else None)
 
-    def _unpack(self) -> None:
+    def _unpack(self, bounds: list[int] | None = None) -> None:
         """Integer codes and per-group params, columns sorted by group (non-persistent: derived)."""
         codes, scale, zero, cols = decode_codes(self.weight_storage(), self.out_features, self.in_features)
         order = torch.argsort(cols, stable=True)
-        counts = torch.bincount(cols, minlength=scale.shape[1]).tolist()
+        if bounds is None:
+            counts = torch.bincount(cols, minlength=scale.shape[1]).tolist()
+            bounds = [0, *torch.tensor(counts).cumsum(0).tolist()]
         self.register_buffer("order", order, persistent=False)
         self.register_buffer("codes_t", codes[:, order].to(torch.int8).t().contiguous(), persistent=False)
         self.register_buffer("wscale", scale, persistent=False)
         self.register_buffer("wzero", zero, persistent=False)
-        self.bounds = [0, *torch.tensor(counts).cumsum(0).tolist()]
+        self.bounds = list(bounds)
+        self.spec["bounds"] = self.bounds  # the artifact cache rebuilds from the spec without the codes
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -137,14 +141,34 @@ class IntActLinear(CompressedLinear):
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 
-class FakeActLinear(nn.Linear):
+class FakeAct(Rebuildable):
+    """A linear re-typed in place (``__class__``) so that its input is fake-quantized per token:
+    same parameters, same names. The artifact cache re-types the rebuilt model's linear."""
+
+    wraps = True
+    a_bits: int
+    a_clip: float
+
+    def artifact_spec(self) -> dict[str, Any]:
+        return {"a_bits": self.a_bits, "a_clip": self.a_clip}
+
+    @classmethod
+    def from_artifact_spec(cls, spec: dict[str, Any], existing: nn.Module | None = None) -> nn.Module:
+        if type(existing) not in FAKE or FAKE[type(existing)] is not cls:
+            raise ValueError(f"{cls.__name__} cannot re-type a {type(existing).__name__}")
+        existing.__class__ = cls
+        existing.a_bits, existing.a_clip = spec["a_bits"], spec["a_clip"]
+        return existing
+
+
+class FakeActLinear(nn.Linear, FakeAct):
     """An nn.Linear whose input is fake-quantized per token (same parameters, same names)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(fake_quantize_tokens(x, self.a_bits, self.a_clip, symmetric=True))
 
 
-class FakeActConv1D(Conv1D):
+class FakeActConv1D(Conv1D, FakeAct):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(fake_quantize_tokens(x, self.a_bits, self.a_clip, symmetric=True))
 
@@ -170,8 +194,8 @@ def quantize_kv(model: nn.Module, bits: int, clip: float) -> int:
         attn = getattr(layer, "self_attn", None) or getattr(layer, "attn", None)
         if attn is None or not hasattr(attn, "config"):
             raise ValueError(f"{type(layer).__name__} has no attention module the KV quantizer can reach")
-        use_rotated_attention(attn)
-        attn.kv_bits, attn.kv_clip = bits, clip
+        route = use_rotated_attention(attn)
+        route.kv_bits, route.kv_clip = bits, clip
         n += 1
     return n
 

@@ -36,13 +36,13 @@ from slimbench.methods.quantization.hadamard import hadamard_matmul, hadamard_pl
 from torch import nn
 
 from slimbench.layerwise import adapter_for, decoder_layers
-from slimbench.modeling import get_weight, set_weight
+from slimbench.modeling import Rebuildable, get_weight, set_weight
 
 ATTENTION = "slimbench-rotated"
 ROTATABLE = ("llama", "gemma")
 
 
-class Rotation(nn.Module):
+class Rotation(nn.Module, Rebuildable):
     """An orthogonal ``R`` applied as ``x @ R`` (or ``x @ Rᵀ``) over the last dim.
 
     Either a randomized Hadamard ``diag(s) H / √n`` (buffer: the signs ``s``; ``H`` is rebuilt from
@@ -85,8 +85,30 @@ class Rotation(nn.Module):
     def extra_repr(self) -> str:
         return f"n={self.n}, " + ("dense" if self.plan is None else f"hadamard {self.plan.m}x{self.plan.p}")
 
+    def artifact_spec(self) -> dict[str, Any]:
+        return {"n": self.n, "form": "dense" if self.plan is None else "hadamard"}
 
-class RotateOutput(nn.Module):
+    @classmethod
+    def from_artifact_spec(cls, spec: dict[str, Any]) -> Rotation:
+        n = spec["n"]  # placeholder values: loading the entry sets the signs or the matrix
+        return cls(n, matrix=torch.eye(n)) if spec["form"] == "dense" else cls(n, signs=torch.ones(n))
+
+
+class _Wrapper(Rebuildable):
+    """Rebuilt around the module the rebuilt model holds at its place; its rotation is a
+    placeholder until the entry's own Rotation (listed after it) replaces it."""
+
+    wraps = True
+
+    def artifact_spec(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_artifact_spec(cls, spec: dict[str, Any], existing: nn.Module | None = None) -> nn.Module:
+        return cls(existing, nn.Identity())
+
+
+class RotateOutput(nn.Module, _Wrapper):
     """``inner(...) @ R``: the embedding's output, Gemma's post-norms."""
 
     def __init__(self, inner: nn.Module, rotation: Rotation):
@@ -101,7 +123,7 @@ class RotateOutput(nn.Module):
         return self.inner.weight
 
 
-class RotateInput(nn.Module):
+class RotateInput(nn.Module, _Wrapper):
     """``inner(x @ Rᵀ)``: the final norm reads the un-rotated residual stream."""
 
     def __init__(self, inner: nn.Module, rotation: Rotation):
@@ -112,7 +134,7 @@ class RotateInput(nn.Module):
         return self.inner(self.rotation.inverse(x), *args, **kwargs)
 
 
-class RotatedMLP(nn.Module):
+class RotatedMLP(nn.Module, _Wrapper):
     """A gated MLP whose down_proj input is rotated online: ``down(R_d(act(gate x) * up x))``.
 
     Same child names as the model's own MLP (gate_proj, up_proj, down_proj, act_fn), so the
@@ -143,6 +165,32 @@ def fake_quantize_tokens(x: torch.Tensor, bits: int, clip: float, symmetric: boo
     return (torch.clamp(torch.round(x / scale) + zero, 0, maxq) - zero) * scale
 
 
+class AttentionRoute(nn.Module, Rebuildable):
+    """What :func:`rotated_attention` needs of one attention module besides its rotations: the
+    implementation it wraps and the KV-cache quantization (``act-quant``). A child of the
+    attention (``route``), so the artifact cache saves it; attaching it routes the attention."""
+
+    def __init__(self, inner: str, kv_bits: int | None = None, kv_clip: float = 1.0):
+        super().__init__()
+        self.inner, self.kv_bits, self.kv_clip = inner, kv_bits, kv_clip
+
+    def artifact_spec(self) -> dict[str, Any]:
+        return {"inner": self.inner, "kv_bits": self.kv_bits, "kv_clip": self.kv_clip}
+
+    @classmethod
+    def from_artifact_spec(cls, spec: dict[str, Any]) -> AttentionRoute:
+        return cls(spec["inner"], spec["kv_bits"], spec["kv_clip"])
+
+    def on_attach(self, parent: nn.Module) -> None:
+        from transformers.modeling_utils import AttentionInterface
+
+        AttentionInterface.register(ATTENTION, rotated_attention)
+        if getattr(parent.config, "_attn_implementation", None) != ATTENTION:
+            cfg = copy.copy(parent.config)  # the model's config (masks) keeps its own implementation
+            cfg._attn_implementation = ATTENTION
+            parent.config = cfg
+
+
 def rotated_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     """The model's own attention with the rotations (and KV quantization) of this module.
 
@@ -152,16 +200,14 @@ def rotated_attention(module: nn.Module, query, key, value, attention_mask, **kw
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    route = module.route
     qk = getattr(module, "qk_rotation", None)
     if qk is not None:
         query, key = qk(query), qk(key)
-    bits = getattr(module, "kv_bits", None)
-    if bits:  # per token and head, asymmetric (QuaRot); simulated: the cache holds floats
-        clip = getattr(module, "kv_clip", 1.0)
-        key = fake_quantize_tokens(key, bits, clip, symmetric=False)
-        value = fake_quantize_tokens(value, bits, clip, symmetric=False)
-    inner_name = getattr(module, "inner_attention", "sdpa")
-    inner = sdpa_attention_forward if inner_name == "sdpa" else ALL_ATTENTION_FUNCTIONS[inner_name]
+    if route.kv_bits:  # per token and head, asymmetric (QuaRot); simulated: the cache holds floats
+        key = fake_quantize_tokens(key, route.kv_bits, route.kv_clip, symmetric=False)
+        value = fake_quantize_tokens(value, route.kv_bits, route.kv_clip, symmetric=False)
+    inner = sdpa_attention_forward if route.inner == "sdpa" else ALL_ATTENTION_FUNCTIONS[route.inner]
     out, weights = inner(module, query, key, value, attention_mask, **kwargs)
     o_rot = getattr(module, "o_rotation", None)
     if o_rot is not None:
@@ -170,18 +216,12 @@ def rotated_attention(module: nn.Module, query, key, value, attention_mask, **kw
     return out, weights
 
 
-def use_rotated_attention(attn: nn.Module) -> None:
-    """Route this attention module (only) through :func:`rotated_attention`."""
-    from transformers.modeling_utils import AttentionInterface
-
-    AttentionInterface.register(ATTENTION, rotated_attention)
-    if getattr(attn.config, "_attn_implementation", None) == ATTENTION:
-        return
-    inner = attn.config._attn_implementation or "eager"
-    cfg = copy.copy(attn.config)  # the model's config (masks) keeps its own implementation
-    cfg._attn_implementation = ATTENTION
-    attn.config = cfg
-    attn.inner_attention = "eager" if inner == "eager" else inner
+def use_rotated_attention(attn: nn.Module) -> AttentionRoute:
+    """Route this attention module (only) through :func:`rotated_attention`; its route."""
+    if getattr(attn, "route", None) is None:
+        attn.route = AttentionRoute(attn.config._attn_implementation or "eager")
+        attn.route.on_attach(attn)
+    return attn.route
 
 
 # -- the surgery --------------------------------------------------------------------------------

@@ -205,9 +205,16 @@ def compressed_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
     which a later entry (its int8 ``down``, say) then replaces.
     """
     out: dict[str, dict[str, Any]] = {}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, Rebuildable):
+    first: dict[int, str] = {}
+    shared: list[str] = []
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if not isinstance(mod, Rebuildable) or any(name.startswith(f"{s}.") for s in shared):
             continue
+        if id(mod) in first:  # one module at several places (QuaRot's per-model rotations): shared again
+            out[name] = {"same_as": first[id(mod)]}
+            shared.append(name)
+            continue
+        first[id(mod)] = name
         try:
             spec = json.loads(json.dumps(mod.artifact_spec()))  # what the entry will hold, exactly
         except (NotImplementedError, TypeError, ValueError) as exc:
@@ -252,9 +259,16 @@ def build(layout: dict[str, Any], dtype: torch.dtype, device: str | torch.device
     with torch.device(device):
         model.tie_weights()  # skipped with the initialisation; the config says which are tied
         for name, m in layout["modules"].items():
-            new = rebuildable_class(m["type"], m["version"]).from_artifact_spec(m["spec"])
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if "same_as" in m:
+                new = model.get_submodule(m["same_as"])
+            else:
+                cls = rebuildable_class(m["type"], m["version"])
+                new = cls.from_artifact_spec(m["spec"], getattr(parent, child)) if cls.wraps else \
+                    cls.from_artifact_spec(m["spec"])
+            setattr(parent, child, new)
+            new.on_attach(parent)
     return model
 
 
