@@ -155,6 +155,19 @@ def mean_accuracy(methods: dict, method: str) -> float | None:
     return sum(accuracy(methods[method][t]) for t in tasks) / len(tasks) if tasks else None
 
 
+def pareto_marks(pts: list[tuple[float, float, str]]) -> list[tuple[float, float, str, bool]]:
+    """(x, y, label, on the front) per distinct point: methods at the same bytes and accuracy share
+    one label (``a = b``) instead of printing over each other; the front is fewer bytes, more accuracy."""
+    from slimbench.report.plots import pareto_front
+
+    groups: dict[tuple[float, float], list[str]] = {}
+    for x, y, m in pts:
+        groups.setdefault((round(x, 6), round(y, 6)), []).append(m)
+    keys = list(groups)
+    front = set(pareto_front([k[0] for k in keys], [k[1] for k in keys], higher_y_better=True))
+    return [(x, y, " = ".join(groups[(x, y)]), i in front) for i, (x, y) in enumerate(keys)]
+
+
 def draw_pareto(model: str, methods: dict, path: Path) -> Path | None:
     import matplotlib
 
@@ -171,9 +184,14 @@ def draw_pareto(model: str, methods: dict, path: Path) -> Path | None:
     if len(pts) < 2:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for x, y, m in pts:
-        ax.scatter([x], [y], color="black" if m == BASELINE else "tab:blue", s=22)
-        ax.annotate(m, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    marks = pareto_marks(pts)
+    front = sorted((x, y) for x, y, _, on in marks if on)
+    ax.plot([x for x, _ in front], [y for _, y in front], color="tab:green", lw=1, zorder=1, label="Pareto front")
+    for x, y, label, _ in marks:
+        ax.scatter([x], [y], color="black" if label == BASELINE else "tab:blue", s=22, zorder=2)
+        ax.annotate(label.replace(" = ", "\n= "), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points",
+                    va="bottom")
+    ax.legend(fontsize=7, loc="lower right")
     ax.set_xscale("log")
     ax.set_xlabel(f"KV cache MB at {PARETO_AT} tokens (physical; {' / '.join(sorted(sources))})")
     ax.set_ylabel("long-context accuracy (%), mean over tasks")
