@@ -82,8 +82,9 @@ def embed_grids(ov_model, weights: dict[str, torch.Tensor], grids: dict[str, Lin
         if (const is None or const.get_type_name() != "Constant" or const.get_output_element_type(0) != ov.Type.f32
                 or not op.get_attributes().get("transpose_b")):
             continue
-        name = by_value.get(key(const.get_data()))
-        if name is None or not np.array_equal(const.get_data(), weights[name].numpy()):
+        data = const.get_data()
+        name = by_value.get(key(data))
+        if name is None or not np.array_equal(data, weights[name].numpy()):
             continue
         grid = grids[name]
         (out_f, in_f), size = grid.shape, grid.contiguous_group()
