@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,22 @@ def sample_calibration(lm, cfg: CalibrationConfig) -> tuple[torch.Tensor, dict[s
         "data_sha256": CORPORA.get(cfg.calib_corpus).manifest("calibration")["sha256"],
     }
     return batch, info
+
+
+@torch.no_grad()
+def feed_linear_inputs(model: torch.nn.Module, linears: Iterable[tuple[str, torch.nn.Module]], rows: torch.Tensor,
+                       add: Callable[[str, torch.Tensor], None], device: Any = "cpu") -> None:
+    """Run each row of token ids through ``model`` once (no KV cache) and hand every listed
+    linear's input, as ``[tokens, in_features]``, to ``add(key, x)``: the activation statistics
+    a method or a diagnostic accumulates (squared means, Gram matrices)."""
+    hooks = [mod.register_forward_pre_hook(lambda _m, args, key=key: add(key, args[0].reshape(-1, args[0].shape[-1])))
+             for key, mod in linears]
+    try:
+        for row in rows:
+            model(input_ids=row[None].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 # -- the budget guard ---------------------------------------------------------------------------

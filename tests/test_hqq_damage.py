@@ -31,3 +31,19 @@ def test_column_swap_takes_one_column_from_the_other_quantizer():
                                                       "hqq": torch.tensor([[0.03, 1.0]])}}, {"m.v_proj": 0}, "v_proj")
     assert stats["rtn zero share"] == 1.0 and stats["hqq zero share"] == 0.0
     assert abs(stats["hqq mean |err|"] - 0.02) < 1e-6 and abs(stats["rtn mean |err|"] - 0.01) < 1e-6
+
+
+def test_input_grams_are_the_gram_matrices_of_each_linears_inputs(one_torch_thread):
+    """feed_linear_inputs (shared with llamacpp-quant's importance matrix) hands each linear its
+    real input: layer 0's q_proj reads the first norm of the embeddings; no hook stays behind."""
+    from slimbench.devtools.contract import load_tiny
+
+    lm = load_tiny("llama")
+    rows = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    grams = hqq_damage.input_grams(lm.model, rows)
+    layer = lm.model.model.layers[0]
+    with torch.no_grad():
+        x = layer.input_layernorm(lm.model.model.embed_tokens(rows)).reshape(-1, layer.self_attn.q_proj.in_features)
+    plain = x.double().t() @ x.double()
+    assert torch.allclose(grams["model.layers.0.self_attn.q_proj"], plain, rtol=1e-6, atol=1e-9)
+    assert len(grams) == 14 and not any(m._forward_pre_hooks for m in lm.model.modules())

@@ -34,7 +34,7 @@ from pydantic import Field
 from slimbench.methods.acceleration.engine_check import agreement_note, agreement_windows, in_process_nll
 from slimbench.methods.acceleration.llama_cpp import EngineOptions, open_engine, switch
 
-from slimbench.calibration import CalibrationConfig, sample_calibration
+from slimbench.calibration import CalibrationConfig, feed_linear_inputs, sample_calibration
 from slimbench.engines import llamacpp, llamacpp_build
 from slimbench.engines.engine_process import EngineProcess
 from slimbench.engines.export import gguf_export
@@ -83,24 +83,18 @@ def activation_imatrix(lm, ids: torch.Tensor) -> dict:
     head = lm.model.get_output_embeddings()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    hooks = []
+    linears = []
     for name, mod in iter_linears(lm.model, include_lm_head=True):
         gname = "token_embd" if (tied and mod is head) else names.get_name(name)
-        if gname is None:
-            continue
+        if gname is not None:
+            linears.append((f"{gname}.weight", mod))
 
-        def hook(_m, args, key=f"{gname}.weight"):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[key] = sums.get(key, 0) + x.pow(2).sum(0)
-            counts[key] = counts.get(key, 0) + x.shape[0]
-        hooks.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            for row in ids:
-                lm.model(input_ids=row[None].to(lm.device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    def add(key: str, x: torch.Tensor) -> None:
+        x = x.float()
+        sums[key] = sums.get(key, 0) + x.pow(2).sum(0)
+        counts[key] = counts.get(key, 0) + x.shape[0]
+
+    feed_linear_inputs(lm.model, linears, ids, add, lm.device)
     return {k: (sums[k] / counts[k]).numpy() for k in sums}
 
 

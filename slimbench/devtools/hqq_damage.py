@@ -30,24 +30,18 @@ def linear_type(name: str) -> str:
     return next((t for t in TYPES if name.endswith(t)), name.rsplit(".", 1)[-1])
 
 
-@torch.no_grad()
 def input_grams(model: torch.nn.Module, calib: torch.Tensor) -> dict[str, torch.Tensor]:
     """{linear name: XᵀX of its inputs over the calibration tokens} (float64)."""
+    from slimbench.calibration import feed_linear_inputs
     from slimbench.modeling import iter_linears
 
     grams: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, mod in iter_linears(model):
-        def hook(m, args, name=name):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            grams[name] = grams.get(name, 0) + x.t() @ x
-        hooks.append(mod.register_forward_pre_hook(hook))
-    try:
-        for row in calib:
-            model(input_ids=row.unsqueeze(0), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def add(name: str, x: torch.Tensor) -> None:
+        x = x.double()
+        grams[name] = grams.get(name, 0) + x.t() @ x
+
+    feed_linear_inputs(model, iter_linears(model), calib, add)
     return grams
 
 
