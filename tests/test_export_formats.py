@@ -169,6 +169,9 @@ def test_cli_export_refuses_bad_input_before_any_work(tmp_path, capsys):
     rc = main(["export", "--model", "tiny-llama", "--method", "{name: rtn, bits: 99}", "--format", "gguf",
                "--out", str(tmp_path / "m.gguf")])
     assert rc == 2 and "the command line (--model / --method): methods[0] (rtn): bits" in capsys.readouterr().err
+    rc = main(["export", "--model", "tiny-llama", "--method", "{name: rtn, bits: [", "--format", "gguf",
+               "--out", str(tmp_path / "m.gguf")])
+    assert rc == 2 and "--method: malformed YAML" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 

@@ -53,10 +53,9 @@ DEFAULT_VARIANTS = "eager-fp32,compile-static-fp32,eager-bf16,compile-static-bf1
 
 def parse_variants(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """(label, method spec) per variant, validated like a suite's methods before any work."""
-    import yaml
-
     from slimbench.errors import SuiteError
     from slimbench.sweep.suite import Problems, parse_methods
+    from slimbench.sweep.yaml_limits import load_text
 
     raw: list[tuple[str, Any]] = []
     names = args.variants if args.variants is not None else ("" if args.variant else DEFAULT_VARIANTS)
@@ -70,7 +69,7 @@ def parse_variants(args: argparse.Namespace) -> list[tuple[str, Any]]:
         if not sep:
             raise SuiteError(f"--variant expects LABEL=STEPS (YAML), got {item!r}", source="accel-bench",
                              field="--variant")
-        raw.append((label.strip(), yaml.safe_load(steps)))
+        raw.append((label.strip(), load_text(steps, f"--variant {label.strip()}")))
     if not raw:
         raise SuiteError("no variants given", source="accel-bench", field="--variants")
     out = []

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
 from slimbench.errors import SuiteError
+from slimbench.sweep.yaml_limits import load_text
 
 
 def cmd_check_method(args: argparse.Namespace) -> int:
@@ -25,7 +24,7 @@ def cmd_check_method(args: argparse.Namespace) -> int:
         if "=" not in assignment:
             raise SuiteError(f"--set expects key=value, got {assignment!r}", source="check-method")
         key, value = assignment.split("=", 1)
-        extra[key] = yaml.safe_load(value)
+        extra[key] = load_text(value, f"--set {key}")
     unknown = sorted(set(extra) - set(method.config.model_fields))
     if unknown:
         known = ", ".join(method.config.model_fields)

@@ -28,10 +28,9 @@ FORMATS = ("gguf", "compressed-tensors", "openvino")
 
 
 def cell_from_args(args):
-    import yaml
-
     from slimbench.errors import SuiteError
     from slimbench.sweep.suite import load_suite, suite_from_mapping
+    from slimbench.sweep.yaml_limits import load_text
 
     if args.record:
         rec = json.loads(Path(args.record).read_text())
@@ -51,7 +50,7 @@ def cell_from_args(args):
                              source=args.suite, field="--group")
         return cells[args.group]
     else:
-        method = yaml.safe_load(args.method) if args.method else "baseline"
+        method = load_text(args.method, "--method") if args.method else "baseline"
         doc = {"models": [args.model], "methods": [method], "tasks": ["perplexity"],
                "hardware": {"threads": args.threads}}
     source = args.record or "the command line (--model / --method)"
