@@ -122,8 +122,14 @@ def test_packed_weights_are_refused_before_vllm_starts_on_a_cpu_without_its_kern
     int8 = {**int4, "tensors": [{"from": "grid", "type": "int8 channel"}]}
     assert "4-bit codes only" in vllm.unsupported_format(int8)
     w8a8 = {"quantization_format": "int-quantized", "dtype": "float32",
-            "tensors": [{"from": "int8", "type": "int8 channel", "activations": "token"}]}
+            "tensors": [{"from": "int8", "type": "int8 channel", "activations": "token", "shape": [96, 64]}]}
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert vllm.unsupported_format(w8a8) is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # vLLM's AMX kernel: bf16/fp16 only
+    assert "dtype: bfloat16" in vllm.unsupported_format(w8a8)
+    assert vllm.unsupported_format({**w8a8, "dtype": "bfloat16"}) is None
+    odd = {**w8a8, "tensors": [{**w8a8["tensors"][0], "shape": [96, 48]}]}  # oneDNN's path takes fp32
+    assert vllm.unsupported_format(odd) is None
     w8a8["tensors"][0]["activations"] = "tensor"
     assert "per token" in vllm.unsupported_format(w8a8)
 
@@ -156,7 +162,8 @@ def test_packed_int4_weights_run_in_vllm_as_the_simulated_model(one_torch_thread
 @needs_vllm
 def test_smoothquant_w8a8_runs_in_vllm_int8_kernels_as_the_model(one_torch_thread):
     """SmoothQuant's int8 weights with per-token dynamic int8 activations, written int-quantized,
-    run through vLLM's own int8 GEMM and score and decode as SlimBench's torch._int_mm model."""
+    run through vLLM's own int8 GEMM and score and decode as SlimBench's torch._int_mm model: in fp32
+    through oneDNN, or in bf16 through the AMX kernel vLLM takes on a CPU that has AMX."""
     def spec(*extra):
         calib = {"calib_samples": 4, "calib_seqlen": 32}
         return MethodSpec(steps=(StepSpec(name="smoothquant", params=calib), *extra))
@@ -165,7 +172,8 @@ def test_smoothquant_w8a8_runs_in_vllm_int8_kernels_as_the_model(one_torch_threa
     ids = shakespeare_ids(ref, 40)
     apply_method(ref, spec(), HW)
     lm = tiny_bpe_llama(hidden=128, heads=2, kv_heads=1)
-    report = apply_method(lm, spec(StepSpec(name="vllm", params=STEP)), HW)
+    dtype = "bfloat16" if torch.cpu._is_amx_tile_supported() else "float32"
+    report = apply_method(lm, spec(StepSpec(name="vllm", params={**STEP, "dtype": dtype})), HW)
     try:
         details = report["steps"][-1]["details"]
         assert details["export"]["quantization_format"] == "int-quantized"

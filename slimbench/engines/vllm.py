@@ -49,12 +49,22 @@ def unsupported_format(manifest: dict) -> str | None:
     first forward); it takes 4-bit codes only (8-bit packed weights find no kernel at load) and
     bf16/fp16 activations only (fp32 fails in the first forward: "not implemented for 'Float'").
     Its int8 W8A8 kernels (oneDNN) take activations quantized dynamically per token or statically
-    per tensor; a dynamic per-tensor scheme matches none of its schemes and fails at load."""
+    per tensor; a dynamic per-tensor scheme matches none of its schemes and fails at load. On a CPU
+    with AMX it routes int8 weights whose input width is a multiple of 32 to its AMX kernel
+    (``int8_scaled_mm_with_quant``, chosen from the weights alone), which takes bf16/fp16
+    activations only: fp32 fails in the first forward ("expect A to be bfloat16 or half")."""
     rows = manifest.get("tensors", [])
-    if any(r.get("from") == "int8" and r.get("activations") != "token" for r in rows):
+    int8 = [r for r in rows if r.get("from") == "int8"]
+    if any(r.get("activations") != "token" for r in int8):
         return ("vLLM's int8 W8A8 kernels take activations quantized dynamically per token; this export "
                 "quantizes them per tensor (naive w8a8, dynamic-int8): use smoothquant or w8a8 with "
                 "act_granularity: per_token")
+    # vLLM also asks for a whole 16-column tile of the (fused) output; the input width alone is the
+    # conservative test, since fused q/k/v or gate/up share it.
+    if (int8 and manifest.get("dtype") not in ("bfloat16", "float16") and torch.cpu._is_amx_tile_supported()
+            and any(r["shape"][1] % 32 == 0 for r in int8)):
+        return (f"on a CPU with AMX, vLLM runs int8 W8A8 weights through its AMX kernel, which takes bf16/fp16 "
+                f"activations only, not {manifest.get('dtype')}: give the vllm step dtype: bfloat16")
     bits = sorted({r["type"].split()[0] for r in rows if r.get("from") == "grid"})
     if not bits:
         return None
