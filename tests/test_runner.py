@@ -207,3 +207,25 @@ def test_isolated_group_and_timeout(tmp_path, stamp_tasks):
     assert store.records()[0]["metrics"]["score"]["value"] == 2.5
     (line,) = read_log(tmp_path / "log.jsonl")
     assert line["pid"] != os.getpid()  # computed in the worker process
+
+
+def test_memory_held_by_an_engine_process_counts_toward_the_interleaving_limit():
+    """An engine step keeps its model in a child process; the block must see that memory, or a
+    suite of engine groups holds every engine alive until the machine runs out."""
+    import subprocess
+    import sys
+
+    from slimbench.sweep.runner import held_rss, memory_is_short
+
+    mine = held_rss()
+    limit = 2 * (mine + 150 * 2**20)  # half of it: this process and 150 MiB more
+    assert not memory_is_short(limit) and not memory_is_short(None)
+    child = subprocess.Popen([sys.executable, "-c", "b = b'x' * (300 * 2**20); print('ready', flush=True); input()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        assert held_rss() > mine + 250 * 2**20
+        assert memory_is_short(limit)
+    finally:
+        child.kill()
+        child.wait()
