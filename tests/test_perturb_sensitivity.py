@@ -25,3 +25,12 @@ def test_deltas_are_a_plain_recomputation_and_the_embeddings_come_back(one_torch
     assert none == [[0.0, 0.0]]  # deterministic: the floor is the perturbation's, not the run's
     _, tiny = perturb_sensitivity.perturbed_deltas(lm, win, 1e-7, 2)
     assert max(abs(d) for row in tiny for d in row) < 1e-5  # an fp32 model stays at rounding level
+
+
+def test_bad_input_is_one_line_before_any_model_loads():
+    import pytest
+
+    with pytest.raises(SystemExit, match="--method: malformed YAML"):
+        perturb_sensitivity.main(["--model", "tiny-llama", "--method", "{name: rtn, bits: ["])
+    with pytest.raises(SystemExit, match="unknown model '<script>'"):
+        perturb_sensitivity.main(["--model", "<script>"])

@@ -22,24 +22,21 @@ import torch
 
 
 @torch.no_grad()
-def window_nll(lm, win: torch.Tensor) -> list[float]:
-    return [float(lm.token_nll(row[None]).double().mean()) for row in win]
-
-
-@torch.no_grad()
 def perturbed_deltas(lm, win: torch.Tensor, rel: float, seeds: int) -> tuple[list[float], list[list[float]]]:
     """The windows' NLL as the model is, and per seed each window's NLL change with the input
     embeddings perturbed (restored afterwards, bit for bit)."""
+    from slimbench.methods.acceleration.engine_check import in_process_nll
+
     emb = lm.model.get_input_embeddings().weight
     kept = emb.data.clone()
-    base = window_nll(lm, win)
+    base = in_process_nll(lm, win)
     out = []
     try:
         for seed in range(seeds):
             g = torch.Generator().manual_seed(seed)
             noise = torch.randn(kept.shape, generator=g, dtype=torch.float32).to(kept.dtype)
             emb.data.copy_(kept * (1 + rel * noise))
-            out.append([p - b for p, b in zip(window_nll(lm, win), base, strict=True)])
+            out.append([p - b for p, b in zip(in_process_nll(lm, win), base, strict=True)])
     finally:
         emb.data.copy_(kept)
     return base, out
@@ -54,12 +51,12 @@ def summary(label: str, base: list[float], deltas: list[list[float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from slimbench.errors import SuiteError
     from slimbench.method import apply_method
+    from slimbench.methods.acceleration.engine_check import AgreementConfig, agreement_windows
     from slimbench.specs import HardwareSpec
     from slimbench.sweep.suite import suite_from_mapping
     from slimbench.sweep.yaml_limits import load_text
-    from slimbench.tasks.perplexity import JOIN, windows
-    from slimbench.zoo.corpora import encode_split
     from slimbench.zoo.models import resolve
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -71,16 +68,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seqlen", type=int, default=512)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    doc = {"models": [args.model], "methods": [load_text(args.method, "--method"), "baseline"],
-           "tasks": ["perplexity"], "hardware": {"threads": 1}}
-    cells = suite_from_mapping(doc, "the command line", "perturb-sensitivity", check_models=False).cells()
+    try:  # bad input: one line naming it, before any model is loaded
+        doc = {"models": [args.model], "methods": [load_text(args.method, "--method"), "baseline"],
+               "tasks": ["perplexity"], "hardware": {"threads": 1}}
+        cells = suite_from_mapping(doc, "the command line", "perturb-sensitivity", check_models=False).cells()
+    except SuiteError as err:
+        raise SystemExit(f"perturb_sensitivity: {err}") from None
     hw = HardwareSpec(threads=1)
     print(f"{args.model}: {args.windows} x {args.seqlen} test tokens; embeddings x (1 + {args.rel:g} N(0,1)), "
           f"{args.seeds} seeds")
     for cell in cells:
         lm = resolve(cell.model, source="--model", field="model")(cell.model, hw)
         apply_method(lm, cell.method, hw)
-        win = windows(encode_split(lm, "shakespeare", "test", JOIN), args.seqlen, args.windows)
+        win = agreement_windows(lm, AgreementConfig(check_windows=args.windows, check_seqlen=args.seqlen))
         print(summary(cell.method.label(), *perturbed_deltas(lm, win, args.rel, args.seeds)))
 
 
